@@ -1,0 +1,429 @@
+"""DINO self-supervised training (Caron et al., 2021) on HPU, CUDA or CPU."""
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
+
+import utils
+from vision_transformer import DINOHead
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('DINO', add_help=False)
+
+    # Model parameters
+    parser.add_argument('--arch', default='vit_small', type=str,
+                        help="""Architecture: vit_tiny, vit_small, vit_base (deit_tiny/deit_small are aliases)
+        or a torchvision network such as resnet50.""")
+    parser.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of the square input
+        patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
+    parser.add_argument('--out_dim', default=65536, type=int, help="""Output dimension of the DINO head.""")
+    parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
+                        help="""Weight-normalise the last layer of the DINO head with its norm fixed to 1.
+        False works better with vit_small but can be less stable.""")
+    parser.add_argument('--momentum_teacher', default=0.996, type=float, help="""Base EMA parameter of the
+        teacher update, raised to 1 with a cosine schedule. Use e.g. 0.9995 with small batches.""")
+    parser.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
+                        help="Use batch normalisation in the projection head.")
+
+    # Temperature teacher parameters
+    parser.add_argument('--warmup_teacher_temp', default=0.04, type=float,
+                        help="Initial teacher temperature (lower it if the loss does not decrease).")
+    parser.add_argument('--teacher_temp', default=0.04, type=float,
+                        help="Teacher temperature after the linear warm-up (above 0.07 is unstable).")
+    parser.add_argument('--warmup_teacher_temp_epochs', default=0, type=int,
+                        help='Number of warm-up epochs for the teacher temperature.')
+
+    # Training/Optimization parameters
+    parser.add_argument('--use_fp16', type=utils.bool_flag, default=True, help="""CUDA only: fp16 mixed
+        precision with a gradient scaler, as in the original (ignored on HPU and CPU; see --autocast).""")
+    parser.add_argument('--weight_decay', type=float, default=0.04, help="Initial weight decay.")
+    parser.add_argument('--weight_decay_end', type=float, default=0.4, help="""Final weight decay
+        (cosine schedule from --weight_decay).""")
+    parser.add_argument('--clip_grad', type=float, default=3.0, help="""Maximal gradient norm of each
+        parameter; 0 disables clipping.""")
+    parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
+                        default=32, type=int, help='Images per device and step.')
+    parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
+    parser.add_argument('--freeze_last_layer', default=1, type=int, help="""Number of epochs during which
+        the output layer is kept fixed.""")
+    parser.add_argument("--lr", default=0.0005, type=float, help="""Peak learning rate (after warm-up)
+        for a batch of 256; scaled linearly with the global batch size.""")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="Epochs of linear learning-rate warm-up.")
+    parser.add_argument('--min_lr', type=float, default=1e-6, help="Learning rate at the end of the cosine.")
+    parser.add_argument('--optimizer', default='adamw', type=str, choices=['adamw', 'sgd', 'lars'],
+                        help="Optimizer; adamw is recommended for ViTs.")
+    parser.add_argument('--drop_path_rate', type=float, default=0.1, help="Stochastic depth rate.")
+
+    # Multi-crop parameters
+    parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
+                        help="Scale range of the two global crops relative to the image.")
+    parser.add_argument('--local_crops_number', type=int, default=8, help="""Number of small local crops;
+        0 disables multi-crop (then use e.g. --global_crops_scale 0.14 1).""")
+    parser.add_argument('--local_crops_scale', type=float, nargs='+', default=(0.05, 0.4),
+                        help="Scale range of the local crops relative to the image.")
+    parser.add_argument('--global_crops_size', type=int, default=224, help="Side in pixels of global crops.")
+    parser.add_argument('--local_crops_size', type=int, default=96, help="Side in pixels of local crops.")
+
+    # Misc
+    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
+                        help="An ImageFolder of training images, or 'synthetic' for the built-in data.")
+    parser.add_argument('--output_dir', default=".", type=str, help='Where logs and checkpoints go.')
+    parser.add_argument('--saveckp_freq', default=20, type=int, help='Keep checkpointNNNN.pth every x epochs.')
+    parser.add_argument('--seed', default=0, type=int, help='Random seed.')
+    parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
+    parser.add_argument("--data_limit", default=None, type=int, help="Use only this many images (for tests).")
+    utils.add_distributed_args(parser)
+    utils.add_device_args(parser, training=True)
+    return parser
+
+
+def train_dino(args):
+    utils.setup_device(args)
+    utils.init_distributed_mode(args)
+    device = utils.device_for(args)
+    utils.fix_random_seeds(args.seed)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ============ preparing data ... ============
+    data_loader = build_data_loader(args)
+    print(f"Data loaded: there are {len(data_loader.dataset)} images.")
+
+    # ============ building student and teacher networks ... ============
+    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    print(f"Student and Teacher are built: they are both {args.arch} network.")
+
+    # ============ preparing loss, optimizer and schedules ... ============
+    dino_loss = DINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,  # 2 global crops + the local crops
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+    ).to(device)
+    optimizer = build_optimizer(args, student)
+    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
+    schedules = build_schedules(args, len(data_loader))
+    print("Loss, optimizer and schedulers ready.")
+
+    # ============ optionally resume training ... ============
+    to_restore = {"epoch": 0}
+    utils.restart_from_checkpoint(
+        os.path.join(args.output_dir, "checkpoint.pth"),
+        run_variables=to_restore,
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        fp16_scaler=fp16_scaler,
+        dino_loss=dino_loss,
+    )
+    start_epoch = to_restore["epoch"]
+
+    summary_writer = make_summary_writer(args)
+    start_time = time.time()
+    print("Starting DINO training !")
+    for epoch in range(start_epoch, args.epochs):
+        data_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
+                                      optimizer, schedules, epoch, fp16_scaler, summary_writer, args)
+        save_dict = {
+            'student': student.state_dict(),
+            'teacher': teacher.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'epoch': epoch + 1,
+            'args': args,
+            'dino_loss': dino_loss.state_dict(),
+        }
+        if fp16_scaler is not None:
+            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
+        save_dict = utils.to_cpu(save_dict)
+        utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
+        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if utils.is_main_process():
+            with (Path(args.output_dir) / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+    total_time = time.time() - start_time
+    print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
+    if summary_writer is not None:
+        summary_writer.close()
+
+
+def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
+                    epoch, fp16_scaler, summary_writer, args):
+    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
+    header = f'Epoch: [{epoch}/{args.epochs}]'
+    device = utils.device_for(args)
+    for it, (images, _) in enumerate(metric_logger.log_every(data_loader, 10, header, epoch)):
+        it = len(data_loader) * epoch + it  # global training iteration
+        images = [im.to(device, non_blocking=True) for im in images]
+        loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
+                          schedules, fp16_scaler, args)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
+                  f"The last good checkpoint in {args.output_dir} is kept; "
+                  "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
+            sys.exit(1)
+        metric_logger.update(loss=loss_value)
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it, schedules,
+               fp16_scaler, args):
+    """One DINO iteration: schedules, forward passes, loss, student update, teacher EMA.
+
+    Returns the loss (a device tensor; the caller decides when to read it).
+    """
+    lr_schedule, wd_schedule, momentum_schedule = schedules
+    for i, param_group in enumerate(optimizer.param_groups):
+        param_group["lr"] = lr_schedule[it]
+        if i == 0:  # only the first group is regularized
+            param_group["weight_decay"] = wd_schedule[it]
+
+    with utils.autocast_context(args.device, args.autocast, args.use_fp16):
+        teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+        utils.mark_step()
+        student_output = student(images)
+        utils.mark_step()
+        loss = dino_loss(student_output, teacher_output, epoch)
+    utils.mark_step()
+
+    optimizer.zero_grad(set_to_none=True)
+    if fp16_scaler is None:
+        loss.backward()
+        utils.mark_step()
+        if args.clip_grad:
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        optimizer.step()
+    else:
+        fp16_scaler.scale(loss).backward()
+        if args.clip_grad:
+            fp16_scaler.unscale_(optimizer)
+            utils.clip_gradients(student, args.clip_grad)
+        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+        fp16_scaler.step(optimizer)
+        fp16_scaler.update()
+    utils.mark_step()
+
+    update_teacher(student, teacher_without_ddp, momentum_schedule[it])
+    utils.mark_step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def update_teacher(student, teacher_without_ddp, momentum):
+    """teacher = m * teacher + (1 - m) * student, for all parameters at once."""
+    student_params = list(student.module.parameters())
+    teacher_params = list(teacher_without_ddp.parameters())
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+
+
+class DINOLoss(nn.Module):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
+                 center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        # a too hot teacher at the start makes training unstable, hence the linear warm-up
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+        ))
+
+    def forward(self, student_output, teacher_output, epoch):
+        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs."""
+        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+
+        total_loss = 0
+        n_loss_terms = 0
+        for iq, q in enumerate(teacher_out):
+            for v in range(len(student_out)):
+                if v == iq:
+                    continue  # the student and teacher saw the same view
+                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+                total_loss += loss.mean()
+                n_loss_terms += 1
+        total_loss /= n_loss_terms
+        self.update_center(teacher_output)
+        return total_loss
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        """EMA of the mean teacher output over the global batch (all processes)."""
+        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.all_reduce(batch_center)
+        batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
+        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+
+
+class DataAugmentationDINO(object):
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
+                 global_crops_size=224, local_crops_size=96):
+        flip_and_color_jitter = transforms.Compose([
+            transforms.RandomHorizontalFlip(p=0.5),
+            transforms.RandomApply(
+                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                p=0.8
+            ),
+            transforms.RandomGrayscale(p=0.2),
+        ])
+        normalize = transforms.Compose([
+            transforms.ToTensor(),
+            transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+        ])
+        bicubic = transforms.InterpolationMode.BICUBIC
+        self.global_transfo1 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter,
+            utils.GaussianBlur(1.0),
+            normalize,
+        ])
+        self.global_transfo2 = transforms.Compose([
+            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter,
+            utils.GaussianBlur(0.1),
+            utils.Solarization(0.2),
+            normalize,
+        ])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose([
+            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter,
+            utils.GaussianBlur(p=0.5),
+            normalize,
+        ])
+
+    def __call__(self, image):
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        for _ in range(self.local_crops_number):
+            crops.append(self.local_transfo(image))
+        return crops
+
+
+def build_data_loader(args):
+    transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                     args.global_crops_size, args.local_crops_size)
+    if utils.is_synthetic(args.data_path):
+        dataset = utils.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
+                                        transform=transform)
+    else:
+        dataset = utils.build_image_folder(args.data_path, transform)
+    dataset = utils.limit_dataset(dataset, args.data_limit)
+    global_batch = args.batch_size_per_device * utils.get_world_size()
+    if len(dataset) < global_batch:
+        utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
+                   "lower --batch_size_per_device or add images")
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
+                                                  rank=utils.get_rank(), shuffle=True, seed=args.seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=args.batch_size_per_device,
+        num_workers=args.num_workers,
+        pin_memory=args.device == 'cuda',
+        drop_last=True,
+        persistent_workers=False,
+    )
+
+
+def build_student_teacher(args, device):
+    student, embed_dim = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher, _ = utils.build_backbone(args.arch, args.patch_size)
+    # the multi-crop wrapper runs the backbone once per crop resolution
+    student = utils.MultiCropWrapper(student, DINOHead(
+        embed_dim,
+        args.out_dim,
+        use_bn=args.use_bn_in_head,
+        norm_last_layer=args.norm_last_layer,
+    ))
+    teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    student, teacher = student.to(device), teacher.to(device)
+
+    if utils.has_batchnorms(student) and args.distributed:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
+        teacher_without_ddp = teacher.module
+    else:
+        teacher_without_ddp = teacher
+    student = utils.wrap_ddp(student, args)
+    # teacher and student start with the same weights; the teacher never receives gradients
+    teacher_without_ddp.load_state_dict(student.module.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher, teacher_without_ddp
+
+
+def build_optimizer(args, student):
+    params_groups = utils.get_params_groups(student)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params_groups, foreach=True)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the schedule
+    return utils.LARS(params_groups)  # for convnets and large batches
+
+
+def build_schedules(args, iters_per_epoch):
+    lr_schedule = utils.cosine_scheduler(
+        args.lr * (args.batch_size_per_device * utils.get_world_size()) / 256.,  # linear scaling rule
+        args.min_lr, args.epochs, iters_per_epoch, warmup_epochs=args.warmup_epochs)
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
+    # the teacher momentum rises to 1 during training with a cosine schedule
+    momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
+    return lr_schedule, wd_schedule, momentum_schedule
+
+
+def make_summary_writer(args):
+    if not utils.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(args.output_dir)
+
+
+def check_args(args):
+    if args.epochs < 1:
+        utils.fail("--epochs must be at least 1")
+    if args.warmup_teacher_temp_epochs > args.epochs:
+        utils.fail("--warmup_teacher_temp_epochs cannot exceed --epochs")
+    if args.warmup_epochs > args.epochs:
+        utils.fail("--warmup_epochs cannot exceed --epochs")
+    if args.batch_size_per_device < 1:
+        utils.fail("--batch_size_per_device must be at least 1")
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()])
+    args = parser.parse_args()
+    check_args(args)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        train_dino(args)
+    except utils.DataError as exc:
+        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again "
+                   "(training resumes from the last checkpoint)")

@@ -1,0 +1,927 @@
+"""Helpers shared by the DINO training and evaluation scripts.
+
+Sections: devices and precision, distributed, models, optimisation and
+schedules, checkpoints, logging, data and augmentation, feature extraction.
+"""
+import argparse
+import builtins
+import contextlib
+import datetime
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
+
+import vision_transformer as vits
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def fail(message):
+    """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+# =====================================================================================
+# Devices and precision
+# =====================================================================================
+
+_mark_step_enabled = False
+
+
+def add_device_args(parser, training=False):
+    """Device and mixed-precision flags shared by every script."""
+    parser.add_argument('--device', default='auto', choices=['auto', 'hpu', 'cuda', 'cpu'],
+                        help='Device to run on; auto picks HPU, then CUDA, then CPU.')
+    parser.add_argument('--autocast', '--hmp', dest='autocast', action='store_true',
+                        help='Run forward passes (and the loss) under bf16 autocast (HPU, CUDA or CPU).')
+    parser.add_argument('--hmp-bf16', '--hmp_bf16', dest='hmp_bf16', default=os.path.join(REPO_DIR, 'ops_bf16.txt'),
+                        help='HPU autocast: file listing the ops to run in bf16.')
+    parser.add_argument('--hmp-fp32', '--hmp_fp32', dest='hmp_fp32', default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
+                        help='HPU autocast: file listing the ops kept in fp32.')
+    parser.add_argument('--lazy_mode', default=True, type=bool_flag,
+                        help='HPU only: run in lazy mode with mark_step() between phases (default true).')
+    return parser
+
+
+def _habana_present():
+    return importlib.util.find_spec('habana_frameworks') is not None
+
+
+def _set_hpu_environment(args):
+    """Environment Habana reads when its modules are imported, so it must be set first."""
+    os.environ['PT_HPU_LAZY_MODE'] = '1' if args.lazy_mode else '0'
+    if getattr(args, 'autocast', False):
+        for path in (args.hmp_bf16, args.hmp_fp32):
+            if not os.path.isfile(path):
+                fail(f"autocast op list {path} not found; pass an existing file with --hmp-bf16/--hmp-fp32")
+        # older releases read LOWER_LIST/FP32_LIST, newer ones the PT_HPU_AUTOCAST_* names
+        os.environ['LOWER_LIST'] = os.environ['PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST'] = args.hmp_bf16
+        os.environ['FP32_LIST'] = os.environ['PT_HPU_AUTOCAST_FP32_OPS_LIST'] = args.hmp_fp32
+
+
+def _hpu_available():
+    import habana_frameworks.torch.hpu as hthpu
+    return hthpu.is_available()
+
+
+def resolve_device_name(requested):
+    """'auto' -> the best device present; an explicit device that is absent stops with one line."""
+    if requested == 'hpu':
+        if not _habana_present():
+            fail("--device hpu needs Habana's PyTorch packages (habana_frameworks), which are not installed; "
+                 "run on a Gaudi image or choose --device cuda/cpu")
+        if not _hpu_available():
+            fail("--device hpu: habana_frameworks is installed but no Gaudi device was found; "
+                 "choose --device cuda/cpu")
+        return 'hpu'
+    if requested == 'cuda':
+        if not torch.cuda.is_available():
+            fail("--device cuda: no CUDA GPU is visible to PyTorch (or this torch build has no CUDA); "
+                 "choose --device cpu or install a CUDA build of torch")
+        return 'cuda'
+    if requested == 'cpu':
+        return 'cpu'
+    if _habana_present() and _hpu_available():
+        return 'hpu'
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def setup_device(args):
+    """Resolve args.device in place, prepare HPU specifics, and return the device type name.
+
+    Call once, before init_distributed_mode and before any model is built.
+    """
+    global _mark_step_enabled
+    if args.device in ('auto', 'hpu') and _habana_present():
+        _set_hpu_environment(args)
+    args.device = resolve_device_name(args.device)
+    if args.device == 'hpu':
+        import habana_frameworks.torch.core  # noqa: F401  (registers the device)
+        _mark_step_enabled = bool(args.lazy_mode)
+    else:
+        _mark_step_enabled = False
+    if getattr(args, 'use_fp16', False) and args.device != 'cuda':
+        args.use_fp16 = False  # fp16 + GradScaler is the CUDA-only path, as in the original
+    return args.device
+
+
+def mark_step():
+    """Cut the lazy HPU graph here; a no-op on every other device or in eager mode."""
+    if _mark_step_enabled:
+        import habana_frameworks.torch.core as htcore
+        htcore.mark_step()
+
+
+def synchronize(device_type):
+    """Wait for queued device work (for timing)."""
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    elif device_type == 'hpu':
+        import habana_frameworks.torch.hpu as hthpu
+        hthpu.synchronize()
+
+
+def autocast_context(device_type, autocast=False, use_fp16=False):
+    """bf16 autocast when --autocast, fp16 autocast on CUDA when --use_fp16, else nothing."""
+    if device_type == 'cuda' and use_fp16:
+        return torch.autocast(device_type='cuda', dtype=torch.float16)
+    if autocast:
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# =====================================================================================
+# Distributed
+# =====================================================================================
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def add_distributed_args(parser):
+    parser.add_argument('--dist_url', default='env://', type=str,
+                        help='URL used to set up distributed training (see torch.distributed).')
+    # torch.distributed.launch passes one of these spellings; torchrun uses LOCAL_RANK instead
+    parser.add_argument('--local_rank', '--local-rank', dest='local_rank', default=0, type=int,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+def _backend_for(device_type):
+    if device_type == 'hpu':
+        import habana_frameworks.torch.distributed.hccl  # noqa: F401  (registers the hccl backend)
+        return 'hccl'
+    return 'nccl' if device_type == 'cuda' else 'gloo'
+
+
+def init_distributed_mode(args):
+    """Join the process group set up by torchrun / torch.distributed.launch / SLURM.
+
+    A lone process (no launcher variables) runs with no process group at all.
+    Sets args.rank, args.world_size, args.gpu (local device index) and args.distributed.
+    """
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        args.rank = int(os.environ['RANK'])
+        args.world_size = int(os.environ['WORLD_SIZE'])
+        args.gpu = int(os.environ.get('LOCAL_RANK', getattr(args, 'local_rank', 0)))
+    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+        args.rank = int(os.environ['SLURM_PROCID'])
+        args.world_size = int(os.environ['SLURM_NTASKS'])
+        args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        if args.device == 'cuda':
+            torch.cuda.set_device(0)
+        return
+    args.distributed = args.world_size > 1
+    if args.device == 'cuda':
+        torch.cuda.set_device(args.gpu % torch.cuda.device_count())
+    if not args.distributed:
+        return
+    timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
+    dist.init_process_group(backend=_backend_for(args.device), init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank, timeout=timeout)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def setup_for_distributed(is_master):
+    """Make print() silent on every process but rank 0 (unless called with force=True)."""
+    builtin_print = builtins.print
+
+    def print_on_master(*args, **kwargs):
+        force = kwargs.pop('force', False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_master
+
+
+def device_for(args):
+    """torch.device of this process."""
+    if args.device == 'cuda':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device(args.device)
+
+
+class SingleProcess(nn.Module):
+    """Stand-in for DistributedDataParallel in a lone process: same `.module`, same state-dict keys."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def wrap_ddp(model, args):
+    """DDP across processes (no device_ids on HPU/CPU), or the single-process stand-in."""
+    if not getattr(args, 'distributed', False):
+        return SingleProcess(model)
+    if args.device == 'cuda':
+        return nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def all_reduce_mean(tensor):
+    """Average a tensor over processes (identity in a lone process)."""
+    if is_dist_avail_and_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= get_world_size()
+    return tensor
+
+
+def save_on_master(*args, **kwargs):
+    if is_main_process():
+        save_checkpoint(*args, **kwargs)
+
+
+# =====================================================================================
+# Models
+# =====================================================================================
+
+VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'deit_tiny', 'deit_small']
+
+
+def torchvision_archs():
+    from torchvision import models as torchvision_models
+    return sorted(name for name in torchvision_models.__dict__
+                  if name.islower() and not name.startswith('__') and callable(torchvision_models.__dict__[name]))
+
+
+def build_backbone(arch, patch_size=16, **vit_kwargs):
+    """A ViT of this repository or a torchvision network, with its feature dimension."""
+    arch = arch.replace('deit', 'vit')
+    if arch in ('vit_tiny', 'vit_small', 'vit_base'):
+        model = vits.__dict__[arch](patch_size=patch_size, **vit_kwargs)
+        return model, model.embed_dim
+    from torchvision import models as torchvision_models
+    if arch in torchvision_archs():
+        model = torchvision_models.__dict__[arch]()
+        if not hasattr(model, 'fc'):
+            fail(f"--arch {arch}: only torchvision networks with a final 'fc' layer (ResNets, ...) are supported")
+        embed_dim = model.fc.weight.shape[1]
+        model.fc = nn.Identity()
+        return model, embed_dim
+    fail(f"unknown --arch {arch}; choose one of {', '.join(VIT_ARCHS)} or a torchvision network such as resnet50")
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone once per run of same-resolution crops, then the head once on all outputs.
+
+    Expects a list of crops, grouped by resolution (global crops first, then local ones).
+    """
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x):
+        if not isinstance(x, list):
+            x = [x]
+        resolutions = torch.tensor([inp.shape[-1] for inp in x])
+        group_ends = torch.cumsum(torch.unique_consecutive(resolutions, return_counts=True)[1], 0).tolist()
+        outputs, start = [], 0
+        for end in group_ends:
+            out = self.backbone(torch.cat(x[start:end]))
+            if isinstance(out, tuple):
+                out = out[0]
+            outputs.append(out)
+            start = end
+        return self.head(torch.cat(outputs))
+
+
+def has_batchnorms(model):
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) for m in model.modules())
+
+
+# =====================================================================================
+# Optimisation and schedules
+# =====================================================================================
+
+def bool_flag(s):
+    """argparse type for true/false values written as on/off, true/false or 1/0."""
+    if s.lower() in {'off', 'false', '0'}:
+        return False
+    if s.lower() in {'on', 'true', '1'}:
+        return True
+    raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
+
+
+def fix_random_seeds(seed=31):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """Per-iteration values: linear warm-up to base_value, then a half cosine down to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    steps = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / len(steps)))
+    schedule = np.concatenate((warmup, cosine))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+def get_params_groups(model):
+    """Two groups: weights with weight decay, biases and 1-D parameters (norms) without."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith('.bias') or param.ndim == 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
+    return [{'params': regularized}, {'params': not_regularized, 'weight_decay': 0.}]
+
+
+def clip_gradients(model, clip):
+    """Scale each parameter's gradient by min(1, clip / (its norm + 1e-6)), as DINO defines clipping.
+
+    Vectorised over parameters and free of host synchronisation (the coefficient is clamped on
+    the device instead of tested on the host). Returns the per-parameter norms (a device tensor).
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads, 2.0))
+    coefficients = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefficients.to(grads[0].dtype).unbind(0)))
+    return norms
+
+
+def cancel_gradients_last_layer(epoch, model, freeze_last_layer):
+    """Drop the gradients of the head's last layer during the first `freeze_last_layer` epochs."""
+    if epoch >= freeze_last_layer:
+        return
+    for name, param in model.named_parameters():
+        if 'last_layer' in name:
+            param.grad = None
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (SGD with layer-wise trust ratio); 1-D parameters get neither decay nor adaptation."""
+
+    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001,
+                 weight_decay_filter=None, lars_adaptation_filter=None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        weight_decay_filter=weight_decay_filter, lars_adaptation_filter=lars_adaptation_filter)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim != 1:
+                    update = update.add(p, alpha=group['weight_decay'])
+                    param_norm, update_norm = torch.norm(p), torch.norm(update)
+                    ones = torch.ones_like(param_norm)
+                    trust = torch.where(param_norm > 0.,
+                                        torch.where(update_norm > 0, group['eta'] * param_norm / update_norm, ones),
+                                        ones)
+                    update = update.mul(trust)
+                state = self.state[p]
+                if 'mu' not in state:
+                    state['mu'] = torch.zeros_like(p)
+                mu = state['mu']
+                mu.mul_(group['momentum']).add_(update)
+                p.add_(mu, alpha=-group['lr'])
+
+
+# =====================================================================================
+# Checkpoints
+# =====================================================================================
+
+# Types besides tensors and containers that this project's checkpoints hold.
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+
+
+def load_checkpoint(path):
+    """torch.load restricted to tensors, containers and the few types our checkpoints need.
+
+    A file that would run code when unpickled is refused with one clear line.
+    """
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        fail(f"checkpoint {path} not found")
+    except Exception as exc:  # unpickling errors, truncated zip archives, ...
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if 'weights_only' in str(exc) or 'Unsupported global' in str(exc):
+            fail(f"refusing to load {path}: it contains objects that could run code when loaded ({first_line[:200]}); "
+                 "only plain tensor checkpoints are accepted")
+        fail(f"cannot read checkpoint {path}: {first_line[:300]} (is the file complete?)")
+
+
+def save_checkpoint(obj, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename into place."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp_path, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def to_cpu(obj):
+    """Copy of a (nested) state dict with every tensor on the CPU, so checkpoints load anywhere."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def _load_state_dict_or_fail(module, state_dict, what, path):
+    try:
+        return module.load_state_dict(state_dict, strict=False)
+    except TypeError:
+        return module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in detail if 'size mismatch' in line), detail[0] if detail else '')
+        fail(f"{path} does not fit this run's {what} ({detail[:200]}); "
+             "was it written with another --arch, --patch_size, --out_dim or optimizer? "
+             "Use a matching setting or another --output_dir")
+
+
+def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
+    """Load each named object (model, optimizer, ...) from the checkpoint if present, and run_variables."""
+    if not os.path.isfile(ckp_path):
+        return
+    print(f"Found checkpoint at {ckp_path}")
+    checkpoint = load_checkpoint(ckp_path)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key in checkpoint:
+            msg = _load_state_dict_or_fail(value, checkpoint[key], key, ckp_path)
+            print(f"=> loaded '{key}' from checkpoint '{ckp_path}' with msg {msg}")
+        else:
+            print(f"=> key '{key}' not found in checkpoint: '{ckp_path}'")
+    if run_variables is not None:
+        for name in run_variables:
+            if name in checkpoint:
+                run_variables[name] = checkpoint[name]
+
+
+RELEASED_WEIGHTS = {
+    ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
+    ('vit_small', 8): 'dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth',
+    ('vit_base', 16): 'dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+    ('vit_base', 8): 'dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth',
+    ('resnet50', None): 'dino_resnet50_pretrain/dino_resnet50_pretrain.pth',
+}
+RELEASED_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
+
+
+def download_released_weights(model_name, patch_size):
+    """State dict of the released DINO backbone for (arch, patch size); one clear line when offline."""
+    key = (model_name.replace('deit', 'vit'), None if 'resnet' in model_name else patch_size)
+    if key not in RELEASED_WEIGHTS:
+        fail(f"no released DINO weights for {model_name} with patch size {patch_size}; "
+             "pass your own with --pretrained_weights")
+    url = RELEASED_WEIGHTS_URL + RELEASED_WEIGHTS[key]
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        fail(f"could not download the released DINO weights ({url}): {str(exc).splitlines()[0][:150]}; "
+             "when offline, pass a local checkpoint with --pretrained_weights")
+
+
+def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name, patch_size):
+    """Load backbone weights from a released backbone file or a full DINO training checkpoint.
+
+    `checkpoint_key` picks 'teacher' or 'student' in a training checkpoint; 'module.' and
+    'backbone.' prefixes are stripped. With no path, the released weights are downloaded.
+    """
+    if pretrained_weights:
+        if not os.path.isfile(pretrained_weights):
+            fail(f"--pretrained_weights {pretrained_weights} not found")
+        state_dict = load_checkpoint(pretrained_weights)
+        source = pretrained_weights
+    else:
+        print("No --pretrained_weights given: using the released DINO weights for this architecture.")
+        state_dict = download_released_weights(model_name, patch_size)
+        source = f'released {model_name}/{patch_size}'
+    if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
+        print(f"Take key {checkpoint_key} in provided checkpoint dict")
+        state_dict = state_dict[checkpoint_key]
+    state_dict = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and k != 'pos_embed' and own[k].shape != v.shape]
+    if mismatched or not any(k in own for k in state_dict):
+        fail(f"{source} does not match --arch {model_name} --patch_size {patch_size} "
+             f"({'shape of ' + mismatched[0] + ' differs' if mismatched else 'no parameter names in common'}); "
+             "pass the --arch/--patch_size it was trained with")
+    if 'pos_embed' in state_dict and 'pos_embed' in own and state_dict['pos_embed'].shape != own['pos_embed'].shape:
+        fail(f"{source} does not match --arch {model_name} --patch_size {patch_size} (pos_embed shape differs); "
+             "pass the --arch/--patch_size it was trained with")
+    msg = model.load_state_dict(state_dict, strict=False)
+    print(f'Pretrained weights found at {source} and loaded with msg: {msg}')
+    return msg
+
+
+# =====================================================================================
+# Logging
+# =====================================================================================
+
+class SmoothedValue:
+    """Window median/average of a series, plus its global average."""
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.6f} ({global_avg:.6f})"
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self, device='cpu'):
+        """Sum count and total over processes (window values stay local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64 if device != 'hpu' else torch.float32,
+                         device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self):
+        return float(np.median(list(self.deque))) if self.deque else 0.
+
+    @property
+    def avg(self):
+        return float(np.mean(list(self.deque))) if self.deque else 0.
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque) if self.deque else 0.
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Collects meters, prints progress lines with examples/sec, and writes TensorBoard scalars."""
+
+    def __init__(self, delimiter="\t", batch_size=None, summary_writer=None):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+        self.batch_size = batch_size  # global examples per iteration, for the throughput figure
+        self.summary_writer = summary_writer
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            assert isinstance(value, (float, int))
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get('meters', {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device='cpu'):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes(device)
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header='', epoch=None):
+        """Yield from `iterable`, printing a progress line every `print_freq` iterations."""
+        total = len(iterable)
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt='{avg:.4f}'), SmoothedValue(fmt='{avg:.4f}')
+        width = len(str(total))
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                self._print_progress(i, total, width, header, iter_time, data_time)
+                if epoch is not None:
+                    self._write_scalars(epoch * total + i, iter_time)
+            end = time.time()
+        elapsed = time.time() - start
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(elapsed))} ({elapsed / max(total, 1):.4f} s / it)")
+
+    def _examples_per_sec(self, iter_time):
+        return self.batch_size / iter_time.avg if self.batch_size and iter_time.avg > 0 else None
+
+    def _print_progress(self, i, total, width, header, iter_time, data_time):
+        eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+        parts = [header, f"[{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                 f"time: {iter_time}", f"data: {data_time}"]
+        throughput = self._examples_per_sec(iter_time)
+        if throughput is not None:
+            parts.append(f"examples/sec: {throughput:.2f}")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2 ** 20:.0f}")
+        print(self.delimiter.join(p for p in parts if p))
+
+    def _write_scalars(self, global_step, iter_time):
+        if self.summary_writer is None:
+            return
+        for name, meter in self.meters.items():
+            self.summary_writer.add_scalar(name, meter.value, global_step)
+        throughput = self._examples_per_sec(iter_time)
+        if throughput is not None:
+            self.summary_writer.add_scalar('examples/sec', throughput, global_step)
+
+
+# =====================================================================================
+# Data and augmentation
+# =====================================================================================
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class GaussianBlur:
+    """Blur a PIL image with probability p, radius drawn uniformly in [radius_min, radius_max]."""
+
+    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.):
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img):
+        if random.random() > self.prob:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization:
+    """Solarize a PIL image (invert pixels >= 128) with probability p."""
+
+    def __init__(self, p):
+        self.p = p
+
+    def __call__(self, img):
+        return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+def limit_dataset(dataset, limit):
+    """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit <= 0:
+        fail(f"--data_limit must be positive, got {limit}")
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
+    return torch.utils.data.Subset(dataset, indices)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedural labelled images: one shape class per label, drawn on textured backgrounds.
+
+    Every image is generated on the fly from (seed, split, index), so the dataset is deterministic,
+    needs no download and comes at any size. Colours, position, size and rotation are random for
+    every class alike, so only the shape tells the classes apart.
+    """
+    SHAPES = ['disk', 'square', 'triangle', 'cross', 'ring', 'star', 'bar', 'hexagon', 'crescent', 'dots']
+    SPLIT_LENGTHS = {'train': 2000, 'val': 500}
+
+    def __init__(self, split='train', length=None, image_size=224, seed=0, transform=None):
+        if split not in self.SPLIT_LENGTHS:
+            fail(f"unknown synthetic split {split}; use train or val")
+        self.split, self.image_size, self.seed, self.transform = split, image_size, seed, transform
+        self.length = length or self.SPLIT_LENGTHS[split]
+        self.classes = list(self.SHAPES)
+        self.targets = [i % len(self.SHAPES) for i in range(self.length)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        img = self.render(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    def render(self, index):
+        rng = np.random.default_rng([self.seed, 1 if self.split == 'val' else 0, index])
+        size = self.image_size
+        img = self._background(rng, size)
+        shape = self.SHAPES[self.targets[index]]
+        radius = size * rng.uniform(0.2, 0.35)
+        center = rng.uniform(radius, size - radius, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour, rng)
+        return img
+
+    @staticmethod
+    def _background(rng, size):
+        """Two random colours mixed by smooth low-frequency noise."""
+        coarse = rng.random((4, 4)).astype(np.float32)
+        noise = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                           dtype=np.float32)[..., None] / 255.
+        low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        pixels = low * (1 - noise) + high * noise + rng.normal(0, 8, (size, size, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    @staticmethod
+    def _polygon(center, radius, angle, corners, inner=None):
+        points = []
+        for i in range(corners * (2 if inner else 1)):
+            r = inner * radius if inner and i % 2 else radius
+            a = angle + np.pi * i / corners if inner else angle + 2 * np.pi * i / corners
+            points.append((center[0] + r * np.cos(a), center[1] + r * np.sin(a)))
+        return points
+
+    def _draw_shape(self, draw, shape, center, radius, angle, colour, rng):
+        cx, cy = center
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        width = max(2, int(radius * 0.3))
+        if shape == 'disk':
+            draw.ellipse(box, fill=colour)
+        elif shape == 'ring':
+            draw.ellipse(box, outline=colour, width=width)
+        elif shape == 'square':
+            draw.polygon(self._polygon(center, radius, angle, 4), fill=colour)
+        elif shape == 'triangle':
+            draw.polygon(self._polygon(center, radius, angle, 3), fill=colour)
+        elif shape == 'hexagon':
+            draw.polygon(self._polygon(center, radius, angle, 6), outline=colour, width=width)
+        elif shape == 'star':
+            draw.polygon(self._polygon(center, radius, angle, 5, inner=0.4), fill=colour)
+        elif shape in ('cross', 'bar'):
+            directions = [angle, angle + np.pi / 2] if shape == 'cross' else [angle]
+            for a in directions:
+                dx, dy = radius * np.cos(a), radius * np.sin(a)
+                draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=width)
+        elif shape == 'crescent':
+            draw.chord(box, start=np.degrees(angle), end=np.degrees(angle) + 180, fill=colour)
+        elif shape == 'dots':
+            for corner in self._polygon(center, radius * 0.7, angle, 3):
+                r = radius * 0.25
+                draw.ellipse([corner[0] - r, corner[1] - r, corner[0] + r, corner[1] + r], fill=colour)
+
+
+def is_synthetic(data_path):
+    return str(data_path).strip().lower() == 'synthetic'
+
+
+class DataError(Exception):
+    """An image file that cannot be read."""
+
+
+def pil_loader(path):
+    """Open an image file as RGB, naming the file when it cannot be read."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            return img.convert('RGB')
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
+
+
+def build_image_folder(root, transform=None):
+    """torchvision ImageFolder with a clear error when the folder is missing or holds no images."""
+    from torchvision import datasets
+    if not os.path.isdir(root):
+        fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
+             "or 'synthetic'")
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=pil_loader)
+    except (FileNotFoundError, RuntimeError) as exc:
+        fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+
+
+def data_error_message(exc):
+    """The one useful line of a DataError re-raised from a DataLoader worker."""
+    lines = [line for line in str(exc).splitlines() if 'cannot read image' in line]
+    return (lines[-1].split('DataError: ')[-1] if lines else str(exc).splitlines()[-1]).strip()
+
+
+class ReturnIndexDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that items are (image, index) instead of (image, label)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        img, _ = self.dataset[idx]
+        return img, idx
+
+
+# =====================================================================================
+# Feature extraction (k-NN, retrieval and copy-detection evaluations)
+# =====================================================================================
+
+def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
+    """Features averaged over rescaled copies of the input, then L2-normalised."""
+    total = None
+    for scale in scales:
+        inp = samples if scale == 1 else F.interpolate(samples, scale_factor=scale, mode='bilinear',
+                                                       align_corners=False)
+        feats = model(inp).clone()
+        total = feats if total is None else total + feats
+    total = total / len(scales)
+    return F.normalize(total, dim=-1)
+
+
+@torch.no_grad()
+def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
+                     forward=None):
+    """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
+
+    The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
+    DistributedSampler: samples it repeats to even out processes are written once.
+    `forward(model, images)` overrides the plain `model(images)` call.
+    """
+    metric_logger = MetricLogger(delimiter="  ")
+    features = None
+    forward = forward or (lambda m, x: multi_scale(x, m) if multiscale else m(x))
+    for samples, index in metric_logger.log_every(data_loader, 10, 'Extracting features'):
+        samples = samples.to(device, non_blocking=True)
+        index = index.to(device, non_blocking=True)
+        with autocast_context(device.type, autocast):
+            feats = forward(model, samples)
+        feats = feats.float()
+        mark_step()
+        if features is None:
+            storage = device if store_on_device else 'cpu'
+            features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
+            print(f"Storing features into tensor of shape {tuple(features.shape)}")
+        feats, index = _gather_across_processes(feats, index)
+        features.index_copy_(0, index.to(features.device), feats.to(features.device))
+    return features
+
+
+def _gather_across_processes(feats, index):
+    if not is_dist_avail_and_initialized():
+        return feats, index
+    world = get_world_size()
+    index_all = [torch.empty_like(index) for _ in range(world)]
+    feats_all = [torch.empty_like(feats) for _ in range(world)]
+    dist.all_gather(index_all, index.contiguous())
+    dist.all_gather(feats_all, feats.contiguous())
+    return torch.cat(feats_all), torch.cat(index_all)

@@ -1,7 +1,8 @@
 """Helpers shared by the DINO training and evaluation scripts.
 
 Sections: devices and precision, distributed, models, optimisation and
-schedules, checkpoints, logging, data and augmentation, feature extraction.
+schedules, checkpoints, logging, data and augmentation, feature extraction,
+retrieval metrics, attention maps.
 """
 import argparse
 import builtins
@@ -925,3 +926,13 @@ def _gather_across_processes(feats, index):
     dist.all_gather(index_all, index.contiguous())
     dist.all_gather(feats_all, feats.contiguous())
     return torch.cat(feats_all), torch.cat(index_all)
+
+
+# =====================================================================================
+# Retrieval metrics (revisited Oxford/Paris, Copydays)
+# =====================================================================================
+
+
+# =====================================================================================
+# Attention maps (visualize_attention.py, video_generation.py)
+# =====================================================================================

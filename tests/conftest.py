@@ -1,0 +1,58 @@
+"""Shared test helpers: run the repository's scripts as a user would, and a tiny trained checkpoint."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Small, fast settings for a vit_tiny DINO run on the built-in synthetic data.
+TINY_TRAIN_ARGS = [
+    '--arch', 'vit_tiny', '--patch_size', '16', '--data_path', 'synthetic',
+    '--global_crops_size', '64', '--local_crops_size', '32', '--local_crops_number', '2',
+    '--out_dim', '1024', '--batch_size_per_device', '16', '--num_workers', '0',
+    '--warmup_epochs', '0', '--lr', '0.002', '--device', 'cpu',
+]
+
+
+def script_env(extra=None):
+    env = dict(os.environ)
+    env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
+    env.setdefault('OMP_NUM_THREADS', '2')
+    env.update(extra or {})
+    return env
+
+
+def run_script(script, *args, env=None, timeout=300, check=True, cwd=None):
+    """Run `python <script> args...` from the repository; return the CompletedProcess (text output)."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=script_env(env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_torchrun(script, nproc, *args, env=None, timeout=300, check=True):
+    """Run a script under `torchrun --standalone --nproc_per_node nproc` (gloo on CPU)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           str(REPO / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env({'OMP_NUM_THREADS': '1', **(env or {})}),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope='session')
+def tiny_dino_checkpoint(tmp_path_factory):
+    """A vit_tiny/16 DINO checkpoint trained briefly on synthetic data (shared by the evaluation tests)."""
+    out = tmp_path_factory.mktemp('tiny_dino')
+    run_script('main_dino.py', *TINY_TRAIN_ARGS, '--epochs', '4', '--data_limit', '320',
+               '--output_dir', out, timeout=600)
+    return out / 'checkpoint.pth'

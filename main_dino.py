@@ -194,9 +194,9 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
     """
     lr_schedule, wd_schedule, momentum_schedule = schedules
     for i, param_group in enumerate(optimizer.param_groups):
-        param_group["lr"] = lr_schedule[it]
+        param_group["lr"] = float(lr_schedule[it])
         if i == 0:  # only the first group is regularized
-            param_group["weight_decay"] = wd_schedule[it]
+            param_group["weight_decay"] = float(wd_schedule[it])
 
     with utils.autocast_context(args.device, args.autocast, args.use_fp16):
         teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
@@ -224,7 +224,7 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
         fp16_scaler.update()
     utils.mark_step()
 
-    update_teacher(student, teacher_without_ddp, momentum_schedule[it])
+    update_teacher(student, teacher_without_ddp, float(momentum_schedule[it]))
     utils.mark_step()
     return loss.detach()
 

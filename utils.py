@@ -444,10 +444,13 @@ def load_checkpoint(path):
     except FileNotFoundError:
         fail(f"checkpoint {path} not found")
     except Exception as exc:  # unpickling errors, truncated zip archives, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if 'weights_only' in str(exc) or 'Unsupported global' in str(exc):
-            fail(f"refusing to load {path}: it contains objects that could run code when loaded ({first_line[:200]}); "
-                 "only plain tensor checkpoints are accepted")
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        refused = [line for line in lines if 'Unsupported global' in line]
+        if refused:
+            culprit = refused[0].split('GLOBAL')[-1].split()[0]
+            fail(f"refusing to load {path}: it needs {culprit}, which could run code when unpickled; "
+                 "only checkpoints made of tensors and plain values are accepted")
+        first_line = lines[0]
         fail(f"cannot read checkpoint {path}: {first_line[:300]} (is the file complete?)")
 
 

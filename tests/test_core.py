@@ -310,6 +310,23 @@ def test_load_pretrained_weights_from_full_training_checkpoint(tmp_path):
         torch.testing.assert_close(target.state_dict()[k], v)
 
 
+def test_released_weights_offline_is_one_clear_line(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    with pytest.raises(SystemExit) as exc:
+        utils.load_pretrained_weights(vits.vit_small(patch_size=16), '', 'teacher', 'vit_small', 16)
+    assert 'dino_deitsmall16_pretrain.pth' in str(exc.value) and '--pretrained_weights' in str(exc.value)
+
+
+def test_launcher_local_rank_spellings():
+    parser = main_dino.get_args_parser()
+    assert parser.parse_args(['--local-rank', '3']).local_rank == 3
+    assert parser.parse_args(['--local_rank', '2']).local_rank == 2
+    assert parser.parse_args(['--batch_size_per_gpu', '7']).batch_size_per_device == 7
+    assert parser.parse_args(['--hmp']).autocast
+
+
 def test_load_pretrained_weights_wrong_arch_is_clear(tmp_path):
     path = tmp_path / 'small.pth'
     torch.save(vits.vit_small(patch_size=16).state_dict(), path)
@@ -331,7 +348,10 @@ def test_training_learns_writes_logs_and_resumes(tmp_path):
     assert [entry['epoch'] for entry in log] == [0, 1]
     assert log[1]['train_loss'] < log[0]['train_loss'] - 0.1
     assert (tmp_path / 'checkpoint.pth').exists() and (tmp_path / 'checkpoint0000.pth').exists()
-    assert list(tmp_path.glob('events.out.tfevents.*'))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {'loss', 'lr', 'wd', 'examples/sec'} <= set(events.Tags()['scalars'])
     checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 2
     assert all(t.device.type == 'cpu' for t in checkpoint['teacher'].values())

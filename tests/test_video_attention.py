@@ -24,7 +24,8 @@ def weights(tmp_path_factory):
     return path
 
 
-def load_model(weights):
+@pytest.fixture(scope='module')
+def model(weights):
     model, _ = utils.build_backbone('vit_tiny', 16)
     model.load_state_dict(torch.load(weights))
     return model.eval()
@@ -224,8 +225,7 @@ def test_unreadable_frame_stops_with_earlier_videos_kept(tmp_path, weights):
 
 # ============ attention maps ============
 
-def test_cls_attention_maps_are_the_last_attention_row_summing_to_one(weights):
-    model = load_model(weights)
+def test_cls_attention_maps_are_the_last_attention_row_summing_to_one(model):
     images = torch.randn(2, 3, 48, 80)
     maps = utils.cls_attention_maps(model, images)
     assert maps.shape == (2, 3, 3, 5)
@@ -262,7 +262,7 @@ def test_attention_transform_resizes_like_torchvision_and_normalises():
     assert utils.crop_to_patch_multiple(torch.zeros(1, 3, 72, 108), 16).shape == (1, 3, 64, 96)
 
 
-def test_visualize_attention_on_a_sample_photograph(tmp_path, weights):
+def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
     out = tmp_path / 'out'
     proc = run_script('visualize_attention.py', *ARCH, '--pretrained_weights', weights,
                       '--image_size', '72', '100', '--threshold', '0.6', '--output_dir', out)
@@ -277,7 +277,7 @@ def test_visualize_attention_on_a_sample_photograph(tmp_path, weights):
     from skimage import data
     img = utils.attention_transform((72, 100))(Image.fromarray(data.chelsea()))
     img = utils.crop_to_patch_multiple(img, 16).unsqueeze(0)
-    maps = utils.cls_attention_maps(load_model(weights), img)[0]
+    maps = utils.cls_attention_maps(model, img)[0]
     masks = utils.upsample_patches(utils.attention_mass_masks(maps, 0.6), 16).numpy()
     image = np.asarray(Image.open(out / 'img.png')).astype(np.float32)
     for head, mask in enumerate(masks):
@@ -326,7 +326,7 @@ def read_video(path):
     return frames, fps
 
 
-def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights):
+def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights, model):
     write_test_video(tmp_path / 'input.mp4')
     out = tmp_path / 'out'
     run_script('video_generation.py', *ARCH, '--pretrained_weights', weights, '--input_path',
@@ -339,7 +339,7 @@ def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights):
 
     # an attention image is the inferno-coloured mean over heads of the extracted frame's maps
     frame = utils.attention_transform()(Image.open(out / 'frames' / 'frame-0003.jpg').convert('RGB'))
-    mean_map = utils.cls_attention_maps(load_model(weights), frame.unsqueeze(0))[0].mean(dim=0)
+    mean_map = utils.cls_attention_maps(model, frame.unsqueeze(0))[0].mean(dim=0)
     expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
     saved = np.asarray(Image.open(attention_images[3])).astype(np.float32)
     outline = utils.upsample_patches(utils.attention_mass_masks(mean_map, 0.6), 16).numpy()

@@ -939,3 +939,105 @@ def _gather_across_processes(feats, index):
 # =====================================================================================
 # Attention maps (visualize_attention.py, video_generation.py)
 # =====================================================================================
+
+def load_frozen_vit(args, device):
+    """The ViT of --arch/--patch_size with --pretrained_weights (--checkpoint_key), frozen, in eval mode."""
+    model, _ = build_backbone(args.arch, args.patch_size)
+    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    for param in model.parameters():
+        param.requires_grad = False
+    return model.eval().to(device)
+
+
+def attention_transform(size=None):
+    """PIL image -> ImageNet-normalised (3, H, W) tensor, as torchvision's Resize, ToTensor and Normalize.
+
+    `size`: None keeps the image, one int sets the short side (aspect kept), (h, w) the exact size; bilinear.
+    (Written with PIL and numpy: importing torchvision costs these small scripts seconds.)
+    """
+    mean, std = np.asarray(IMAGENET_MEAN, dtype=np.float32), np.asarray(IMAGENET_STD, dtype=np.float32)
+
+    def transform(img):
+        if size is not None:
+            img = img.resize(resized_shape(img.size, size), Image.BILINEAR)
+        pixels = (np.asarray(img.convert('RGB'), dtype=np.float32) / 255. - mean) / std
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+    return transform
+
+
+def resized_shape(image_size, size):
+    """(width, height) after a torchvision-style Resize(size) of an image of (width, height) image_size."""
+    width, height = image_size
+    if not isinstance(size, int):
+        return size[1], size[0]
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def crop_to_patch_multiple(images, patch_size):
+    """Drop the bottom rows and right columns that do not fill a whole patch."""
+    height, width = images.shape[-2:]
+    return images[..., :height - height % patch_size, :width - width % patch_size]
+
+
+@torch.no_grad()
+def cls_attention_maps(model, images):
+    """Last-block attention of the [CLS] query to every patch: (batch, heads, h, w), each map summing to 1.
+
+    The same numbers as get_last_selfattention(images)[:, :, 0, 1:] renormalised over the patches, but only
+    the [CLS] row is computed, so memory grows linearly (not quadratically) with the number of patches.
+    """
+    x = model.prepare_tokens(images)
+    for blk in model.blocks[:-1]:
+        x = blk(x)
+    last = model.blocks[-1]
+    batch, tokens, dim = x.shape
+    heads = last.attn.num_heads
+    qkv = last.attn.qkv(last.norm1(x)).reshape(batch, tokens, 3, heads, dim // heads).float()
+    query_cls, keys = qkv[:, 0, 0], qkv[:, :, 1]  # (batch, heads, head_dim), (batch, tokens, heads, head_dim)
+    attn = (torch.einsum('bhd,bnhd->bhn', query_cls, keys) * last.attn.scale).softmax(dim=-1)
+    patches = attn[..., 1:]
+    patches = patches / patches.sum(dim=-1, keepdim=True)
+    patch_size = model.patch_embed.patch_size
+    return patches.reshape(batch, heads, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+
+
+def attention_mass_masks(maps, threshold):
+    """Per map, the highest-attention patches that together hold `threshold` of its mass (boolean, same shape).
+
+    As in the original: sort ascending and keep the patches where the cumulative share exceeds 1 - threshold.
+    """
+    flat = maps.flatten(-2)
+    values, order = torch.sort(flat, dim=-1)
+    share = torch.cumsum(values / values.sum(dim=-1, keepdim=True), dim=-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, order, share > 1 - threshold)
+    return keep.reshape(maps.shape)
+
+
+def upsample_patches(maps, patch_size):
+    """Patch-grid maps (..., h, w) -> pixel maps (..., h * patch_size, w * patch_size), nearest neighbour."""
+    return maps.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
+
+
+def colorize(values, colormap='viridis'):
+    """A 2-D map min-max scaled and coloured (RGB uint8), as matplotlib's imsave does."""
+    import cv2
+    values = np.asarray(values, dtype=np.float32)
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    gray = np.clip(scaled * 256, 0, 255).astype(np.uint8)
+    code = {'viridis': cv2.COLORMAP_VIRIDIS, 'inferno': cv2.COLORMAP_INFERNO}[colormap]
+    return cv2.cvtColor(cv2.applyColorMap(gray, code), cv2.COLOR_BGR2RGB)
+
+
+def draw_mask(image, mask, color=(255, 0, 0), alpha=0.5, fill=True):
+    """Copy of an RGB uint8 image with `mask` blended in `color` (when fill) and its outline drawn."""
+    import cv2
+    out = image.copy()
+    if fill:
+        out[mask] = (out[mask] * (1 - alpha) + np.asarray(color) * alpha).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, color, 1)
+    return out

@@ -1,0 +1,97 @@
+"""Self-attention of the [CLS] token in the last block of a DINO ViT, one map per head, for one image.
+
+Saves the (resized, cropped) input image, each head's map upsampled to the image, and with --threshold the
+masks that keep that fraction of each head's attention mass, drawn over the image.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import utils
+
+SAMPLE_IMAGE = 'chelsea'  # scikit-image's sample photograph (a cat), shipped with the package
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Visualize Self-Attention maps')
+    parser.add_argument('--arch', default='vit_small', type=str, choices=['vit_tiny', 'vit_small', 'vit_base'],
+                        help='Architecture (ViTs only).')
+    parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the model.')
+    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to the weights to load
+        (a backbone file or a DINO checkpoint); empty downloads the released weights of --arch/--patch_size.""")
+    parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                        help='Key of the network to use in a DINO checkpoint (example: "teacher").')
+    parser.add_argument('--image_path', default=None, type=str, help=f"""Path of the image to visualize;
+        without it, scikit-image's sample photograph '{SAMPLE_IMAGE}' is used.""")
+    parser.add_argument('--image_size', default=(480, 480), type=int, nargs='+', help="""Resize the image
+        to H W (or its short side to one value) before cropping it to a multiple of the patch size.""")
+    parser.add_argument('--output_dir', default='.', help='Where the images go.')
+    parser.add_argument('--threshold', type=float, default=None, help="""Also save the masks that keep this
+        fraction of each head's attention mass (e.g. 0.6), drawn over the image.""")
+    utils.add_device_args(parser)
+    return parser
+
+
+def visualize(args):
+    utils.setup_device(args)
+    device = utils.device_for(args)
+    img = load_image(args.image_path)
+    model = utils.load_frozen_vit(args, device)
+
+    size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    img = utils.attention_transform(size)(img)
+    img = utils.crop_to_patch_multiple(img, args.patch_size).unsqueeze(0)
+    with utils.autocast_context(device.type, args.autocast):
+        attentions = utils.cls_attention_maps(model, img.to(device))[0].cpu()  # (heads, h, w)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    image = to_uint8_image(img[0])
+    save(image, os.path.join(args.output_dir, 'img.png'))
+    maps = utils.upsample_patches(attentions, args.patch_size).numpy()
+    for head, head_map in enumerate(maps):
+        save(utils.colorize(head_map), os.path.join(args.output_dir, f'attn-head{head}.png'))
+    if args.threshold is not None:
+        masks = utils.upsample_patches(utils.attention_mass_masks(attentions, args.threshold), args.patch_size)
+        for head, mask in enumerate(masks.numpy()):
+            save(utils.draw_mask(image, mask), os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
+
+
+def load_image(image_path):
+    """The image to visualize as RGB PIL, or scikit-image's sample photograph when no path is given."""
+    if image_path is None:
+        from skimage import data
+        print(f"No --image_path given: using scikit-image's sample photograph '{SAMPLE_IMAGE}'.")
+        return Image.fromarray(getattr(data, SAMPLE_IMAGE)()).convert('RGB')
+    if not os.path.isfile(image_path):
+        utils.fail(f"--image_path {image_path} is not a file; pass the path of an image")
+    try:
+        return utils.pil_loader(image_path)
+    except utils.DataError as exc:
+        utils.fail(f"{exc} (is it an image?)")
+
+
+def to_uint8_image(img):
+    """(3, H, W) normalised tensor -> RGB uint8 array, min-max scaled as torchvision's save_image(normalize=True)."""
+    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-5)
+    return img.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def save(array, path):
+    Image.fromarray(np.ascontiguousarray(array)).save(path)
+    print(f"{path} saved.")
+
+
+def check_args(args):
+    if len(args.image_size) not in (1, 2):
+        utils.fail("--image_size takes one value (short side) or two (height width)")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        utils.fail(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    check_args(args)
+    visualize(args)

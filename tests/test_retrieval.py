@@ -16,7 +16,7 @@ import eval_copy_detection
 import eval_image_retrieval
 import utils
 import vision_transformer as vits
-from conftest import run_script, run_torchrun
+from conftest import run_torchrun
 
 # Photographs shipped with scikit-image: copies of the first ones are searched, the others are clutter.
 PHOTOS = ['astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'immunohistochemistry']
@@ -144,6 +144,13 @@ def copydays(tmp_path_factory):
 def parse_args(module, *argv):
     parser = argparse.ArgumentParser(parents=[module.get_args_parser()])
     return parser.parse_args([str(a) for a in argv])
+
+
+def run_in_process(pipeline, module, argv, capsys):
+    """The single-process run, in this process (it saves a second import of torch): (stdout, stderr)."""
+    capsys.readouterr()
+    pipeline(parse_args(module, *argv))
+    return capsys.readouterr()
 
 
 def fails_with(function, args, *fragments):
@@ -312,12 +319,13 @@ def independent_retrieval(model, root, cfg):
     return np.argsort(-(db @ queries.T).numpy(), axis=0, kind='stable')
 
 
-def test_retrieval_end_to_end_one_and_two_processes(revisitop, random_vit_weights):
+def test_retrieval_end_to_end_one_and_two_processes(revisitop, random_vit_weights, capsys):
     root, cfg = revisitop
     weights, model = random_vit_weights
     args = ['--data_path', root, '--dataset', 'roxford5k', '--arch', 'vit_tiny', '--patch_size', 16,
             '--imsize', IMSIZE, '--pretrained_weights', weights, '--num_workers', 0, '--device', 'cpu']
-    single = retrieval_metrics(run_script('eval_image_retrieval.py', *args).stdout)
+    single = retrieval_metrics(run_in_process(eval_image_retrieval.eval_retrieval, eval_image_retrieval, args,
+                                              capsys).out)
     double = retrieval_metrics(run_torchrun('eval_image_retrieval.py', 2, *args).stdout)
     assert single == double
 
@@ -364,22 +372,38 @@ def copy_detection_metrics(stdout):
     return {block: float(value) for block, value in maps.items()}
 
 
-def test_copy_detection_end_to_end_one_and_two_processes(copydays, random_vit_weights):
+def test_copy_detection_end_to_end_one_and_two_processes(copydays, random_vit_weights, capsys):
     root, data = copydays
     weights, _ = random_vit_weights
     args = ['--data_path', data, '--distractors_path', root / 'distractors', '--whitening_path', root / 'whitening',
             '--arch', 'vit_tiny', '--patch_size', 16, '--imsize', IMSIZE, '--batch_size_per_device', 32,
             '--pretrained_weights', weights, '--num_workers', 0, '--device', 'cpu']
-    single = run_script('eval_copy_detection.py', *args)
+    single = run_in_process(eval_copy_detection.eval_copy_detection, eval_copy_detection, args, capsys)
     double = run_torchrun('eval_copy_detection.py', 2, *args)
-    assert copy_detection_metrics(single.stdout) == copy_detection_metrics(double.stdout)
-    maps = copy_detection_metrics(single.stdout)
+    maps = copy_detection_metrics(single.out)
+    assert maps == copy_detection_metrics(double.stdout)
     assert maps['original'] == 1. and maps['jpegqual/75'] == 1.  # exact and JPEG-recompressed copies at rank 1
     assert all(0. < v <= 1. for v in maps.values())
-    assert 'Using 8 distractors' in single.stdout and 'Database (originals and distractors) shape: (13, 384)' \
-        in single.stdout
-    assert 'falling back to whitening only the PCA dimensions these images span (at most 47)' in single.stderr
-    assert 'Whitening keeps the 46 of 384 dimensions' in single.stdout
+    assert 'Using 8 distractors' in single.out and 'Database (originals and distractors) shape: (13, 384)' in single.out
+    assert 'falling back to whitening only the PCA dimensions these images span (at most 47)' in single.err
+    assert 'Whitening keeps the 46 of 384 dimensions' in single.out
+
+
+def test_copydays_ground_truth_and_features(copydays, random_vit_weights):
+    _, data = copydays
+    _, model = random_vit_weights
+    dataset = eval_copy_detection.CopydaysDataset(str(data))
+    assert dataset.files['strong'][:3] == ['200001.jpg', '200002.jpg', '200101.jpg']
+    assert dataset.positives['strong'][:3] == [[0], [0], [1]] and dataset.positives['crops/50'][4] == [4]
+    assert len(dataset.query_files()) == 19 * 5 + 10
+    # [CLS] + GeM computed the original's way: patch tokens on their grid, average-pooled powers
+    images = torch.randn(2, 3, 48, 32)
+    with torch.no_grad():
+        feats = eval_copy_detection.cls_gem_features(model, images)
+        tokens = model.get_intermediate_layers(images, n=1)[0]
+    grid = tokens[:, 1:].reshape(2, 3, 2, -1).permute(0, 3, 1, 2).clamp(min=1e-6)
+    gem = F.avg_pool2d(grid.pow(4), (3, 2)).pow(1 / 4).flatten(1)
+    assert torch.allclose(feats, torch.cat((tokens[:, 0], gem), dim=1), atol=1e-6)
 
 
 def test_copy_detection_bad_input(copydays, tmp_path):
@@ -389,6 +413,11 @@ def test_copy_detection_bad_input(copydays, tmp_path):
     (tmp_path / 'empty').mkdir()
     fails_with(run, parse_args(eval_copy_detection, '--data_path', data, '--distractors_path', tmp_path / 'empty',
                                *common), '--distractors_path', 'holds 0 image(s)')
+    (tmp_path / 'one').mkdir()
+    os.symlink(root / 'whitening' / '00000.jpg', tmp_path / 'one' / '00000.jpg')
+    fails_with(run, parse_args(eval_copy_detection, '--data_path', data, '--whitening_path', tmp_path / 'one',
+                               '--distractors_path', tmp_path / 'none', '--device', 'cpu'),
+               '--whitening_path', 'at least 2')
     fails_with(run, parse_args(eval_copy_detection, '--data_path', tmp_path, *common),
                'not a complete Copydays folder', 'original')
     fails_with(run, parse_args(eval_copy_detection, '--data_path', data, '--arch', 'resnet50', '--device', 'cpu',

@@ -73,7 +73,7 @@ def eval_retrieval(args):
         db_features = F.normalize(db_features, dim=1, p=2)
         query_features = F.normalize(query_features, dim=1, p=2)
         similarity = db_features @ query_features.T
-        ranks = torch.argsort(-similarity, dim=0, stable=True).cpu().numpy()
+        ranks = torch.argsort(-similarity.cpu(), dim=0, stable=True).numpy()
         report(ranks, cfg['gnd'], args.dataset)
     if utils.is_dist_avail_and_initialized():
         dist.barrier()

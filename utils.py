@@ -935,6 +935,85 @@ def _gather_across_processes(feats, index):
 # Retrieval metrics (revisited Oxford/Paris, Copydays)
 # =====================================================================================
 
+def compute_ap(ranks, nres):
+    """Average precision of one query: trapezoidal area under its precision-recall curve.
+
+    `ranks`: sorted 0-based positions of the positives that were retrieved; `nres`: number of
+    positives in the database (retrieved or not), so a positive missing from `ranks` lowers the AP.
+    This is the AP of the revisited Oxford/Paris and INRIA Holidays evaluation packages.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    found_before = np.arange(len(ranks))
+    precision_left = np.where(ranks == 0, 1., found_before / np.maximum(ranks, 1.))
+    precision_right = (found_before + 1) / (ranks + 1)
+    return float(np.sum(precision_left + precision_right) / (2. * nres))
+
+
+def compute_map(ranks, gnd, kappas=()):
+    """Mean average precision and mean precision at `kappas`, as the revisited Oxford/Paris authors define them.
+
+    `ranks`: (database size x number of queries) array, column i the database indices in the order
+    retrieved for query i. `gnd[i]['ok']` lists the positives of query i, `gnd[i]['junk']` images
+    that are dropped from its ranking before scoring. Following the authors' code, precision at k
+    is measured at min(k, position of the last positive retrieved). Queries without positives get
+    NaN in `aps`/`prs` and are left out of the means. Returns (map, aps, pr, prs).
+    """
+    ranks = np.asarray(ranks)
+    aps = np.full(len(gnd), np.nan)
+    prs = np.full((len(gnd), len(kappas)), np.nan)
+    for i, query_gnd in enumerate(gnd):
+        positives = np.asarray(query_gnd['ok'])
+        if positives.size == 0:
+            continue
+        positions = np.flatnonzero(np.isin(ranks[:, i], positives))
+        junk = np.flatnonzero(np.isin(ranks[:, i], np.asarray(query_gnd.get('junk', []))))
+        positions = positions - np.searchsorted(junk, positions)  # junk ranked earlier does not count
+        aps[i] = compute_ap(positions, len(positives))
+        prs[i] = _precision_at(positions + 1, kappas)
+    scored = ~np.isnan(aps)
+    if not scored.any():
+        return float('nan'), aps, np.full(len(kappas), np.nan), prs
+    return float(aps[scored].mean()), aps, prs[scored].mean(axis=0), prs
+
+
+def _precision_at(positions, kappas):
+    """Precision at each k of 1-based positive positions, cut at the last positive as the authors do."""
+    if positions.size == 0:
+        return np.zeros(len(kappas))
+    cuts = np.minimum(positions.max(), np.asarray(kappas))
+    return np.array([(positions <= cut).sum() / cut for cut in cuts])
+
+
+class PCA:
+    """PCA (whitening) learned from a covariance matrix; keeps the `dim` leading components.
+
+    Components are scaled by eigenvalue ** -whit: whit=0.5 whitens fully, whit=0 only rotates.
+    Eigenvalues below 1e-5 of the largest are raised to that floor, as in the original. `mean`,
+    when set, is subtracted before projecting.
+    """
+
+    def __init__(self, dim=256, whit=0.5):
+        self.dim = dim
+        self.whit = whit
+        self.mean = None
+
+    def train_pca(self, cov):
+        eigenvalues, eigenvectors = np.linalg.eigh(cov)
+        eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-5)
+        order = np.argsort(eigenvalues)[::-1][:self.dim]
+        print(f"keeping {eigenvalues[order].sum() / eigenvalues.sum() * 100:.2f} % of the energy")
+        self.dvt = (eigenvectors[:, order] / eigenvalues[order] ** self.whit).T
+
+    def apply(self, x):
+        """Project rows of a numpy array or a torch tensor (any device), returning the same kind."""
+        if isinstance(x, np.ndarray):
+            mean = 0 if self.mean is None else np.asarray(self.mean)
+            return (x - mean) @ self.dvt.T.astype(x.dtype)
+        dvt = torch.as_tensor(self.dvt, dtype=x.dtype, device=x.device)
+        if self.mean is not None:
+            x = x - torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)
+        return x @ dvt.T
+
 
 # =====================================================================================
 # Attention maps (visualize_attention.py, video_generation.py)

@@ -147,11 +147,11 @@ def train_dino(args):
                                               step, to_restore["epoch_meters"] if step else None, skipped, stop)
         skipped.merge(len(data_loader.dataset), device)
         if step < iters_per_epoch:
-            save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop.received)
+            save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop)
             break
         end_epoch(stateful, args, epoch, metric_logger, skipped)
         if stop.requested(device):
-            print(f"Stopped by signal {stop.received} after epoch {epoch}; run the same command to resume.")
+            print(f"Stopped by {stop} after epoch {epoch}; run the same command to resume.")
             break
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
@@ -454,13 +454,13 @@ def end_epoch(stateful, args, epoch, metric_logger, skipped):
     utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
 
 
-def save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, signum):
+def save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop):
     """Checkpoint that resumes at iteration `step` of `epoch` (written when a stop signal arrived)."""
     save_dict = checkpoint_dict(stateful, args, epoch=epoch, step=step, epoch_meters=meter_states(metric_logger),
                                 skipped_images=skipped.state_dict())
     path = os.path.join(args.output_dir, 'checkpoint.pth')
     utils.save_on_master(save_dict, path)
-    print(f"Stopped by signal {signum} at epoch {epoch}, iteration {step}: {path} resumes there; "
+    print(f"Stopped by {stop} at epoch {epoch}, iteration {step}: {path} resumes there; "
           "run the same command to continue.")
 
 

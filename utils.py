@@ -678,6 +678,9 @@ class StopSignal:
     def _remember(self, signum, frame):
         self.received = signum
 
+    def __str__(self):
+        return signal.Signals(self.received).name if self.received else 'a signal to another process'
+
     def requested(self, device):
         """True on every process once any of them got a signal (a collective when distributed)."""
         if not is_dist_avail_and_initialized():
@@ -708,8 +711,8 @@ _fault_counts = defaultdict(int)
 def fault_point(name):
     """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
-    Actions: kill (SIGKILL itself), exit (os._exit(3)), hang (sleep until killed). Used by the robustness
-    tests to kill a run inside a checkpoint write or to make one process of a job die or hang.
+    Actions: kill (SIGKILL itself) or hang (sleep until killed). Used by the robustness tests to kill a
+    run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
     """
     spec = os.environ.get('DINO_FAULT', '').split(':')
     if spec[0] != name or (len(spec) > 3 and int(spec[3]) != get_rank()):
@@ -720,12 +723,9 @@ def fault_point(name):
     _builtin_print(f"DINO_FAULT: {spec[2]} at {name} {spec[1]}", flush=True)
     if spec[2] == 'kill':
         os.kill(os.getpid(), signal.SIGKILL)
-    elif spec[2] == 'exit':
-        os._exit(3)
-    elif spec[2] == 'hang':
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        while True:
-            time.sleep(60)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hang, until the launcher ends this process
+    while True:
+        time.sleep(60)
 
 
 RELEASED_WEIGHTS = {

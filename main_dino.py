@@ -84,6 +84,9 @@ def get_args_parser():
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
     parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument("--data_limit", default=None, type=int, help="Use only this many images (for tests).")
+    parser.add_argument('--strict_data', default=False, type=utils.bool_flag, nargs='?', const=True,
+                        help="""Stop at the first unreadable image. By default each unreadable file is reported
+        once and replaced by the next readable image of the dataset, and a count is printed every epoch.""")
     utils.add_distributed_args(parser)
     utils.add_device_args(parser, training=True)
     return parser
@@ -94,10 +97,12 @@ def train_dino(args):
     utils.init_distributed_mode(args)
     device = utils.device_for(args)
     utils.fix_random_seeds(args.seed)
+    stop = utils.StopSignal()  # SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit 0
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
+    iters_per_epoch = len(data_loader)
     print(f"Data loaded: there are {len(data_loader.dataset)} images.")
 
     # ============ building student and teacher networks ... ============
@@ -115,47 +120,39 @@ def train_dino(args):
     ).to(device)
     optimizer = build_optimizer(args, student)
     fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
-    schedules = build_schedules(args, len(data_loader))
+    schedules = build_schedules(args, iters_per_epoch)
     print("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
-    to_restore = {"epoch": 0}
-    utils.restart_from_checkpoint(
-        os.path.join(args.output_dir, "checkpoint.pth"),
-        run_variables=to_restore,
-        student=student,
-        teacher=teacher,
-        optimizer=optimizer,
-        fp16_scaler=fp16_scaler,
-        dino_loss=dino_loss,
-    )
-    start_epoch = to_restore["epoch"]
+    # checkpoints hold the random states, and the iteration reached when a signal stopped the run mid-epoch
+    stateful = dict(student=student, teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler,
+                    dino_loss=dino_loss)
+    to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
+    utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore,
+                                  **stateful)
+    start_epoch, start_step = to_restore["epoch"], to_restore["step"]
+    restore_random_states(to_restore["rng_state"], resuming=start_epoch > 0 or start_step > 0)
+    skipped = utils.SkippedImages(to_restore["skipped_images"])
+    if utils.is_main_process():
+        trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
     summary_writer = make_summary_writer(args)
     start_time = time.time()
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
-        data_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
-                                      optimizer, schedules, epoch, fp16_scaler, summary_writer, args)
-        save_dict = {
-            'student': student.state_dict(),
-            'teacher': teacher.state_dict(),
-            'optimizer': optimizer.state_dict(),
-            'epoch': epoch + 1,
-            'args': args,
-            'dino_loss': dino_loss.state_dict(),
-        }
-        if fp16_scaler is not None:
-            save_dict['fp16_scaler'] = fp16_scaler.state_dict()
-        save_dict = utils.to_cpu(save_dict)
-        utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
-        if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-            utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
-        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
-        if utils.is_main_process():
-            with (Path(args.output_dir) / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
+        step = start_step if epoch == start_epoch else 0
+        data_loader.sampler.set_epoch(epoch, start=step * args.batch_size_per_device)
+        metric_logger, step = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
+                                              optimizer, schedules, epoch, fp16_scaler, summary_writer, args,
+                                              step, to_restore["epoch_meters"] if step else None, skipped, stop)
+        skipped.merge(len(data_loader.dataset), device)
+        if step < iters_per_epoch:
+            save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop)
+            break
+        end_epoch(stateful, args, epoch, metric_logger, skipped)
+        if stop.requested(device):
+            print(f"Stopped by {stop} after epoch {epoch}; run the same command to resume.")
+            break
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
     if summary_writer is not None:
@@ -163,12 +160,22 @@ def train_dino(args):
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
-                    epoch, fp16_scaler, summary_writer, args):
+                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop):
+    """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
+
+    Returns the metric logger and the number of iterations of the epoch done so far.
+    """
     metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
+    restore_meters(metric_logger, meters)
+    iters_per_epoch = len(schedules[0]) // args.epochs
     header = f'Epoch: [{epoch}/{args.epochs}]'
+    if start_step:
+        print(f"Resuming epoch {epoch} at iteration {start_step}/{iters_per_epoch}")
     device = utils.device_for(args)
-    for it, (images, _) in enumerate(metric_logger.log_every(data_loader, 10, header, epoch)):
-        it = len(data_loader) * epoch + it  # global training iteration
+    step = start_step
+    for images, skipped_indices, notes in metric_logger.log_every(data_loader, 10, header, epoch):
+        skipped.note(skipped_indices, notes)
+        it = iters_per_epoch * epoch + step  # global training iteration
         images = [im.to(device, non_blocking=True) for im in images]
         loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
                           schedules, fp16_scaler, args)
@@ -181,9 +188,11 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
         metric_logger.update(loss=loss_value)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
-    metric_logger.synchronize_between_processes()
-    print("Averaged stats:", metric_logger)
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+        step += 1
+        utils.fault_point('step')
+        if step < iters_per_epoch and stop.requested(device):
+            break
+    return metric_logger, step
 
 
 def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it, schedules,
@@ -339,8 +348,11 @@ def build_data_loader(args):
     if len(dataset) < global_batch:
         utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
                    "lower --batch_size_per_device or add images")
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
-                                                  rank=utils.get_rank(), shuffle=True, seed=args.seed)
+    # augmentations are seeded per (seed, epoch, image): results do not depend on --num_workers and a run
+    # resumes exactly, even mid-epoch; unreadable images are replaced unless --strict_data
+    dataset = utils.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
+    sampler = utils.ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+                                     shuffle=True, seed=args.seed)
     return torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
@@ -349,6 +361,8 @@ def build_data_loader(args):
         pin_memory=args.device == 'cuda',
         drop_last=True,
         persistent_workers=False,
+        worker_init_fn=utils.StopSignal.ignore_in_worker,
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn apart from the model's RNG
     )
 
 
@@ -415,10 +429,100 @@ def check_args(args):
         utils.fail("--warmup_epochs cannot exceed --epochs")
     if args.batch_size_per_device < 1:
         utils.fail("--batch_size_per_device must be at least 1")
+    if args.dist_timeout < 1:
+        utils.fail("--dist_timeout must be at least 1 second")
+
+
+def end_epoch(stateful, args, epoch, metric_logger, skipped):
+    """Log the epoch, then write the checkpoints.
+
+    log.txt is written first: a run killed before its checkpoint repeats the epoch, and the resume
+    trims the stale line (see trim_log), so the log never misses or repeats an epoch.
+    """
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger)
+    count = skipped.end_epoch()
+    if count:
+        print(f"Epoch {epoch}: {count} unreadable image(s) skipped, each replaced by another image of the dataset")
+    log_stats = {**{f'train_{k}': meter.global_avg for k, meter in metric_logger.meters.items()}, 'epoch': epoch}
+    save_dict = checkpoint_dict(stateful, args, epoch=epoch + 1, skipped_images=skipped.state_dict())
+    if utils.is_main_process():
+        with (Path(args.output_dir) / "log.txt").open("a") as f:
+            f.write(json.dumps(log_stats) + "\n")
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+    utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
+
+
+def save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop):
+    """Checkpoint that resumes at iteration `step` of `epoch` (written when a stop signal arrived)."""
+    save_dict = checkpoint_dict(stateful, args, epoch=epoch, step=step, epoch_meters=meter_states(metric_logger),
+                                skipped_images=skipped.state_dict())
+    path = os.path.join(args.output_dir, 'checkpoint.pth')
+    utils.save_on_master(save_dict, path)
+    print(f"Stopped by {stop} at epoch {epoch}, iteration {step}: {path} resumes there; "
+          "run the same command to continue.")
+
+
+def checkpoint_dict(stateful, args, **extra):
+    """State dicts of the training objects, the random states (captured now) and `extra`, on the CPU."""
+    save_dict = {name: obj.state_dict() for name, obj in stateful.items() if obj is not None}
+    save_dict.update(args=args, rng_state=utils.rng_state(), **extra)
+    return utils.to_cpu(save_dict)
+
+
+def restore_random_states(state, resuming):
+    if state is not None:
+        utils.set_rng_state(state)
+    elif resuming:
+        print("Note: the checkpoint holds no random states (older format); training continues, but will not "
+              "repeat an uninterrupted run bit for bit.")
+
+
+def meter_states(metric_logger):
+    """(count, total) of each meter on every process, so that a resumed epoch averages like an uninterrupted one."""
+    local = {name: (meter.count, meter.total) for name, meter in metric_logger.meters.items()}
+    if not utils.is_dist_avail_and_initialized():
+        return [local]
+    states = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(states, local)
+    return states
+
+
+def restore_meters(metric_logger, states):
+    if not states:
+        return
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    if len(states) != world_size:  # resumed with another number of processes: rank 0 takes the sums
+        merged = {name: tuple(map(sum, zip(*(s[name] for s in states)))) for name in states[0]}
+        states = [merged] + [{}] * (world_size - 1)
+    for name, (count, total) in states[rank].items():
+        metric_logger.meters[name].count, metric_logger.meters[name].total = count, total
+
+
+def trim_log(path, start_epoch):
+    """Drop the log.txt lines of epochs from `start_epoch` on (written just before a kill, or cut by one)."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    kept = ''
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(entry, dict) or entry.get('epoch', -1) < start_epoch:
+            kept += line + '\n'
+    if kept != text:
+        tmp = path.with_name(path.name + '.tmp')
+        tmp.write_text(kept)
+        os.replace(tmp, path)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()])
+    parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()], epilog="""Preemption: SIGTERM or
+        SIGUSR1 makes training finish the current iteration, write checkpoint.pth and exit 0; running the
+        same command resumes at that iteration, with the same results as an uninterrupted run.""")
     args = parser.parse_args()
     check_args(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -426,4 +530,8 @@ if __name__ == '__main__':
         train_dino(args)
     except utils.DataError as exc:
         utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again "
-                   "(training resumes from the last checkpoint)")
+                   "(training resumes from the last checkpoint), or leave out --strict_data to skip such files")
+    except RuntimeError as exc:
+        if not (getattr(args, 'distributed', False) and utils.is_peer_failure(exc)):
+            raise
+        utils.fail(utils.peer_failure_message(exc, args))

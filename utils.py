@@ -5,15 +5,20 @@ schedules, checkpoints, logging, data and augmentation, feature extraction,
 retrieval metrics, attention maps.
 """
 import argparse
+import atexit
 import builtins
 import contextlib
 import datetime
 import importlib.util
 import math
+import multiprocessing
 import os
 import random
+import re
+import signal
 import sys
 import time
+import warnings
 from collections import defaultdict, deque
 
 import numpy as np
@@ -21,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 
 import vision_transformer as vits
 
@@ -168,6 +173,9 @@ def add_distributed_args(parser):
     # torch.distributed.launch passes one of these spellings; torchrun uses LOCAL_RANK instead
     parser.add_argument('--local_rank', '--local-rank', dest='local_rank', default=0, type=int,
                         help=argparse.SUPPRESS)
+    parser.add_argument('--dist_timeout', default=1800, type=int, help='''Seconds a process waits for the
+        others in a collective operation before giving up, so that a dead or stuck process stops the whole
+        job instead of hanging it (default 1800, as in PyTorch).''')
     return parser
 
 
@@ -196,12 +204,15 @@ def init_distributed_mode(args):
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
         if args.device == 'cuda':
             torch.cuda.set_device(0)
+        setup_for_distributed(True)
         return
     args.distributed = args.world_size > 1
     if args.device == 'cuda':
         torch.cuda.set_device(args.gpu % torch.cuda.device_count())
     if not args.distributed:
+        setup_for_distributed(True)
         return
+    # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
     dist.init_process_group(backend=_backend_for(args.device), init_method=args.dist_url,
                             world_size=args.world_size, rank=args.rank, timeout=timeout)
@@ -209,16 +220,38 @@ def init_distributed_mode(args):
     setup_for_distributed(args.rank == 0)
 
 
-def setup_for_distributed(is_master):
-    """Make print() silent on every process but rank 0 (unless called with force=True)."""
-    builtin_print = builtins.print
+_builtin_print = builtins.print
 
+
+def setup_for_distributed(is_master):
+    """Make print() silent on every process but rank 0 (unless called with force=True).
+
+    Installed in a lone process too, so that print(..., force=True) works everywhere.
+    """
     def print_on_master(*args, **kwargs):
         force = kwargs.pop('force', False)
         if is_master or force:
-            builtin_print(*args, **kwargs)
+            _builtin_print(*args, **kwargs)
 
     builtins.print = print_on_master
+
+
+def is_peer_failure(exc):
+    """Whether an exception comes from a collective whose peers died, hung or timed out."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(word in text for word in ('gloo', 'NCCL', 'nccl', 'hccl', 'HCCL', 'Connection closed by peer',
+                                         'Connection reset by peer', 'Timed out waiting'))
+
+
+def peer_failure_message(exc, args):
+    """One line for a job that lost one of its processes."""
+    detail = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    detail = re.sub(r'^\[[^\]]*\]\s*', '', detail.strip())[:200]  # drop the C++ source location
+    return (f"process {getattr(args, 'rank', 0)} lost contact with the other processes of the job ({detail}; "
+            f"--dist_timeout is {getattr(args, 'dist_timeout', 1800)} s); stopping. "
+            "Restart the job to resume from the last checkpoint")
 
 
 def device_for(args):
@@ -429,49 +462,93 @@ class LARS(torch.optim.Optimizer):
 # Checkpoints
 # =====================================================================================
 
-# Types besides tensors and containers that this project's checkpoints hold.
-SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace]
+def _numpy_scalar_globals():
+    """What unpickling a NumPy number needs (the original DINO stored the scheduled lr as one)."""
+    core = np._core if hasattr(np, '_core') else np.core
+    dtypes = [getattr(np.dtypes, name) for name in ('Float64DType', 'Float32DType', 'Int64DType', 'Int32DType')
+              if hasattr(getattr(np, 'dtypes', None), name)]
+    return [core.multiarray.scalar, (core.multiarray.scalar, 'numpy.core.multiarray.scalar'), np.dtype, *dtypes]
+
+
+# Types besides tensors and containers that DINO checkpoints hold: the run's arguments and NumPy numbers.
+SAFE_CHECKPOINT_GLOBALS = [argparse.Namespace, *_numpy_scalar_globals()]
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; `unsafe` when it holds objects that could run code when loaded."""
+
+    def __init__(self, message, unsafe=False):
+        super().__init__(message)
+        self.unsafe = unsafe
+
+
+def read_checkpoint(path):
+    """torch.load restricted to tensors, plain values and SAFE_CHECKPOINT_GLOBALS; CheckpointError otherwise.
+
+    Nothing in the file is executed: a pickle that names any other function or class is refused.
+    """
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except Exception as exc:  # refused globals, truncated archives, unpickling errors, ...
+        text = str(exc)
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked", text)
+        if refused:
+            raise CheckpointError(
+                f"refusing to load {path}: it refers to {refused.group(1) or refused.group(2)}, which could run "
+                "code when unpickled; only checkpoints of tensors and plain values are accepted "
+                "(if you trust its source, re-save its state dicts alone)", unsafe=True) from None
+        detail = text.split('WeightsUnpickler error:')[-1].strip().splitlines()
+        detail = detail[0].strip() if detail else type(exc).__name__
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({detail[:150]})") from None
 
 
 def load_checkpoint(path):
-    """torch.load restricted to tensors, containers and the few types our checkpoints need.
-
-    A file that would run code when unpickled is refused with one clear line.
-    """
+    """read_checkpoint, stopping with one clear line when the file is missing, damaged or unsafe."""
     try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        fail(f"checkpoint {path} not found")
-    except Exception as exc:  # unpickling errors, truncated zip archives, ...
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        refused = [line for line in lines if 'Unsupported global' in line]
-        if refused:
-            culprit = refused[0].split('GLOBAL')[-1].split()[0]
-            fail(f"refusing to load {path}: it needs {culprit}, which could run code when unpickled; "
-                 "only checkpoints made of tensors and plain values are accepted")
-        first_line = lines[0]
-        fail(f"cannot read checkpoint {path}: {first_line[:300]} (is the file complete?)")
+        return read_checkpoint(path)
+    except CheckpointError as exc:
+        fail(str(exc))
 
 
 def save_checkpoint(obj, path):
-    """Write to a temporary file in the same folder, flush to disk, then rename into place."""
+    """Write to a temporary file in the same folder, flush it to disk, then rename it into place.
+
+    A kill or a full disk during the write leaves the previous file at `path` intact.
+    """
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp_path, 'wb') as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point('save')
         os.replace(tmp_path, path)
+        _fsync_folder(os.path.dirname(os.path.abspath(path)))
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
 
+def _fsync_folder(folder):
+    """Make a rename durable (POSIX); a no-op where folders cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def to_cpu(obj):
-    """Copy of a (nested) state dict with every tensor on the CPU, so checkpoints load anywhere."""
+    """Copy of a (nested) state dict with every tensor on the CPU and NumPy numbers as Python ones."""
     if torch.is_tensor(obj):
         return obj.detach().cpu()
+    if isinstance(obj, np.generic):
+        return obj.item()
     if isinstance(obj, dict):
         return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -493,11 +570,18 @@ def _load_state_dict_or_fail(module, state_dict, what, path):
 
 
 def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
-    """Load each named object (model, optimizer, ...) from the checkpoint if present, and run_variables."""
+    """Load each named object (model, optimizer, ...) from the checkpoint if present, and run_variables.
+
+    A damaged checkpoint is reported and the newest intact numbered one beside it (checkpoint0042.pth
+    for checkpoint.pth) is used instead; without one the run stops. Unsafe files are always refused.
+    Returns the path actually loaded, or None when there is no checkpoint.
+    """
+    if is_main_process():
+        _remove_interrupted_writes(ckp_path)
     if not os.path.isfile(ckp_path):
-        return
+        return None
+    checkpoint, ckp_path = _read_checkpoint_or_fallback(ckp_path)
     print(f"Found checkpoint at {ckp_path}")
-    checkpoint = load_checkpoint(ckp_path)
     for key, value in kwargs.items():
         if value is None:
             continue
@@ -510,6 +594,138 @@ def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
         for name in run_variables:
             if name in checkpoint:
                 run_variables[name] = checkpoint[name]
+    return ckp_path
+
+
+def numbered_checkpoints(ckp_path):
+    """The checkpoints kept beside `ckp_path` (checkpointNNNN.pth for checkpoint.pth), newest first."""
+    folder, name = os.path.split(ckp_path)
+    stem, dot, ext = name.partition('.')
+    pattern = re.compile(rf"{re.escape(stem)}(\d+){re.escape(dot + ext)}")
+    found = [(int(m.group(1)), m.group(0)) for m in map(pattern.fullmatch, os.listdir(folder or '.')) if m]
+    return [os.path.join(folder, f) for _, f in sorted(found, reverse=True)]
+
+
+def _read_checkpoint_or_fallback(ckp_path):
+    try:
+        return read_checkpoint(ckp_path), ckp_path
+    except CheckpointError as exc:
+        if exc.unsafe:
+            fail(str(exc))
+        damage = str(exc)
+    candidates = numbered_checkpoints(ckp_path)
+    if candidates:
+        print(f"warning: {damage}; looking for the newest intact numbered checkpoint beside it")
+    for candidate in candidates:
+        try:
+            checkpoint = read_checkpoint(candidate)
+        except CheckpointError as exc:
+            if exc.unsafe:
+                fail(str(exc))
+            print(f"warning: {exc}")
+            continue
+        print(f"Resuming from {candidate} instead, the newest intact numbered checkpoint")
+        return checkpoint, candidate
+    fail(f"{damage}, and no intact numbered checkpoint was found beside it to resume from; "
+         "move it away to start from scratch, or use another --output_dir")
+
+
+def _remove_interrupted_writes(ckp_path):
+    """Delete temporary files that a killed save_checkpoint left beside `ckp_path`."""
+    folder, name = os.path.split(ckp_path)
+    stem, dot, ext = name.partition('.')
+    pattern = re.compile(rf"{re.escape(stem)}\d*{re.escape(dot + ext)}\.tmp\d+")
+    if os.path.isdir(folder or '.'):
+        for leftover in filter(pattern.fullmatch, os.listdir(folder or '.')):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, leftover))
+
+
+def rng_state():
+    """Python, NumPy and torch (CPU, and the current CUDA device) random states, storable weights-only."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'torch': torch.get_rng_state(),
+             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    random.setstate(state['python'])
+    kind, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+class StopSignal:
+    """Turns SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting) into a stop request.
+
+    The training loop asks `requested(device)` at step boundaries, so it can finish the step, write a
+    checkpoint and exit 0 instead of dying mid-step or mid-write.
+    """
+    SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name))
+
+    def __init__(self):
+        self.received = None
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._remember)
+        atexit.register(_kill_data_workers)
+
+    def _remember(self, signum, frame):
+        self.received = signum
+
+    def __str__(self):
+        return signal.Signals(self.received).name if self.received else 'a signal to another process'
+
+    def requested(self, device):
+        """True on every process once any of them got a signal (a collective when distributed)."""
+        if not is_dist_avail_and_initialized():
+            return self.received is not None
+        flag = torch.tensor([0. if self.received is None else 1.], device=device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    @staticmethod
+    def ignore_in_worker(worker_id=None):
+        """DataLoader worker_init_fn: workers leave the stop signals to the training process."""
+        for signum in StopSignal.SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_data_workers():
+    """At exit, end DataLoader workers still running (after a crash): they ignore the SIGTERM with which
+    multiprocessing would stop them, and would hold the exit forever."""
+    if hasattr(signal, 'SIGCHLD'):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # else torch reports the kill as a worker failure
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
+_fault_counts = defaultdict(int)
+
+
+def fault_point(name):
+    """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
+
+    Actions: kill (SIGKILL itself) or hang (sleep until killed). Used by the robustness tests to kill a
+    run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
+    """
+    spec = os.environ.get('DINO_FAULT', '').split(':')
+    if spec[0] != name or (len(spec) > 3 and int(spec[3]) != get_rank()):
+        return
+    _fault_counts[name] += 1
+    if _fault_counts[name] != int(spec[1]):
+        return
+    _builtin_print(f"DINO_FAULT: {spec[2]} at {name} {spec[1]}", flush=True)
+    if spec[2] == 'kill':
+        os.kill(os.getpid(), signal.SIGKILL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hang, until the launcher ends this process
+    while True:
+        time.sleep(60)
 
 
 RELEASED_WEIGHTS = {
@@ -554,6 +770,8 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
         print(f"Take key {checkpoint_key} in provided checkpoint dict")
         state_dict = state_dict[checkpoint_key]
+    if not isinstance(state_dict, dict):
+        fail(f"{source} holds a {type(state_dict).__name__}, not a state dict of weights")
     state_dict = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in state_dict.items()}
     own = model.state_dict()
     mismatched = [k for k, v in state_dict.items() if k in own and k != 'pos_embed' and own[k].shape != v.shape]
@@ -834,12 +1052,30 @@ class DataError(Exception):
     """An image file that cannot be read."""
 
 
+def to_rgb(img):
+    """8-bit RGB version of a PIL image of any mode.
+
+    16-bit grey levels are scaled down (PIL would clip them to 255), and transparent pixels are
+    composited on white (PIL would keep whatever colour lies under them, often black).
+    """
+    if img.mode.startswith('I'):  # I;16*, or I as 16-bit PNGs load in some Pillow versions
+        levels = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257
+        img = Image.fromarray(np.rint(levels).astype(np.uint8))
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert('RGB')
+    return img.convert('RGB')
+
+
 def pil_loader(path):
-    """Open an image file as RGB, naming the file when it cannot be read."""
+    """Open an image file as 8-bit RGB, naming the file when it cannot be read (DataError)."""
     try:
-        with open(path, 'rb') as f:
-            img = Image.open(f)
-            return img.convert('RGB')
+        with Image.open(path) as img:
+            img.load()  # decode now, so that truncated files fail here
+            return to_rgb(img)
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: empty, or not in an image format Pillow knows") from None
     except Exception as exc:
         raise DataError(f"cannot read image {path}: {exc}") from None
 
@@ -860,6 +1096,120 @@ def data_error_message(exc):
     """The one useful line of a DataError re-raised from a DataLoader worker."""
     lines = [line for line in str(exc).splitlines() if 'cannot read image' in line]
     return (lines[-1].split('DataError: ')[-1] if lines else str(exc).splitlines()[-1]).strip()
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that yields (epoch, index) pairs and can start an epoch part-way through.
+
+    Passing the epoch with each index lets ReproducibleSamples seed its augmentations without any
+    state in the DataLoader workers.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        """Shuffle for `epoch` and skip this process's first `start` samples of it."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class ReproducibleSamples(torch.utils.data.Dataset):
+    """Items of `dataset` for keys (epoch, index), with the augmentation randomness seeded by them.
+
+    Each item is (image, skipped_index, note). Seeding per (seed, epoch, index) makes training
+    independent of the number of DataLoader workers and lets a run resume exactly mid-epoch; the
+    caller's random states are left untouched. An unreadable image is replaced by the next readable
+    one of the dataset, and reported as skipped_index with the reason in note (-1 and '' otherwise);
+    with strict=True its DataError is raised instead.
+    """
+
+    def __init__(self, dataset, seed, strict=False):
+        self.dataset, self.seed, self.strict = dataset, seed, strict
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        note = ''
+        with _random_states_kept():
+            for offset in range(len(self.dataset)):
+                _seed_random_states(self.seed, epoch, index)
+                try:
+                    image = self.dataset[(index + offset) % len(self.dataset)][0]
+                    return image, (index if note else -1), note
+                except DataError as exc:
+                    if self.strict:
+                        raise
+                    note = note or str(exc)
+        raise DataError(f"no image of the dataset can be read ({note})")
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
+
+
+def _seed_random_states(*keys):
+    """Seed Python, NumPy and the torch CPU generator (only: CUDA's serves the model) from `keys`."""
+    words = np.random.SeedSequence(keys).generate_state(2)
+    seed = int(words[0]) << 32 | int(words[1])
+    random.seed(seed)
+    np.random.seed(words[0])
+    torch.default_generator.manual_seed(seed)
+
+
+class SkippedImages:
+    """Unreadable training images: one warning per file, and a count per epoch over workers and processes."""
+
+    def __init__(self, state=None):
+        state = state or {}
+        self.warned = set(state.get('warned', ()))
+        self.this_epoch = set(state.get('this_epoch', ()))
+
+    def note(self, indices, notes):
+        """Record a batch's (skipped_index, note) pairs as ReproducibleSamples returned them."""
+        for index, note in zip(indices.tolist(), notes):
+            if index < 0:
+                continue
+            self.this_epoch.add(index)
+            if index not in self.warned:
+                self.warned.add(index)
+                _builtin_print(f"warning: {note}; skipped (another image of the dataset takes its place; "
+                               "--strict_data stops instead)", flush=True)
+
+    def merge(self, dataset_size, device):
+        """Share what every process met (a collective when distributed)."""
+        if not is_dist_avail_and_initialized():
+            return
+        mask = torch.zeros(dataset_size, dtype=torch.int32, device=device)
+        mask[sorted(self.this_epoch)] = 1
+        dist.all_reduce(mask)
+        self.this_epoch = set(mask.nonzero().flatten().tolist())
+        self.warned |= self.this_epoch
+
+    def end_epoch(self):
+        """Number of distinct unreadable images met this epoch (call merge first); starts a new count."""
+        count, self.this_epoch = len(self.this_epoch), set()
+        return count
+
+    def state_dict(self):
+        return {'warned': sorted(self.warned), 'this_epoch': sorted(self.this_epoch)}
 
 
 class ReturnIndexDataset(torch.utils.data.Dataset):

@@ -1230,6 +1230,54 @@ class ReturnIndexDataset(torch.utils.data.Dataset):
 # Feature extraction (k-NN, retrieval and copy-detection evaluations)
 # =====================================================================================
 
+# Synthetic images are rendered and evaluated at this side (the tests train on 64-pixel crops of
+# them); real data keeps the original resize 256 / centre crop 224.
+SYNTHETIC_EVAL_SIZE = 64
+
+
+def eval_crop_size(data_path):
+    """Side of the evaluation crops: 224, or SYNTHETIC_EVAL_SIZE for the built-in synthetic data."""
+    return SYNTHETIC_EVAL_SIZE if is_synthetic(data_path) else 224
+
+
+def center_crop_transform(crop_size=224):
+    """Bicubic resize of the short side to crop_size * 256 / 224, centre crop, ImageNet normalisation."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(crop_size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def build_eval_split(data_path, split, transform=None):
+    """The `split` ('train' or 'val') ImageFolder under data_path, or that split of the synthetic data."""
+    if is_synthetic(data_path):
+        return SyntheticShapes(split, image_size=SYNTHETIC_EVAL_SIZE, transform=transform)
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
+             "(one sub-folder of images per class), or be 'synthetic'")
+    return build_image_folder(root, transform)
+
+
+def dataset_classes(dataset):
+    """Class names of an ImageFolder or SyntheticShapes, also through Subset wrappers."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return list(dataset.classes)
+
+
+def check_matching_classes(dataset_train, dataset_val, data_path):
+    """Labels are folder indices, so train/ and val/ must hold the same class folders."""
+    train_classes, val_classes = dataset_classes(dataset_train), dataset_classes(dataset_val)
+    if train_classes != val_classes:
+        odd = sorted(set(train_classes) ^ set(val_classes))[:3]
+        fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "
+             f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
+
+
 def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
     """Features averaged over rescaled copies of the input, then L2-normalised."""
     total = None
@@ -1244,17 +1292,20 @@ def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
 
 @torch.no_grad()
 def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
-                     forward=None):
+                     forward=None, summary_writer=None):
     """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
 
     The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
     DistributedSampler: samples it repeats to even out processes are written once.
-    `forward(model, images)` overrides the plain `model(images)` call.
+    `forward(model, images)` overrides the plain `model(images)` call. With a
+    summary_writer, the throughput is also written as TensorBoard scalars.
     """
-    metric_logger = MetricLogger(delimiter="  ")
+    global_batch = (data_loader.batch_size or 1) * get_world_size()
+    metric_logger = MetricLogger(delimiter="  ", batch_size=global_batch, summary_writer=summary_writer)
     features = None
     forward = forward or (lambda m, x: multi_scale(x, m) if multiscale else m(x))
-    for samples, index in metric_logger.log_every(data_loader, 10, 'Extracting features'):
+    epoch = 0 if summary_writer is not None else None
+    for samples, index in metric_logger.log_every(data_loader, 10, 'Extracting features', epoch):
         samples = samples.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         with autocast_context(device.type, autocast):

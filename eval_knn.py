@@ -1,0 +1,285 @@
+"""Weighted k-NN evaluation of frozen DINO features (Caron et al., 2021) on HPU, CUDA or CPU."""
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import utils
+
+FEATURE_FILES = ('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', add_help=False)
+    parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
+                        default=128, type=int, help='Images per device and step of feature extraction.')
+    parser.add_argument('--nb_knn', default=[10, 20, 100, 200], nargs='+', type=int,
+                        help='Numbers of nearest neighbours to evaluate (20 usually works best).')
+    parser.add_argument('--temperature', default=0.07, type=float,
+                        help='Temperature T of the neighbour weights exp(similarity / T).')
+    parser.add_argument('--pretrained_weights', default='', type=str,
+                        help="Weights to evaluate (a backbone file or a DINO checkpoint); empty: the released ones.")
+    parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
+                        type=utils.bool_flag, help="""Keep the features on the device for the k-NN search;
+        set false if the device runs out of memory.""")
+    parser.add_argument('--arch', default='vit_small', type=str, help='Architecture.')
+    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
+    parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                        help='Network to take from a DINO checkpoint ("teacher" or "student").')
+    parser.add_argument('--dump_features', default=None,
+                        help='Folder where to save the computed features and labels; empty for no saving.')
+    parser.add_argument('--load_features', default=None,
+                        help='Folder of features saved earlier with --dump_features: skips the extraction.')
+    parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+                        help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
+    parser.add_argument('--max_batches', default=None, type=int,
+                        help='Read only this many batches (per device) of each split; for quick tests.')
+    parser.add_argument('--dump_tb_events', default=None,
+                        help='Folder where to write TensorBoard events; empty for none.')
+    utils.add_distributed_args(parser)
+    utils.add_device_args(parser)
+    return parser
+
+
+def eval_knn(args):
+    utils.setup_device(args)
+    utils.init_distributed_mode(args)
+    device = utils.device_for(args)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    if args.load_features:
+        train_features, test_features, train_labels, test_labels = load_features(args.load_features)
+        check_nb_knn(args.nb_knn, len(train_labels))
+    else:
+        train_features, test_features, train_labels, test_labels = extract_feature_pipeline(args, device)
+
+    storage = device if args.store_on_device else torch.device('cpu')
+    train_features, test_features = train_features.to(storage), test_features.to(storage)
+    train_labels, test_labels = train_labels.to(storage), test_labels.to(storage)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+
+    print("Features are ready!\nStart the k-NN classification.")
+    results = knn_evaluate(train_features, train_labels, test_features, test_labels, args.nb_knn,
+                           args.temperature, num_classes, device=device)
+    for k, (top1, top5) in results.items():
+        print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
+        writer = make_summary_writer(args, f'{k}-NN')
+        if writer is not None:
+            writer.add_scalar('top1', top1, 0)
+            writer.add_scalar('top5', top5, 0)
+            writer.close()
+    if utils.is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def extract_feature_pipeline(args, device):
+    # ============ preparing data ... ============
+    transform = utils.center_crop_transform(utils.eval_crop_size(args.data_path))
+    dataset_train = first_batches(utils.build_eval_split(args.data_path, 'train', transform), args)
+    dataset_val = first_batches(utils.build_eval_split(args.data_path, 'val', transform), args)
+    utils.check_matching_classes(dataset_train, dataset_val, args.data_path)
+    check_nb_knn(args.nb_knn, len(dataset_train))
+    loader_train, loader_val = (make_loader(ds, args) for ds in (dataset_train, dataset_val))
+    print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
+
+    # ============ building network ... ============
+    model, _ = utils.build_backbone(args.arch, args.patch_size)
+    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model.to(device).eval()
+    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+
+    # ============ extract features ... ============
+    features = []
+    for name, loader in (('train', loader_train), ('test', loader_val)):
+        print(f"Extracting features for {name} set...")
+        writer = make_summary_writer(args, f'{name}_features')
+        feats = utils.extract_features(model, loader, device, autocast=args.autocast,
+                                       store_on_device=args.store_on_device, summary_writer=writer)
+        if writer is not None:
+            writer.close()
+        features.append(F.normalize(feats, dim=1, p=2))
+    train_features, test_features = features
+    train_labels = torch.tensor(dataset_labels(dataset_train), dtype=torch.long)
+    test_labels = torch.tensor(dataset_labels(dataset_val), dtype=torch.long)
+    if args.dump_features and utils.is_main_process():
+        dump_features(args.dump_features, train_features, test_features, train_labels, test_labels)
+    return train_features, test_features, train_labels, test_labels
+
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000):
+    """Top-1 and top-5 accuracy (%) of the weighted k-NN classifier of DINO.
+
+    Features are rows, L2-normalised; each test sample takes its k most similar training
+    samples, each voting for its label with weight exp(similarity / T).
+    """
+    return knn_evaluate(train_features, train_labels, test_features, test_labels, [k], T, num_classes)[k]
+
+
+@torch.no_grad()
+def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T, num_classes=1000,
+                 chunk_size=None, device=None):
+    """{k: (top1, top5)} for every k in ks, from one neighbour search for the largest k.
+
+    The test samples are processed in chunks (bounded memory), shared out among processes.
+    Ties in similarity go to the lower training index, ties in votes to the lower class.
+    `device` is where counts are summed across processes (default: the features' device).
+    """
+    ks, k_max = list(ks), max(ks)
+    chunk_size = chunk_size or default_chunk_size(len(train_features), k_max, num_classes)
+    correct = torch.zeros(len(ks), 2, dtype=torch.float64)
+    starts = range(utils.get_rank() * chunk_size, len(test_labels), chunk_size * utils.get_world_size())
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    for start in metric_logger.log_every(starts, 10, 'k-NN'):
+        queries = test_features[start:start + chunk_size]
+        targets = test_labels[start:start + chunk_size].view(-1, 1)
+        similarities, indices = nearest_neighbours(train_features, queries, k_max)
+        neighbour_labels = train_labels[indices]
+        for i, k in enumerate(ks):
+            ranked = rank_classes(similarities[:, :k], neighbour_labels[:, :k], T, num_classes)
+            hits = ranked[:, :min(5, k)] == targets  # top-5 is only meaningful when k >= 5
+            correct[i, 0] += hits[:, 0].sum().item()
+            correct[i, 1] += hits.sum().item()
+    correct = sum_across_processes(correct, device or test_features.device)
+    total = len(test_labels)
+    return {k: (correct[i, 0].item() * 100.0 / total, correct[i, 1].item() * 100.0 / total)
+            for i, k in enumerate(ks)}
+
+
+def default_chunk_size(num_train, k, num_classes, budget=2 ** 26):
+    """Test samples per chunk so that the similarity and vote matrices stay under `budget` elements."""
+    return max(1, budget // max(num_train, k * num_classes))
+
+
+def nearest_neighbours(train_features, queries, k):
+    """The k most similar training rows of each query (dot product), by decreasing similarity.
+
+    Rows whose k-th similarity is shared with rows left out are redone exactly, so that equal
+    similarities always go to the lower training index, whatever the device's top-k does.
+    """
+    similarity = queries @ train_features.t()
+    values, indices = similarity.topk(k, dim=1)
+    kth = values[:, -1:]
+    for row in ((similarity >= kth).sum(1) > k).nonzero().flatten().tolist():
+        above = (similarity[row] > kth[row]).nonzero().flatten()
+        level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
+        indices[row] = torch.cat((above, level))
+        values[row] = similarity[row, indices[row]]
+    # order: decreasing similarity, then increasing index
+    indices, order = indices.sort(dim=1)
+    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return values, indices.gather(1, order)
+
+
+def rank_classes(similarities, labels, T, num_classes):
+    """Classes of each row ranked by their summed neighbour weights exp(similarity / T)."""
+    weights = (similarities / T).exp()
+    one_hot = torch.zeros(*labels.shape, num_classes, dtype=weights.dtype, device=weights.device)
+    one_hot.scatter_(2, labels.unsqueeze(-1), weights.unsqueeze(-1))
+    votes = one_hot.sum(1)
+    return votes.sort(dim=1, descending=True, stable=True).indices
+
+
+def sum_across_processes(tensor, device):
+    if not utils.is_dist_avail_and_initialized():
+        return tensor
+    dtype = torch.float32 if device.type == 'hpu' else tensor.dtype
+    reduced = tensor.to(device=device, dtype=dtype)
+    dist.all_reduce(reduced)
+    return reduced.cpu().double()
+
+
+def check_nb_knn(nb_knn, num_train):
+    for k in nb_knn:
+        if not 1 <= k <= num_train:
+            utils.fail(f"--nb_knn {k} is not possible with {num_train} training images; "
+                       f"choose values between 1 and {num_train}")
+
+
+def first_batches(dataset, args):
+    """With --max_batches, only the images of the first max_batches batches of every process."""
+    if args.max_batches is None:
+        return dataset
+    count = args.max_batches * args.batch_size_per_device * utils.get_world_size()
+    return torch.utils.data.Subset(dataset, range(min(count, len(dataset))))
+
+
+def dataset_labels(dataset):
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    return list(dataset.targets)
+
+
+def make_loader(dataset, args):
+    # no shuffling, so that every process reads its part in dataset order
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
+                                                  rank=utils.get_rank(), shuffle=False)
+    return torch.utils.data.DataLoader(
+        utils.ReturnIndexDataset(dataset),
+        sampler=sampler,
+        batch_size=args.batch_size_per_device,
+        num_workers=args.num_workers,
+        pin_memory=args.device == 'cuda',
+        drop_last=False,
+    )
+
+
+def dump_features(folder, train_features, test_features, train_labels, test_labels):
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
+        utils.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
+    print(f"Features and labels saved in {folder}")
+
+
+def load_features(folder):
+    paths = [os.path.join(folder, name) for name in FEATURE_FILES]
+    missing = [name for name, path in zip(FEATURE_FILES, paths) if not os.path.isfile(path)]
+    if missing:
+        utils.fail(f"--load_features {folder} lacks {', '.join(missing)}; "
+                   "pass a folder written by --dump_features")
+    train_features, test_features, train_labels, test_labels = (utils.load_checkpoint(p) for p in paths)
+    if not all(torch.is_tensor(t) for t in (train_features, test_features, train_labels, test_labels)) \
+            or train_features.ndim != 2 or test_features.ndim != 2 \
+            or len(train_features) != len(train_labels) or len(test_features) != len(test_labels) \
+            or train_features.shape[1] != test_features.shape[1]:
+        utils.fail(f"--load_features {folder}: the features and labels do not fit together; "
+                   "dump them again with --dump_features")
+    print(f"Loaded {len(train_labels)} train and {len(test_labels)} val features from {folder}")
+    return train_features.float(), test_features.float(), train_labels.long(), test_labels.long()
+
+
+def make_summary_writer(args, subdir):
+    if not args.dump_tb_events or not utils.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(args.dump_tb_events, subdir))
+
+
+def check_args(args):
+    if args.batch_size_per_device < 1:
+        utils.fail("--batch_size_per_device must be at least 1")
+    if args.temperature <= 0:
+        utils.fail("--temperature must be positive")
+    if args.max_batches is not None and args.max_batches < 1:
+        utils.fail("--max_batches must be at least 1")
+    if args.dump_features and os.path.isfile(args.dump_features):
+        utils.fail(f"--dump_features {args.dump_features} is a file; pass a folder")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    check_args(args)
+    try:
+        eval_knn(args)
+    except utils.DataError as exc:
+        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again")
+
+
+if __name__ == '__main__':
+    main()

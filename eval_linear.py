@@ -1,0 +1,312 @@
+"""Linear evaluation of frozen DINO features (Caron et al., 2021) on HPU, CUDA or CPU."""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import transforms
+
+import utils
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet', add_help=False)
+    parser.add_argument('--n_last_blocks', default=4, type=int, help="""Concatenate the [CLS] tokens of
+        the last n blocks (the paper uses 4 for ViT-Small and 1 for ViT-Base).""")
+    parser.add_argument('--avgpool_patchtokens', default=False, type=utils.bool_flag,
+                        help="""Also use the average of the last block's patch tokens (the paper uses it
+        with ViT-Base, not with ViT-Small).""")
+    parser.add_argument('--arch', default='vit_small', type=str, help='Architecture.')
+    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
+    parser.add_argument('--pretrained_weights', default='', type=str,
+                        help="Weights to evaluate (a backbone file or a DINO checkpoint); empty: the released ones.")
+    parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                        help='Network to take from a DINO checkpoint ("teacher" or "student").')
+    parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
+    parser.add_argument('--lr', default=0.001, type=float, help="""Peak learning rate for a batch of 256,
+        scaled linearly with the global batch size and decayed to 0 with a cosine; worth tuning per model.""")
+    parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
+                        default=128, type=int, help='Images per device and step.')
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+                        help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
+    parser.add_argument('--data_limit', default=None, type=int, help='Use only this many images of each split.')
+    parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
+    parser.add_argument('--val_freq', default=1, type=int, help='Validate every this many epochs.')
+    parser.add_argument('--output_dir', default='.', help='Where logs and checkpoint.pth.tar go.')
+    parser.add_argument('--num_labels', default=1000, type=int, help='Number of outputs of the linear classifier.')
+    parser.add_argument('--evaluate', action='store_true', help="""Only evaluate the linear head of
+        output_dir/checkpoint.pth.tar (the released head of --arch when there is none).""")
+    utils.add_distributed_args(parser)
+    utils.add_device_args(parser)
+    return parser
+
+
+def eval_linear(args):
+    utils.setup_device(args)
+    utils.init_distributed_mode(args)
+    device = utils.device_for(args)
+    utils.fix_random_seeds(0)
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+    # ============ building network ... ============
+    model, embed_dim = utils.build_backbone(args.arch, args.patch_size)
+    if is_vit(model):
+        if args.n_last_blocks > len(model.blocks):
+            utils.fail(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
+        embed_dim *= args.n_last_blocks + int(args.avgpool_patchtokens)
+    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model.requires_grad_(False)
+    model.to(device).eval()
+    print(f"Model {args.arch} built.")
+    linear_classifier = utils.wrap_ddp(LinearClassifier(embed_dim, num_labels=args.num_labels).to(device), args)
+
+    # ============ preparing data ... ============
+    crop_size = utils.eval_crop_size(args.data_path)
+    dataset_val = utils.build_eval_split(args.data_path, 'val', utils.center_crop_transform(crop_size))
+    dataset_val = utils.limit_dataset(dataset_val, args.data_limit)
+    check_num_labels(dataset_val, args)
+    val_loader = make_val_loader(dataset_val, args)
+
+    if args.evaluate:
+        load_linear_head(linear_classifier, args)
+        test_stats = validate_network(val_loader, model, linear_classifier, args)
+        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        return
+
+    train_transform = transforms.Compose([
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+    ])
+    dataset_train = utils.build_eval_split(args.data_path, 'train', train_transform)
+    dataset_train = utils.limit_dataset(dataset_train, args.data_limit)
+    utils.check_matching_classes(dataset_train, dataset_val, args.data_path)
+    check_num_labels(dataset_train, args)
+    sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=utils.get_world_size(),
+                                                  rank=utils.get_rank(), shuffle=True)
+    train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_device,
+                                               num_workers=args.num_workers, pin_memory=args.device == 'cuda')
+    print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
+
+    # ============ optimizer, schedule, resuming ... ============
+    global_batch = args.batch_size_per_device * utils.get_world_size()
+    optimizer = torch.optim.SGD(
+        linear_classifier.parameters(),
+        args.lr * global_batch / 256.,  # linear scaling rule
+        momentum=0.9,
+        weight_decay=0,  # no weight decay for the linear head
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
+    to_restore = {'epoch': 0, 'best_acc': 0.}
+    utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
+                                  optimizer=optimizer, scheduler=scheduler)
+    start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
+
+    # ============ training ... ============
+    summary_writer = make_summary_writer(args)
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train(model, linear_classifier, optimizer, train_loader, epoch, args, summary_writer)
+        scheduler.step()
+        log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
+        if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
+            test_stats = validate_network(val_loader, model, linear_classifier, args)
+            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
+                  f"{test_stats['acc1']:.1f}%")
+            best_acc = max(best_acc, test_stats['acc1'])
+            print(f'Max accuracy so far: {best_acc:.2f}%')
+            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
+        if utils.is_main_process():
+            write_logs(log_stats, epoch, args.output_dir, summary_writer)
+        save_dict = {
+            'epoch': epoch + 1,
+            'state_dict': linear_classifier.state_dict(),
+            'optimizer': optimizer.state_dict(),
+            'scheduler': scheduler.state_dict(),
+            'best_acc': best_acc,
+        }
+        utils.save_on_master(utils.to_cpu(save_dict), checkpoint_path)
+    if summary_writer is not None:
+        summary_writer.close()
+    print("Training of the supervised linear classifier on frozen features completed.\n"
+          f"Top-1 test accuracy: {best_acc:.1f}")
+
+
+def train(model, linear_classifier, optimizer, loader, epoch, args, summary_writer):
+    linear_classifier.train()
+    device = utils.device_for(args)
+    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
+    metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
+    for inp, target in metric_logger.log_every(loader, 20, f'Epoch: [{epoch}]', epoch):
+        inp = inp.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with torch.no_grad(), utils.autocast_context(device.type, args.autocast):
+            features = frozen_features(model, inp, args.n_last_blocks, args.avgpool_patchtokens)
+        output = linear_classifier(features.float())
+        loss = F.cross_entropy(output, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        utils.mark_step()
+        optimizer.step()
+        utils.mark_step()
+        metric_logger.update(loss=loss.item())
+        metric_logger.update(lr=optimizer.param_groups[0]['lr'])
+    metric_logger.synchronize_between_processes(args.device)
+    print("Averaged stats:", metric_logger)
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def validate_network(val_loader, model, linear_classifier, args):
+    """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all processes)."""
+    linear_classifier.eval()
+    device = utils.device_for(args)
+    topk = (1, 5) if args.num_labels >= 5 else (1,)
+    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size())
+    for name in ['loss'] + [f'acc{k}' for k in topk]:  # same meters on every process, even one without images
+        metric_logger.add_meter(name, utils.SmoothedValue())
+    for inp, target in metric_logger.log_every(val_loader, 20, 'Test:'):
+        inp = inp.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with utils.autocast_context(device.type, args.autocast):
+            features = frozen_features(model, inp, args.n_last_blocks, args.avgpool_patchtokens)
+        output = linear_classifier(features.float())
+        metric_logger.update(loss=F.cross_entropy(output, target).item())
+        for k, acc in zip(topk, accuracy(output, target, topk)):
+            metric_logger.meters[f'acc{k}'].update(acc, n=inp.shape[0])
+    metric_logger.synchronize_between_processes(args.device)
+    top5 = f" Acc@5 {metric_logger.acc5.global_avg:.3f}" if 5 in topk else ''
+    print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f}{top5} loss {metric_logger.loss.global_avg:.3f}")
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+class LinearClassifier(nn.Module):
+    """A linear layer trained on top of frozen features."""
+
+    def __init__(self, dim, num_labels=1000):
+        super().__init__()
+        self.num_labels = num_labels
+        self.linear = nn.Linear(dim, num_labels)
+        self.linear.weight.data.normal_(mean=0.0, std=0.01)
+        self.linear.bias.data.zero_()
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+def is_vit(model):
+    return hasattr(model, 'get_intermediate_layers')
+
+
+def frozen_features(model, images, n_last_blocks, avgpool):
+    """[CLS] tokens of the last n blocks (and the mean patch token), or a convnet's pooled output."""
+    if not is_vit(model):
+        return model(images)
+    blocks = model.get_intermediate_layers(images, n_last_blocks)
+    cls_tokens = [x[:, 0] for x in blocks]
+    if not avgpool:
+        return torch.cat(cls_tokens, dim=-1)
+    # interleaved channel by channel: the layout the released ViT-B (n_last_blocks=1) linear heads expect
+    return torch.stack(cls_tokens + [blocks[-1][:, 1:].mean(dim=1)], dim=-1).flatten(1)
+
+
+def accuracy(output, target, topk=(1,)):
+    """Percentage of samples whose label is among the k highest outputs, for each k."""
+    ranked = output.topk(max(topk), dim=1).indices
+    hits = ranked == target.view(-1, 1)
+    return [hits[:, :k].any(dim=1).float().mean().item() * 100. for k in topk]
+
+
+def make_val_loader(dataset, args):
+    # each process evaluates every world_size-th image, with no padding, so every image counts once
+    indices = range(utils.get_rank(), len(dataset), utils.get_world_size())
+    return torch.utils.data.DataLoader(dataset, sampler=indices, batch_size=args.batch_size_per_device,
+                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda')
+
+
+def check_num_labels(dataset, args):
+    num_classes = len(utils.dataset_classes(dataset))
+    if num_classes > args.num_labels:
+        utils.fail(f"--num_labels {args.num_labels} is smaller than the {num_classes} classes found in "
+                   f"{args.data_path}; pass --num_labels {num_classes} (or more)")
+
+
+def load_linear_head(linear_classifier, args):
+    """The head trained in output_dir, or else the released one for --arch/--patch_size."""
+    path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
+    if os.path.isfile(path):
+        checkpoint = utils.load_checkpoint(path)
+        if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+            utils.fail(f"{path} holds no linear head ('state_dict'); train one first (without --evaluate)")
+        state_dict, source = checkpoint['state_dict'], path
+    else:
+        print(f"No {path}: evaluating the released linear head of {args.arch}/{args.patch_size}.")
+        state_dict, source = download_linear_head(args), 'the released linear head'
+    try:
+        linear_classifier.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if 'size mismatch' in line),
+                      str(exc).splitlines()[0])
+        utils.fail(f"{source} does not fit this linear classifier ({detail[:200]}); use the --arch, --patch_size, "
+                   "--n_last_blocks, --avgpool_patchtokens and --num_labels it was trained with")
+    print(f"Linear head loaded from {source}")
+
+
+def download_linear_head(args):
+    key = (args.arch.replace('deit', 'vit'), None if 'resnet' in args.arch else args.patch_size)
+    if key not in utils.RELEASED_WEIGHTS:
+        utils.fail(f"no linear head in {args.output_dir} and no released one for {args.arch}/{args.patch_size}; "
+                   "train one first (without --evaluate)")
+    url = utils.RELEASED_WEIGHTS_URL + utils.RELEASED_WEIGHTS[key].replace('_pretrain.pth', '_linearweights.pth')
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
+    except Exception as exc:
+        utils.fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}; "
+                   "when offline, train a head first (without --evaluate)")
+
+
+def write_logs(log_stats, epoch, output_dir, summary_writer):
+    with (Path(output_dir) / 'log.txt').open('a') as f:
+        f.write(json.dumps(log_stats) + '\n')
+    if summary_writer is not None:
+        for name, value in log_stats.items():
+            if name != 'epoch':
+                summary_writer.add_scalar(name, float(value), epoch)
+
+
+def make_summary_writer(args):
+    if not utils.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(args.output_dir)
+
+
+def check_args(args):
+    for name in ('epochs', 'batch_size_per_device', 'n_last_blocks', 'val_freq', 'num_labels'):
+        if getattr(args, name) < 1:
+            utils.fail(f"--{name} must be at least 1")
+    if args.lr <= 0:
+        utils.fail("--lr must be positive")
+    if args.data_limit is not None and args.data_limit < 1:
+        utils.fail("--data_limit must be at least 1")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet',
+                                     parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    check_args(args)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        eval_linear(args)
+    except utils.DataError as exc:
+        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again")
+
+
+if __name__ == '__main__':
+    main()

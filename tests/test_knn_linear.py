@@ -1,0 +1,293 @@
+"""k-NN and linear evaluation of frozen features: eval_knn.py, eval_linear.py, hubconf.py."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import eval_knn
+import eval_linear
+import utils
+import vision_transformer as vits
+from conftest import REPO, run_script, run_torchrun
+
+CPU = ['--device', 'cpu', '--num_workers', '0']
+
+
+def run_inprocess(capsys, script, *args):
+    """A script's main() run in this process (no interpreter start-up); returns what it printed."""
+    capsys.readouterr()
+    script.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def inprocess_error(script, *args):
+    """The message a script stops with on bad input (what the command line prints as its last line)."""
+    with pytest.raises(SystemExit) as stop:
+        script.main([str(a) for a in args])
+    message = str(stop.value)
+    assert message.startswith('error: ') and '\n' not in message
+    return message
+
+
+# ----------------------------------------------------------------------------------------
+# Independent reference: plain Python loops in float64
+# ----------------------------------------------------------------------------------------
+
+def brute_force_knn(train, train_labels, test, k, T, num_classes):
+    """(neighbours, ranked classes) of every test row. Ties: lower index, then lower class.
+
+    A class's weights are added from the largest down, so that classes holding the same
+    similarities get bit-identical votes (an exact tie).
+    """
+    train, test = train.double().tolist(), test.double().tolist()
+    neighbours, rankings = [], []
+    for q in test:
+        sims = [sum(a * b for a, b in zip(q, row)) for row in train]
+        nearest = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[:k]
+        per_class = [[] for _ in range(num_classes)]
+        for j in nearest:
+            per_class[int(train_labels[j])].append(sims[j])
+        votes = [sum(math.exp(s / T) for s in sorted(vals, reverse=True)) for vals in per_class]
+        neighbours.append(nearest)
+        rankings.append(sorted(range(num_classes), key=lambda c: (-votes[c], c)))
+    return neighbours, rankings
+
+
+def accuracies_of(rankings, test_labels, k):
+    top1 = sum(r[0] == t for r, t in zip(rankings, test_labels.tolist()))
+    top5 = sum(t in r[:min(5, k)] for r, t in zip(rankings, test_labels.tolist()))
+    return 100.0 * top1 / len(rankings), 100.0 * top5 / len(rankings)
+
+
+def check_against_brute_force(train, train_labels, test, test_labels, ks, T, num_classes, chunk_size):
+    results = eval_knn.knn_evaluate(train, train_labels, test, test_labels, ks, T, num_classes,
+                                    chunk_size=chunk_size)
+    for k in ks:
+        neighbours, rankings = brute_force_knn(train, train_labels, test, k, T, num_classes)
+        sims, indices = eval_knn.nearest_neighbours(train, test, k)
+        assert indices.tolist() == neighbours
+        ranked = eval_knn.rank_classes(sims, train_labels[indices], T, num_classes)
+        assert ranked[:, :5].tolist() == [r[:5] for r in rankings]
+        expected = accuracies_of(rankings, test_labels, k)
+        assert results[k] == pytest.approx(expected, abs=1e-9)
+        assert eval_knn.knn_classifier(train, train_labels, test, test_labels, k, T, num_classes) == \
+            pytest.approx(expected, abs=1e-9)
+
+
+def test_knn_matches_brute_force_on_clustered_features():
+    gen = torch.Generator().manual_seed(0)
+    num_classes, dim = 7, 16
+    centres = torch.randn(num_classes, dim, generator=gen)
+    train_labels = torch.randint(0, num_classes, (300,), generator=gen)
+    test_labels = torch.randint(0, num_classes, (53,), generator=gen)
+    train = F.normalize(centres[train_labels] + 1.2 * torch.randn(300, dim, generator=gen), dim=1)
+    test = F.normalize(centres[test_labels] + 1.2 * torch.randn(53, dim, generator=gen), dim=1)
+    # 53 test rows in chunks of 7: the last chunk is partial
+    check_against_brute_force(train, train_labels, test, test_labels, [1, 3, 10, 20], 0.07, num_classes, 7)
+    top1 = eval_knn.knn_classifier(train, train_labels, test, test_labels, 20, 0.07, num_classes)[0]
+    assert 40 < top1 < 100  # informative features, not a trivial case
+
+
+def test_knn_ties_go_to_lower_index_then_lower_class():
+    gen = torch.Generator().manual_seed(1)
+    # small integer vectors: exact similarities with many ties, also across the k-th place
+    train = torch.randint(-1, 2, (400, 4), generator=gen).float()
+    test = torch.randint(-1, 2, (37, 4), generator=gen).float()
+    train_labels = torch.randint(0, 5, (400,), generator=gen)
+    test_labels = torch.randint(0, 5, (37,), generator=gen)
+    check_against_brute_force(train, train_labels, test, test_labels, [1, 5, 17], 1.0, 5, 4)
+
+    # hand-worked: two neighbours at the same similarity, labels 2 then 1: the classes tie, 1 wins
+    train = torch.tensor([[1., 0.], [1., 0.], [0., 1.]])
+    train_labels = torch.tensor([2, 1, 0])
+    query = torch.tensor([[1., 0.]])
+    sims, indices = eval_knn.nearest_neighbours(train, query, 2)
+    assert indices.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
+    assert eval_knn.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
+    assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([1]), 2, 0.07, 3) == (100., 100.)
+    assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([2]), 2, 0.07, 3) == (0., 100.)
+    # k = 1: the tie at the k-th place goes to index 0, label 2
+    assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([2]), 1, 0.07, 3) == (100., 100.)
+
+
+# ----------------------------------------------------------------------------------------
+# Feature extraction across processes
+# ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def random_vit_tiny(tmp_path_factory):
+    """A freshly initialised vit_tiny/16 backbone saved as a state dict (the untrained baseline)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp('random_vit') / 'vit_tiny_random.pth'
+    torch.save(vits.vit_tiny(patch_size=16).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def small_image_folder(tmp_path_factory):
+    """train/ (11 images) and val/ (7 images) ImageFolders of 2 classes: odd sizes on purpose."""
+    root = tmp_path_factory.mktemp('folder')
+    shapes = utils.SyntheticShapes('train', image_size=48)
+    for split, count in (('train', 11), ('val', 7)):
+        for i in range(count):
+            label = i % 2
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            shapes.render(100 * (split == 'val') + i).save(folder / f'{i:03d}.png')
+    return root
+
+
+def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, capsys, random_vit_tiny,
+                                                                     small_image_folder):
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder,
+              '--batch_size_per_device', '4', '--nb_knn', '3', *CPU]
+    run_inprocess(capsys, eval_knn, *common, '--dump_features', tmp_path / 'one')
+    run_torchrun('eval_knn.py', 2, *common, '--dump_features', tmp_path / 'two')
+    load = utils.load_checkpoint
+    for name in ('trainfeat.pth', 'testfeat.pth'):
+        one, two = load(tmp_path / 'one' / name), load(tmp_path / 'two' / name)
+        assert one.shape == two.shape and one.shape[0] in (11, 7)
+        torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-4)
+    for name in ('trainlabels.pth', 'testlabels.pth'):
+        assert torch.equal(load(tmp_path / 'one' / name), load(tmp_path / 'two' / name))
+
+    # independently: the model applied image by image, in ImageFolder order, then L2-normalised
+    from torchvision import datasets
+    model = vits.vit_tiny(patch_size=16).eval()
+    model.load_state_dict(torch.load(random_vit_tiny))
+    folder = datasets.ImageFolder(small_image_folder / 'val', transform=utils.center_crop_transform(224))
+    with torch.no_grad():
+        expected = F.normalize(torch.cat([model(img[None]) for img, _ in folder]), dim=1)
+    torch.testing.assert_close(load(tmp_path / 'two' / 'testfeat.pth'), expected, atol=1e-5, rtol=1e-4)
+    assert load(tmp_path / 'two' / 'testlabels.pth').tolist() == folder.targets
+
+
+# ----------------------------------------------------------------------------------------
+# End to end on synthetic data
+# ----------------------------------------------------------------------------------------
+
+KNN_LINE = re.compile(r'^(\d+)-NN classifier result: Top1: ([\d.]+), Top5: ([\d.]+)$', re.M)
+
+
+def knn_results(stdout):
+    return {int(k): (float(t1), float(t5)) for k, t1, t5 in KNN_LINE.findall(stdout)}
+
+
+def test_knn_trained_beats_random_and_load_features_reproduces(tmp_path, capsys, tiny_dino_checkpoint,
+                                                              random_vit_tiny):
+    common = ['--arch', 'vit_tiny', '--data_path', 'synthetic', '--max_batches', '2', '--nb_knn', '10', '20', *CPU]
+    trained = run_script('eval_knn.py', *common, '--pretrained_weights', tiny_dino_checkpoint,
+                         '--dump_features', tmp_path / 'feats', '--dump_tb_events', tmp_path / 'tb')
+    random = run_inprocess(capsys, eval_knn, *common, '--pretrained_weights', random_vit_tiny)
+    trained_res, random_res = knn_results(trained.stdout), knn_results(random)
+    print(f"k-NN top-1 on synthetic, trained: {trained_res}, random init: {random_res}")
+    assert set(trained_res) == set(random_res) == {10, 20}
+    for k in (10, 20):
+        assert trained_res[k][0] >= random_res[k][0] + 20
+
+    reloaded = run_inprocess(capsys, eval_knn, '--load_features', tmp_path / 'feats', '--nb_knn', '10', '20', *CPU)
+    assert knn_results(reloaded) == trained_res
+    # the dumped features give the same numbers through the Python API as well
+    load = utils.load_checkpoint
+    feats = [load(tmp_path / 'feats' / name) for name in eval_knn.FEATURE_FILES]
+    assert feats[0].shape == (256, 192) and feats[1].shape == (256, 192)
+    torch.testing.assert_close(feats[0].norm(dim=1), torch.ones(256))
+    top1, top5 = eval_knn.knn_classifier(feats[0], feats[2], feats[1], feats[3], 20, 0.07)
+    assert (top1, top5) == pytest.approx(trained_res[20], abs=1e-9)
+    assert {p.name for p in (tmp_path / 'tb').iterdir()} == {'train_features', 'test_features', '10-NN', '20-NN'}
+
+
+def test_linear_eval_trains_resumes_and_evaluates(tmp_path, capsys, tiny_dino_checkpoint):
+    out = tmp_path / 'linear'
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', tiny_dino_checkpoint, '--data_path', 'synthetic',
+              '--data_limit', '192', '--batch_size_per_device', '64', '--num_labels', '10', '--lr', '0.05',
+              '--output_dir', out, *CPU]
+    first = run_script('eval_linear.py', *common, '--epochs', '2')
+    accs = [float(a) for a in re.findall(r'^\* Acc@1 ([\d.]+) Acc@5 [\d.]+ loss', first.stdout, re.M)]
+    assert len(accs) == 2 and 'Top-1 test accuracy' in first.stdout
+    logs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    assert [entry['epoch'] for entry in logs] == [0, 1]
+    base_lr = 0.05 * 64 / 256
+    # cosine to 0 over --epochs, stepped once per epoch
+    assert [entry['train_lr'] for entry in logs] == pytest.approx([base_lr, base_lr / 2])
+    assert [entry['test_acc1'] for entry in logs] == pytest.approx(accs, abs=1e-3)
+    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth.tar')
+    assert checkpoint['epoch'] == 2 and checkpoint['best_acc'] == pytest.approx(max(accs), abs=1e-3)
+    assert checkpoint['state_dict']['module.linear.weight'].shape == (10, 4 * 192)
+
+    # --evaluate reproduces the last validation of the saved head
+    evaluated = run_inprocess(capsys, eval_linear, *common, '--evaluate')
+    assert float(re.search(r'^\* Acc@1 ([\d.]+)', evaluated, re.M).group(1)) == pytest.approx(accs[-1])
+
+    # a finished run resumes to nothing left to train, with its best accuracy restored
+    resumed = run_inprocess(capsys, eval_linear, *common, '--epochs', '2')
+    assert 'Found checkpoint' in resumed and 'Epoch: [' not in resumed
+    assert f'Top-1 test accuracy: {max(accs):.1f}' in resumed
+    assert len((out / 'log.txt').read_text().splitlines()) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit
+# ----------------------------------------------------------------------------------------
+
+def test_bad_input_gives_one_clear_line(tmp_path, random_vit_tiny, small_image_folder):
+    # on the command line: exit status 1 and the message as the only line on stderr, no traceback
+    (tmp_path / 'only_val' / 'val' / 'a').mkdir(parents=True)
+    proc = run_script('eval_knn.py', '--data_path', tmp_path / 'only_val', *CPU, check=False)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --data_path {tmp_path / 'only_val'} has no train/ folder; it must hold train/ and val/ "
+        "ImageFolders (one sub-folder of images per class), or be 'synthetic'"]
+
+    knn = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder, *CPU]
+    assert '--nb_knn 20' in inprocess_error(eval_knn, *knn, '--nb_knn', '10', '20')
+    assert '11 training images' in inprocess_error(eval_knn, *knn, '--nb_knn', '10', '20')
+    assert 'does not match --arch vit_small' in inprocess_error(eval_knn, *knn, '--arch', 'vit_small', '--nb_knn', '3')
+    message = inprocess_error(eval_knn, '--load_features', tmp_path, *CPU)
+    assert 'trainfeat.pth' in message and '--dump_features' in message
+    image = (small_image_folder / 'val' / 'class0' / '000.png').read_bytes()
+    for split, classes in (('train', ['class0', 'class1']), ('val', ['class0', 'class2'])):
+        for name in classes:
+            (tmp_path / 'other_classes' / split / name).mkdir(parents=True)
+            (tmp_path / 'other_classes' / split / name / 'x.png').write_bytes(image)
+    message = inprocess_error(eval_knn, *knn, '--data_path', tmp_path / 'other_classes', '--nb_knn', '1')
+    assert 'train/ and val/ do not hold the same class folders' in message and 'class1, class2' in message
+
+    linear = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--output_dir', tmp_path / 'lin', *CPU]
+    message = inprocess_error(eval_linear, *linear, '--patch_size', '8', '--data_path', 'synthetic')
+    assert 'does not match' in message and '--patch_size 8' in message
+    message = inprocess_error(eval_linear, *linear, '--data_path', small_image_folder, '--num_labels', '1')
+    assert '--num_labels 1' in message and '2 classes' in message
+
+
+# ----------------------------------------------------------------------------------------
+# torch.hub entry points
+# ----------------------------------------------------------------------------------------
+
+def test_hub_entry_points_offline(monkeypatch):
+    model = torch.hub.load(str(REPO), 'dino_vits16', source='local', pretrained=False)
+    assert model.embed_dim == 384 and model.patch_embed.patch_size == 16
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 384)
+    resnet = torch.hub.load(str(REPO), 'dino_resnet50', source='local', pretrained=False)
+    assert resnet(torch.zeros(2, 3, 32, 32)).shape == (2, 2048)
+
+    # pretrained=True: the released file at the original URL is loaded strictly into the model
+    released = model.state_dict()
+    urls = []
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', lambda url, **kw: urls.append(url) or released)
+    reloaded = torch.hub.load(str(REPO), 'dino_vits16', source='local', pretrained=True)
+    assert urls == ['https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth']
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, released[name])
+
+    def offline(url, **kwargs):
+        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    for entry in ('dino_vits8', 'dino_vitb16', 'dino_vitb8', 'dino_resnet50'):
+        with pytest.raises(RuntimeError, match=f'{entry}: could not download.*pretrained=False'):
+            torch.hub.load(str(REPO), entry, source='local', pretrained=True)

@@ -321,3 +321,24 @@ def test_a_hanging_process_makes_the_job_exit_within_the_timeout(tmp_path):
     assert 'error: process 0 lost contact with the other processes of the job' in proc.stderr
     assert 'Timed out' in proc.stderr
     assert time.time() - start < 200
+
+
+def test_malicious_files_are_refused_by_the_evaluation_scripts(tmp_path):
+    """eval_knn.py --load_features and eval_linear.py's resume / --evaluate read through the same safe path."""
+    import eval_knn
+    marker = tmp_path / 'marker'
+    features = tmp_path / 'features'
+    features.mkdir()
+    for name in eval_knn.FEATURE_FILES:
+        write_malicious(features / name, marker, 'zip')
+    proc = run_script('eval_knn.py', '--load_features', features, '--device', 'cpu', check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith('error: refusing to load')
+    assert 'Traceback' not in proc.stderr
+
+    linear_dir = tmp_path / 'linear'
+    linear_dir.mkdir()
+    write_malicious(linear_dir / 'checkpoint.pth.tar', marker, 'legacy')
+    import eval_linear
+    with pytest.raises(SystemExit, match='refusing to load'):
+        eval_linear.load_linear_head(torch.nn.Linear(1, 1), argparse.Namespace(output_dir=str(linear_dir)))
+    assert not marker.exists()

@@ -1,5 +1,6 @@
 """Weighted k-NN evaluation of frozen DINO features (Caron et al., 2021) on HPU, CUDA or CPU."""
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -130,9 +131,11 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
     `device` is where counts are summed across processes (default: the features' device).
     """
     ks, k_max = list(ks), max(ks)
-    chunk_size = chunk_size or default_chunk_size(len(train_features), k_max, num_classes)
+    world = utils.get_world_size()
+    share = math.ceil(len(test_labels) / world)  # so that every process gets work
+    chunk_size = chunk_size or max(1, min(default_chunk_size(len(train_features), k_max, num_classes), share))
     correct = torch.zeros(len(ks), 2, dtype=torch.float64)
-    starts = range(utils.get_rank() * chunk_size, len(test_labels), chunk_size * utils.get_world_size())
+    starts = range(utils.get_rank() * chunk_size, len(test_labels), chunk_size * world)
     metric_logger = utils.MetricLogger(delimiter="  ")
     for start in metric_logger.log_every(starts, 10, 'k-NN'):
         queries = test_features[start:start + chunk_size]
@@ -158,13 +161,16 @@ def default_chunk_size(num_train, k, num_classes, budget=2 ** 26):
 def nearest_neighbours(train_features, queries, k):
     """The k most similar training rows of each query (dot product), by decreasing similarity.
 
-    Rows whose k-th similarity is shared with rows left out are redone exactly, so that equal
-    similarities always go to the lower training index, whatever the device's top-k does.
+    Rows whose k-th similarity is shared with rows left out (then the (k+1)-th equals the k-th)
+    are redone exactly, so that equal similarities always go to the lower training index,
+    whatever the device's top-k does.
     """
     similarity = queries @ train_features.t()
-    values, indices = similarity.topk(k, dim=1)
+    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    tied_rows = (values[:, k] == values[:, k - 1]) if values.shape[1] > k else torch.zeros(0, dtype=torch.bool)
+    values, indices = values[:, :k], indices[:, :k]
     kth = values[:, -1:]
-    for row in ((similarity >= kth).sum(1) > k).nonzero().flatten().tolist():
+    for row in tied_rows.nonzero().flatten().tolist():
         above = (similarity[row] > kth[row]).nonzero().flatten()
         level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
         indices[row] = torch.cat((above, level))

@@ -285,6 +285,10 @@ def main(argv=None):
         eval_knn(args)
     except utils.DataError as exc:
         utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again")
+    except RuntimeError as exc:
+        if not (getattr(args, 'distributed', False) and utils.is_peer_failure(exc)):
+            raise
+        utils.fail(utils.peer_failure_message(exc, args))
 
 
 if __name__ == '__main__':

@@ -5,10 +5,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)
 
 # Small, fast settings for a vit_tiny DINO run on the built-in synthetic data.
 TINY_TRAIN_ARGS = [
@@ -22,7 +26,9 @@ TINY_TRAIN_ARGS = [
 def script_env(extra=None):
     env = dict(os.environ)
     env['PYTHONPATH'] = str(REPO) + os.pathsep + env.get('PYTHONPATH', '')
-    env.setdefault('OMP_NUM_THREADS', '2')
+    # one thread per process: the suite runs two test workers on two cores (pytest -n 2), and OpenMP
+    # threads competing for a busy core slow tiny models down tenfold
+    env.setdefault('OMP_NUM_THREADS', '1')
     env.update(extra or {})
     return env
 

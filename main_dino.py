@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 import utils
 from vision_transformer import DINOHead
@@ -240,11 +239,10 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
 
 @torch.no_grad()
 def update_teacher(student, teacher_without_ddp, momentum):
-    """teacher = m * teacher + (1 - m) * student, for all parameters at once."""
+    """teacher = m * teacher + (1 - m) * student, for all parameters at once (one pass, as a lerp)."""
     student_params = list(student.module.parameters())
     teacher_params = list(teacher_without_ddp.parameters())
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
 
 
 class DINOLoss(nn.Module):
@@ -263,21 +261,22 @@ class DINOLoss(nn.Module):
         ))
 
     def forward(self, student_output, teacher_output, epoch):
-        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs."""
-        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs.
 
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue  # the student and teacher saw the same view
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
+        Averages -<q_iq, log p_v> over the batch and over the pairs of a teacher view iq (global crop)
+        and a different student view v, without a loop over pairs: the sum over all pairs is
+        <sum_iq q_iq, sum_v log p_v>, minus the pairs where both saw the same view.
+        """
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_probs = teacher_probs.view(2, -1, teacher_probs.shape[-1])
+
+        all_pairs = (teacher_probs.sum(0) * student_logp.sum(0)).sum(-1)
+        same_view = (teacher_probs * student_logp[:2]).sum(dim=(0, 2))
+        n_loss_terms = 2 * (self.ncrops - 1)
+        total_loss = (same_view - all_pairs).mean() / n_loss_terms
         self.update_center(teacher_output)
         return total_loss
 
@@ -292,41 +291,15 @@ class DINOLoss(nn.Module):
 
 
 class DataAugmentationDINO(object):
+    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views."""
+
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
-        flip_and_color_jitter = transforms.Compose([
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.RandomApply(
-                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                p=0.8
-            ),
-            transforms.RandomGrayscale(p=0.2),
-        ])
-        normalize = transforms.Compose([
-            transforms.ToTensor(),
-            transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
-        ])
-        bicubic = transforms.InterpolationMode.BICUBIC
-        self.global_transfo1 = transforms.Compose([
-            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(1.0),
-            normalize,
-        ])
-        self.global_transfo2 = transforms.Compose([
-            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(0.1),
-            utils.Solarization(0.2),
-            normalize,
-        ])
+        self.global_transfo1 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
+        self.global_transfo2 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
+                                                       solarize_p=0.2)
         self.local_crops_number = local_crops_number
-        self.local_transfo = transforms.Compose([
-            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(p=0.5),
-            normalize,
-        ])
+        self.local_transfo = utils.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
@@ -397,10 +370,15 @@ def build_student_teacher(args, device):
 def build_optimizer(args, student):
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params_groups, foreach=True)
+        return torch.optim.AdamW(params_groups, **fast_optimizer_kwargs(args.device))
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the schedule
     return utils.LARS(params_groups)  # for convnets and large batches
+
+
+def fast_optimizer_kwargs(device_type):
+    """Fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path."""
+    return {'fused': True} if device_type in ('cpu', 'cuda') else {'foreach': True}
 
 
 def build_schedules(args, iters_per_epoch):

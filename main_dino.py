@@ -231,11 +231,10 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
 
 @torch.no_grad()
 def update_teacher(student, teacher_without_ddp, momentum):
-    """teacher = m * teacher + (1 - m) * student, for all parameters at once."""
+    """teacher = m * teacher + (1 - m) * student, for all parameters at once (one pass, as a lerp)."""
     student_params = list(student.module.parameters())
     teacher_params = list(teacher_without_ddp.parameters())
-    torch._foreach_mul_(teacher_params, momentum)
-    torch._foreach_add_(teacher_params, student_params, alpha=1 - momentum)
+    torch._foreach_lerp_(teacher_params, student_params, 1 - momentum)
 
 
 class DINOLoss(nn.Module):
@@ -254,21 +253,22 @@ class DINOLoss(nn.Module):
         ))
 
     def forward(self, student_output, teacher_output, epoch):
-        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs."""
-        student_out = (student_output.float() / self.student_temp).chunk(self.ncrops)
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs.
 
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue  # the student and teacher saw the same view
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
+        Averages -<q_iq, log p_v> over the batch and over the pairs of a teacher view iq (global crop)
+        and a different student view v, without a loop over pairs: the sum over all pairs is
+        <sum_iq q_iq, sum_v log p_v>, minus the pairs where both saw the same view.
+        """
+        student_logp = F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+        student_logp = student_logp.view(self.ncrops, -1, student_logp.shape[-1])
+        temp = self.teacher_temp_schedule[epoch]
+        teacher_probs = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach()
+        teacher_probs = teacher_probs.view(2, -1, teacher_probs.shape[-1])
+
+        all_pairs = (teacher_probs.sum(0) * student_logp.sum(0)).sum(-1)
+        same_view = (teacher_probs * student_logp[:2]).sum(dim=(0, 2))
+        n_loss_terms = 2 * (self.ncrops - 1)
+        total_loss = (same_view - all_pairs).mean() / n_loss_terms
         self.update_center(teacher_output)
         return total_loss
 
@@ -383,10 +383,15 @@ def build_student_teacher(args, device):
 def build_optimizer(args, student):
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params_groups, foreach=True)
+        return torch.optim.AdamW(params_groups, **fast_optimizer_kwargs(args.device))
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the schedule
     return utils.LARS(params_groups)  # for convnets and large batches
+
+
+def fast_optimizer_kwargs(device_type):
+    """Fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path."""
+    return {'fused': True} if device_type in ('cpu', 'cuda') else {'foreach': True}
 
 
 def build_schedules(args, iters_per_epoch):

@@ -4,11 +4,40 @@ Parameter names and shapes follow the released DINO checkpoints exactly, so
 those files load into these modules without any key conversion.
 """
 import math
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+@cache
+def _cpu_has_bf16_matmul():
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def lower_precision(op, *tensors, **kwargs):
+    """op(*tensors, **kwargs) for a matrix operation (linear, convolution, attention), exactly as
+    bf16 autocast defines it, but fast on a CPU without bf16 matrix instructions.
+
+    There torch's bf16 matrix kernels fall back to plain loops, 10 to 30 times slower than float32.
+    The operands are then rounded to bf16 and multiplied in float32 (the accumulation the bf16
+    kernels use anyway) and the result is rounded to bf16: the same numbers, at float32 speed.
+    Anywhere else (no autocast, GPUs, HPUs, CPUs with bf16 units) this is op(*tensors, **kwargs).
+    """
+    if not (tensors[0].device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+            and torch.get_autocast_dtype('cpu') == torch.bfloat16 and not _cpu_has_bf16_matmul()):
+        return op(*tensors, **kwargs)
+    with torch.autocast('cpu', enabled=False):
+        out = op(*[None if t is None else t.to(torch.bfloat16).float() for t in tensors], **kwargs)
+    return out.to(torch.bfloat16)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose product goes through lower_precision."""
+
+    def forward(self, x):
+        return lower_precision(F.linear, x, self.weight, self.bias)
 
 
 def trunc_normal_(tensor, mean=0., std=1., a=-2., b=2.):
@@ -40,9 +69,9 @@ class Mlp(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -55,9 +84,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, return_attention=False):
@@ -72,7 +101,7 @@ class Attention(nn.Module):
         else:
             # fused kernel: the (tokens x tokens) matrix is never kept for backward
             dropout_p = self.attn_drop.p if self.training else 0.
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=self.scale)
+            out = lower_precision(F.scaled_dot_product_attention, q, k, v, dropout_p=dropout_p, scale=self.scale)
             attn = None
         out = out.transpose(1, 2).reshape(batch, tokens, dim)
         out = self.proj_drop(self.proj(out))
@@ -110,7 +139,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        x = lower_precision(F.conv2d, x, self.proj.weight, self.proj.bias, stride=self.proj.stride)
+        return x.flatten(2).transpose(1, 2)
 
 
 class VisionTransformer(nn.Module):
@@ -135,7 +165,7 @@ class VisionTransformer(nn.Module):
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_layer=norm_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
@@ -242,7 +272,10 @@ class WeightNormLinear(nn.Module):
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        # x @ (g * v / ||v||).T computed as (x @ v.T) * (g / ||v||).T: the same numbers without
+        # materialising the (out, in) normalised weight, forward or backward
+        scale = (self.weight_g / self.weight_v.norm(dim=1, keepdim=True)).t()
+        return lower_precision(F.linear, x, self.weight_v) * scale
 
 
 class DINOHead(nn.Module):
@@ -251,18 +284,18 @@ class DINOHead(nn.Module):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
+            self.mlp = Linear(in_dim, bottleneck_dim)
         else:
-            layers = [nn.Linear(in_dim, hidden_dim)]
+            layers = [Linear(in_dim, hidden_dim)]
             if use_bn:
                 layers.append(nn.BatchNorm1d(hidden_dim))
             layers.append(nn.GELU())
             for _ in range(nlayers - 2):
-                layers.append(nn.Linear(hidden_dim, hidden_dim))
+                layers.append(Linear(hidden_dim, hidden_dim))
                 if use_bn:
                     layers.append(nn.BatchNorm1d(hidden_dim))
                 layers.append(nn.GELU())
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
+            layers.append(Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(self._init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)

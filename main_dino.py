@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
 import utils
 from vision_transformer import DINOHead
@@ -283,41 +282,15 @@ class DINOLoss(nn.Module):
 
 
 class DataAugmentationDINO(object):
+    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views."""
+
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
-        flip_and_color_jitter = transforms.Compose([
-            transforms.RandomHorizontalFlip(p=0.5),
-            transforms.RandomApply(
-                [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                p=0.8
-            ),
-            transforms.RandomGrayscale(p=0.2),
-        ])
-        normalize = transforms.Compose([
-            transforms.ToTensor(),
-            transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
-        ])
-        bicubic = transforms.InterpolationMode.BICUBIC
-        self.global_transfo1 = transforms.Compose([
-            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(1.0),
-            normalize,
-        ])
-        self.global_transfo2 = transforms.Compose([
-            transforms.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(0.1),
-            utils.Solarization(0.2),
-            normalize,
-        ])
+        self.global_transfo1 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
+        self.global_transfo2 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
+                                                       solarize_p=0.2)
         self.local_crops_number = local_crops_number
-        self.local_transfo = transforms.Compose([
-            transforms.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter,
-            utils.GaussianBlur(p=0.5),
-            normalize,
-        ])
+        self.local_transfo = utils.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]

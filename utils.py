@@ -15,7 +15,9 @@ import random
 import sys
 import time
 from collections import defaultdict, deque
+from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -723,6 +725,113 @@ class Solarization:
 
     def __call__(self, img):
         return ImageOps.solarize(img) if random.random() < self.p else img
+
+
+class CropParams(NamedTuple):
+    """Random choices of one augmented view (see DinoCropTransform)."""
+    box: tuple          # top, left, height, width of the region of the image
+    flip: bool
+    jitter: tuple       # (operation, factor) pairs in the order applied; empty when not applied
+    grayscale: bool
+    blur_radius: float  # 0. when not blurred
+    solarize: bool
+
+
+class DinoCropTransform:
+    """One view of DINO's multi-crop augmentation: crop, flip, colour jitter, grayscale, blur, solarise.
+
+    The random choices are those of the original torchvision/PIL pipeline, drawn by torchvision's own
+    samplers in the same order from the same generators (torch, then Python's `random` for blur and
+    solarisation), so a given seed picks the same views. The region is resized with PIL's bicubic
+    filter as before; the colour operations then run with NumPy/OpenCV on float pixels, clipped to
+    [0, 255] after every step as PIL's 8-bit images are. The blur is a true Gaussian (PIL
+    approximates one with box filters) of the same standard deviation.
+    """
+    JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')
+    MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)
+    STD = np.array(IMAGENET_STD, dtype=np.float32)
+
+    def __init__(self, size, scale, blur_p, solarize_p=0., flip_p=0.5, jitter_p=0.8, grayscale_p=0.2,
+                 blur_radius=(0.1, 2.), ratio=(3. / 4., 4. / 3.)):
+        from torchvision import transforms
+        self.size, self.scale, self.ratio = size, tuple(scale), ratio
+        self.flip_p, self.jitter_p, self.grayscale_p = flip_p, jitter_p, grayscale_p
+        self.blur_p, self.blur_radius, self.solarize_p = blur_p, blur_radius, solarize_p
+        self.crop_sampler = transforms.RandomResizedCrop.get_params
+        self.jitter = transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+        cv2.setNumThreads(1)  # one core per DataLoader worker (forked workers inherit this), as torch does
+
+    def __call__(self, image):
+        return self.render(image, self.sample(image))
+
+    def sample(self, image):
+        """Draw the view's parameters for a PIL image."""
+        box = tuple(self.crop_sampler(image, self.scale, self.ratio))
+        flip = bool(torch.rand(1) < self.flip_p)
+        jitter = ()
+        if not self.jitter_p < torch.rand(1):
+            order, *factors = self.jitter.get_params(self.jitter.brightness, self.jitter.contrast,
+                                                     self.jitter.saturation, self.jitter.hue)
+            jitter = tuple((self.JITTER_OPS[i], float(factors[i])) for i in order.tolist())
+        grayscale = bool(torch.rand(1) < self.grayscale_p)
+        blur_radius = random.uniform(*self.blur_radius) if not random.random() > self.blur_p else 0.
+        solarize = self.solarize_p > 0 and random.random() < self.solarize_p
+        return CropParams(box, flip, jitter, grayscale, blur_radius, solarize)
+
+    def render(self, image, params):
+        """The normalised (3, size, size) float tensor of the view `params` of a PIL image."""
+        top, left, height, width = params.box
+        crop = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + width, top + height))
+        if params.flip:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        x = np.asarray(crop, dtype=np.float32)
+        for op, factor in params.jitter:
+            x = getattr(self, op)(x, factor)
+        if params.grayscale:
+            x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        if params.blur_radius:
+            x = cv2.GaussianBlur(x, (0, 0), params.blur_radius, borderType=cv2.BORDER_REPLICATE)
+        if params.solarize:
+            x = np.where(x >= 128, 255. - x, x)
+        return self.normalize(x)
+
+    # Colour operations work in place on float32 (H, W, 3) arrays of values in [0, 255]. The blends
+    # end like PIL's: clipped to [0, 255] and truncated to whole levels.
+    @staticmethod
+    def brightness(x, factor):
+        np.multiply(x, factor, out=x)
+        np.minimum(x, 255., out=x)
+        return np.floor(x, out=x)
+
+    @staticmethod
+    def contrast(x, factor):
+        mean = int(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).mean() + 0.5)  # PIL blends with the rounded mean
+        x = cv2.addWeighted(x, factor, x, 0., mean * (1. - factor), dst=x)
+        np.clip(x, 0., 255., out=x)
+        return np.floor(x, out=x)
+
+    @staticmethod
+    def saturation(x, factor):
+        gray = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        x = cv2.addWeighted(x, factor, gray, 1. - factor, 0., dst=x)
+        np.clip(x, 0., 255., out=x)
+        return np.floor(x, out=x)
+
+    @staticmethod
+    def hue(x, factor):
+        hsv = cv2.cvtColor(x, cv2.COLOR_RGB2HSV)  # hue in degrees, [0, 360)
+        # shifted into [0, 720): OpenCV's way back wraps hues above 360 (not negative ones)
+        cv2.add(hsv, (factor * 360. + 360., 0., 0., 0.), dst=hsv)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=x)
+
+    def normalize(self, x):
+        """(x / 255 - mean) / std per channel, as a contiguous (3, H, W) tensor."""
+        out = torch.empty(3, *x.shape[:2])
+        planes = out.numpy()
+        for c in range(3):
+            np.multiply(x[..., c], 1. / (255. * self.STD[c]), out=planes[c])
+            planes[c] -= self.MEAN[c] / self.STD[c]
+        return out
 
 
 def limit_dataset(dataset, limit):

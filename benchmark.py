@@ -1,0 +1,290 @@
+"""Throughput of DINO training on HPU, CUDA or CPU.
+
+--mode step (default) times main_dino.train_step, the very function main_dino.py trains with, on
+synthetic crops: images/s, s/step, model FLOPs per image, the device's matmul peak measured here
+for the active dtype, MFU and peak memory. --mode data times main_dino's data pipeline (JPEG
+decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a temporary folder.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import main_dino
+import utils
+import vision_transformer as vits
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser('DINO benchmark', parents=[main_dino.get_args_parser()])
+    parser.add_argument('--mode', default='step', choices=['step', 'data'],
+                        help='step: time the training step; data: time loading and augmentation.')
+    parser.add_argument('--steps', default=10, type=int, help='Timed steps (data mode: timed batches).')
+    parser.add_argument('--warmup_steps', default=3, type=int, help='Untimed steps (batches) run first.')
+    parser.add_argument('--json', action='store_true', help='Print one JSON object instead of text.')
+    parser.add_argument('--image_width', default=500, type=int, help='Data mode: width of the test JPEGs.')
+    parser.add_argument('--image_height', default=375, type=int, help='Data mode: height of the test JPEGs.')
+    # one worker per core is what a per-worker figure is meant for
+    parser.set_defaults(num_workers=1)
+    return parser
+
+
+def benchmark_step(args):
+    """Time main_dino.train_step on fixed synthetic crops (the data pipeline is not involved)."""
+    utils.setup_device(args)
+    utils.init_distributed_mode(args)
+    device = utils.device_for(args)
+    utils.fix_random_seeds(args.seed)
+    dtype = active_dtype(args)
+    peak, peak_per_cpu_second = matmul_peak_flops(args, device)
+    step = build_training_step(args, device)
+
+    for it in range(args.warmup_steps):
+        step(it)
+    reset_peak_memory(args.device)
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter:
+        step(args.warmup_steps)  # counted, not timed
+    flops_per_image = counter.get_total_flops() / args.batch_size_per_device
+    timer = StepTimer(args.device)
+    for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
+        with timer:
+            loss = step(it)
+    seconds = statistics.median(timer.seconds())
+    images_per_s = args.batch_size_per_device / seconds
+    result = {
+        'mode': 'step', 'device': args.device, 'arch': args.arch, 'patch_size': args.patch_size,
+        'dtype': str(dtype).replace('torch.', ''), 'batch_size_per_device': args.batch_size_per_device,
+        'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
+        'out_dim': args.out_dim, 'threads': torch.get_num_threads(), 'steps': args.steps,
+        'images_per_s': images_per_s, 'seconds_per_step': seconds,
+        'flops_per_image': flops_per_image, 'achieved_flops_per_s': flops_per_image * images_per_s,
+        'matmul_peak_flops_per_s': peak, 'mfu': flops_per_image * images_per_s / peak,
+        'peak_memory_mb': peak_memory_mb(args.device), 'memory_measure': memory_measure(args.device),
+        'final_loss': loss.item(),
+    }
+    if args.device == 'cpu':
+        # CPU seconds (all threads) do not count time lost to other processes on a shared machine
+        cpu_seconds = statistics.median(timer.cpu_seconds())
+        result['cpu_seconds_per_step'] = cpu_seconds
+        result['mfu_by_cpu_time'] = flops_per_image * args.batch_size_per_device / cpu_seconds / peak_per_cpu_second
+    return result
+
+
+def build_training_step(args, device):
+    """main_dino's networks, loss, optimizer and schedules, and step(it) running one train_step."""
+    # steady state: a single epoch, no warm-up, the head's last layer already trained
+    args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs, args.freeze_last_layer = 1, 0, 0, 0
+    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(args, device)
+    dino_loss = main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
+                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    optimizer = main_dino.build_optimizer(args, student)
+    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
+    schedules = main_dino.build_schedules(args, args.warmup_steps + 1 + args.steps)
+    images = synthetic_crops(args, device)
+
+    def step(it):
+        return main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, 0, it,
+                                    schedules, fp16_scaler, args)
+    return step
+
+
+def active_dtype(args):
+    if args.device == 'cuda' and args.use_fp16:
+        return torch.float16
+    return torch.bfloat16 if args.autocast else torch.float32
+
+
+def synthetic_crops(args, device):
+    generator = torch.Generator().manual_seed(args.seed)
+    shapes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
+    return [torch.randn(args.batch_size_per_device, 3, s, s, generator=generator).to(device) for s in shapes]
+
+
+def matmul_peak_flops(args, device):
+    """Best FLOP/s of square matrix products in the active dtype on this device, measured now.
+
+    The products run as the model's do: under the same autocast, through vision_transformer's
+    lower_precision (which, for bf16 on a CPU without bf16 units, multiplies bf16 operands in
+    float32). Both operand layouts of linear layers are tried (some kernels differ a lot between
+    them). The size doubles until one product takes a fifth of a second (or reaches the largest
+    size for the device); the best of three repetitions counts. Returns FLOP per second of wall
+    time and FLOP per second of process CPU time.
+    """
+    largest = 2048 if device.type == 'cpu' else 8192
+    best = best_per_cpu_second = 0.
+    for transposed in (False, True):
+        size = 256
+        while True:
+            a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+            rhs = b.t() if transposed else b
+            timer = StepTimer(device.type)
+            for _ in range(3):
+                with timer, utils.autocast_context(args.device, args.autocast, args.use_fp16):
+                    vits.lower_precision(torch.mm, a, rhs)
+            seconds = min(timer.seconds())
+            if seconds >= 0.2 or size >= largest:
+                break
+            size *= 2
+        best = max(best, 2 * size ** 3 / seconds)
+        best_per_cpu_second = max(best_per_cpu_second, 2 * size ** 3 / max(min(timer.cpu_seconds()), 1e-9))
+    return best, best_per_cpu_second
+
+
+def cpu_attention_flop_formulas():
+    """FlopCounterMode knows the CUDA attention kernels; count the CPU ones with torch's same formulas."""
+    aten, counter = torch.ops.aten, torch.utils.flop_counter
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return counter.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+class StepTimer:
+    """Context manager collecting the duration of device work: CUDA events on CUDA, else a synchronised
+    wall clock; also the process CPU time (all threads) of each timed block."""
+
+    def __init__(self, device_type):
+        self.device_type = device_type
+        self.events, self.times, self.cpu_times = [], [], []
+
+    def __enter__(self):
+        utils.synchronize(self.device_type)
+        if self.device_type == 'cuda':
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        utils.mark_step()
+        if self.device_type == 'cuda':
+            self.events[-1][1].record()
+        utils.synchronize(self.device_type)
+        self.times.append(time.perf_counter() - self.start)
+        self.cpu_times.append(time.process_time() - self.cpu_start)
+
+    def seconds(self):
+        if self.device_type == 'cuda':
+            return [start.elapsed_time(end) / 1000 for start, end in self.events]
+        return self.times
+
+    def cpu_seconds(self):
+        return self.cpu_times
+
+
+def reset_peak_memory(device_type):
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    elif device_type == 'hpu':
+        import habana_frameworks.torch.hpu as hthpu
+        hthpu.reset_peak_memory_stats()
+
+
+def peak_memory_mb(device_type):
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if device_type == 'hpu':
+        import habana_frameworks.torch.hpu as hthpu
+        return hthpu.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
+
+
+def memory_measure(device_type):
+    return {'cuda': 'torch.cuda.max_memory_allocated during the steps',
+            'hpu': 'hpu max_memory_allocated during the steps'}.get(device_type, 'process peak RSS')
+
+
+def benchmark_data(args):
+    """Images/s of main_dino's data pipeline (JPEG decoding, multi-crop augmentation): through its
+    DataLoader, and image by image in this process on one thread (as in a DataLoader worker)."""
+    args.device = 'cpu'  # the pipeline runs on the host; keeps pin_memory off
+    with tempfile.TemporaryDirectory() as root:
+        paths = write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)
+        args.data_path, args.data_limit = root, None
+        loader = main_dino.build_data_loader(args)
+        iterator = iter(loader)
+        for _ in range(args.warmup_steps):  # also starts the workers
+            next(iterator)
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            next(iterator)
+        seconds = time.perf_counter() - start
+        del iterator  # stops the workers
+        torch.set_num_threads(1)
+        timer = StepTimer('cpu')
+        for path in paths:
+            with timer:
+                loader.dataset.transform(utils.pil_loader(path))
+    images_per_s = args.steps * args.batch_size_per_device / seconds
+    return {
+        'mode': 'data', 'num_workers': args.num_workers, 'image_size': [args.image_width, args.image_height],
+        'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
+        'images_per_s': images_per_s, 'images_per_s_per_worker': images_per_s / max(args.num_workers, 1),
+        'one_thread_images_per_s': 1 / statistics.median(timer.seconds()),
+        # CPU seconds do not count time lost to other processes on a shared machine
+        'one_thread_images_per_cpu_second': 1 / statistics.median(timer.cpu_seconds()),
+    }
+
+
+def write_test_jpegs(root, count, args):
+    """Photograph-like JPEGs (smooth colour fields, shapes, sensor noise) at ImageNet quality."""
+    folder = os.path.join(root, 'images')
+    os.makedirs(folder)
+    side = max(args.image_width, args.image_height)
+    shapes = utils.SyntheticShapes('train', length=count, image_size=side, seed=args.seed)
+    paths = [os.path.join(folder, f'{i:05d}.jpg') for i in range(count)]
+    for i, path in enumerate(paths):
+        shapes.render(i).resize((args.image_width, args.image_height), Image.BILINEAR).save(path, quality=90)
+    return paths
+
+
+def print_report(result):
+    if result['mode'] == 'data':
+        print(f"data pipeline, {result['crops']} crops of {result['image_size'][0]}x{result['image_size'][1]} JPEGs")
+        print(f"  DataLoader, {result['num_workers']} worker(s): {result['images_per_s']:.1f} images/s "
+              f"({result['images_per_s_per_worker']:.1f} per worker)")
+        print(f"  one process, one thread: {result['one_thread_images_per_s']:.1f} images/s, "
+              f"{result['one_thread_images_per_cpu_second']:.1f} per CPU second")
+        return
+    print(f"{result['arch']}/{result['patch_size']} on {result['device']} ({result['dtype']}, "
+          f"{result['threads']} threads), {result['batch_size_per_device']} images/step, crops {result['crops']}, "
+          f"out_dim {result['out_dim']}")
+    print(f"  images/s (median of {result['steps']} steps): {result['images_per_s']:.2f}")
+    print(f"  seconds/step: {result['seconds_per_step']:.3f}")
+    print(f"  model GFLOP/image: {result['flops_per_image'] / 1e9:.2f}")
+    print(f"  matmul peak ({result['dtype']}, measured): {result['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s")
+    print(f"  achieved: {result['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s, MFU {100 * result['mfu']:.1f}%")
+    if 'mfu_by_cpu_time' in result:
+        print(f"  CPU seconds/step: {result['cpu_seconds_per_step']:.3f}, "
+              f"MFU by CPU time: {100 * result['mfu_by_cpu_time']:.1f}% (ignores time taken by other processes)")
+    print(f"  peak memory: {result['peak_memory_mb']:.0f} MiB ({result['memory_measure']})")
+
+
+def check_args(args):
+    if args.steps < 1 or args.warmup_steps < 0:
+        utils.fail("--steps must be at least 1 and --warmup_steps at least 0")
+    if args.batch_size_per_device < 1:
+        utils.fail("--batch_size_per_device must be at least 1")
+    if args.mode == 'data' and args.num_workers < 0:
+        utils.fail("--num_workers must be 0 (main process) or more")
+
+
+if __name__ == '__main__':
+    args = get_args_parser().parse_args()
+    check_args(args)
+    result = benchmark_step(args) if args.mode == 'step' else benchmark_data(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_report(result)

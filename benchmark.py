@@ -222,10 +222,13 @@ def benchmark_data(args):
         seconds = time.perf_counter() - start
         del iterator  # stops the workers
         torch.set_num_threads(1)
+        transform = main_dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
+                                                   args.local_crops_number, args.global_crops_size,
+                                                   args.local_crops_size)
         timer = StepTimer('cpu')
         for path in paths:
             with timer:
-                loader.dataset.transform(utils.pil_loader(path))
+                transform(utils.pil_loader(path))
     images_per_s = args.steps * args.batch_size_per_device / seconds
     return {
         'mode': 'data', 'num_workers': args.num_workers, 'image_size': [args.image_width, args.image_height],

@@ -281,14 +281,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
     args = parser.parse_args(argv)
     check_args(args)
-    try:
-        eval_knn(args)
-    except utils.DataError as exc:
-        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again")
-    except RuntimeError as exc:
-        if not (getattr(args, 'distributed', False) and utils.is_peer_failure(exc)):
-            raise
-        utils.fail(utils.peer_failure_message(exc, args))
+    utils.run_reporting_failures(eval_knn, args)
 
 
 if __name__ == '__main__':

@@ -302,14 +302,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     check_args(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        eval_linear(args)
-    except utils.DataError as exc:
-        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again")
-    except RuntimeError as exc:
-        if not (getattr(args, 'distributed', False) and utils.is_peer_failure(exc)):
-            raise
-        utils.fail(utils.peer_failure_message(exc, args))
+    utils.run_reporting_failures(eval_linear, args)
 
 
 if __name__ == '__main__':

@@ -504,12 +504,6 @@ if __name__ == '__main__':
     args = parser.parse_args()
     check_args(args)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        train_dino(args)
-    except utils.DataError as exc:
-        utils.fail(f"{utils.data_error_message(exc)}; remove or fix the file and run again "
-                   "(training resumes from the last checkpoint), or leave out --strict_data to skip such files")
-    except RuntimeError as exc:
-        if not (getattr(args, 'distributed', False) and utils.is_peer_failure(exc)):
-            raise
-        utils.fail(utils.peer_failure_message(exc, args))
+    utils.run_reporting_failures(train_dino, args,
+                                 "remove or fix the file and run again (training resumes from the last checkpoint), "
+                                 "or leave out --strict_data to skip such files")

@@ -256,6 +256,18 @@ def peer_failure_message(exc, args):
             "Restart the job to resume from the last checkpoint")
 
 
+def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and run again"):
+    """pipeline(args), with an unreadable image or a lost peer process reported as one error line."""
+    try:
+        return pipeline(args)
+    except DataError as exc:
+        fail(f"{data_error_message(exc)}; {data_hint}")
+    except RuntimeError as exc:
+        if not (getattr(args, 'distributed', False) and is_peer_failure(exc)):
+            raise
+        fail(peer_failure_message(exc, args))
+
+
 def device_for(args):
     """torch.device of this process."""
     if args.device == 'cuda':

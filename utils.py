@@ -10,13 +10,11 @@ import builtins
 import contextlib
 import datetime
 import importlib.util
-import math
 import multiprocessing
 import os
 import random
 import re
 import signal
-import sys
 import time
 import warnings
 from collections import defaultdict, deque

@@ -38,9 +38,7 @@ def get_args_parser():
 
 def benchmark_step(args):
     """Time main_dino.train_step on fixed synthetic crops (the data pipeline is not involved)."""
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args, show_args=False)
     utils.fix_random_seeds(args.seed)
     dtype = active_dtype(args)
     peak, peak_per_cpu_second = matmul_peak_flops(args, device)

@@ -46,10 +46,7 @@ def get_args_parser():
 
 
 def eval_copy_detection(args):
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    device = utils.start_run(args)
 
     # ============ checking the data ... ============
     copydays = CopydaysDataset(args.data_path)

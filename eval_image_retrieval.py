@@ -44,10 +44,7 @@ def get_args_parser():
 
 
 def eval_retrieval(args):
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    device = utils.start_run(args)
 
     # ============ preparing data ... ============
     cfg = load_ground_truth(args.data_path, args.dataset)

@@ -47,10 +47,7 @@ def get_args_parser():
 
 
 def eval_knn(args):
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    device = utils.start_run(args)
 
     if args.load_features:
         train_features, test_features, train_labels, test_labels = load_features(args.load_features)

@@ -45,11 +45,8 @@ def get_args_parser():
 
 
 def eval_linear(args):
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args)
     utils.fix_random_seeds(0)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ============ building network ... ============
     model, embed_dim = utils.build_backbone(args.arch, args.patch_size)

@@ -91,12 +91,9 @@ def get_args_parser():
 
 
 def train_dino(args):
-    utils.setup_device(args)
-    utils.init_distributed_mode(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args)
     utils.fix_random_seeds(args.seed)
     stop = utils.StopSignal()  # SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit 0
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)

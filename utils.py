@@ -273,6 +273,18 @@ def device_for(args):
     return torch.device(args.device)
 
 
+def start_run(args, show_args=True):
+    """Resolve --device, join the launcher's process group (if any), print the arguments (main process).
+
+    The start of every script that can run under torchrun; returns this process's torch.device.
+    """
+    setup_device(args)
+    init_distributed_mode(args)
+    if show_args:
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    return device_for(args)
+
+
 class SingleProcess(nn.Module):
     """Stand-in for DistributedDataParallel in a lone process: same `.module`, same state-dict keys."""
 

@@ -1237,11 +1237,11 @@ def image_extensions():
     decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _IDENTIFY_ONLY_FORMATS
                  and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
     pillow = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
-    return frozenset(pillow.union(TORCHVISION_IMAGE_EXTENSIONS))
+    return tuple(sorted(pillow.union(TORCHVISION_IMAGE_EXTENSIONS)))
 
 
 def _extension(name):
-    return name[name.rfind('.'):].lower()  # what ImageFolder's endswith() test compares
+    return name[name.rfind('.'):].lower()
 
 
 def scan_image_tree(root):
@@ -1268,10 +1268,8 @@ def scan_image_tree(root):
                     if entry.is_dir():
                         (links if entry.is_symlink() else subfolders).append(
                             (os.path.join(relative, entry.name), entry.path))
-                    else:
-                        name = entry.name
-                        if name[name.rfind('.'):].lower() in extensions:  # _extension, inlined: a million calls
-                            names.append(name)
+                    elif entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
         except OSError as exc:
             print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
             continue
@@ -1318,8 +1316,8 @@ def build_training_images(data_path, transform=None):
     elif os.path.isfile(data_path):
         paths, description = _listed_images(data_path)
     else:
-        fail(f"--data_path {data_path} does not exist; pass a folder of images, a text file listing image "
-             "paths, or 'synthetic'")
+        fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
+             "a text file listing image paths, or 'synthetic'")
     return ImageFiles(paths, transform), description
 
 
@@ -1327,8 +1325,8 @@ def _folder_images(root):
     found = scan_image_tree(root)
     paths = imagefolder_order(root, found)
     if not paths:
-        fail(f"--data_path {root} holds no image files at any depth (looked for "
-             f"{', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+        fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
+             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
     classes = {_class_folder(relative) for relative in found if relative}
     with os.scandir(root) as entries:
         subfolders = sum(1 for entry in entries if entry.is_dir())
@@ -1336,9 +1334,10 @@ def _folder_images(root):
         return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
                        f"({len(found.get('', ()))} at its top level)")
     description = f"ImageFolder {root}: {len(paths)} images in {len(classes)} class folders (labels unused)"
-    others = [path for path in paths if not path.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
+    others = [name for names in found.values() for name in names
+              if not name.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
     if others:  # earlier versions read the folder with torchvision's ImageFolder
-        kinds = ', '.join(sorted({_extension(path) for path in others}))
+        kinds = ', '.join(sorted({_extension(name) for name in others}))
         description += (f", {len(others)} of them of types torchvision's ImageFolder skips ({kinds}): runs begun "
                         "before this version had fewer images and do not resume exactly")
     return paths, description
@@ -1347,7 +1346,7 @@ def _folder_images(root):
 def _listed_images(list_path):
     """Paths of a text file: one per line, absolute or relative to the file's folder; blank lines and #
     comments skipped. Listed files that are missing are kept: they count as unreadable images."""
-    if _extension(os.path.basename(list_path)) in image_extensions():
+    if list_path.lower().endswith(image_extensions()):
         fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
              "image paths, or 'synthetic'")
     try:

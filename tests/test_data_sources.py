@@ -132,3 +132,15 @@ def test_a_flat_folder_resumes_exactly_after_a_kill(tmp_path):
     assert killed(proc)
     train(tmp_path / 'out', '--data_path', flat)
     assert_same_run(tmp_path / 'out', tmp_path / 'reference')
+
+
+def test_unusable_data_paths_are_one_clear_line(tmp_path):
+    write_images(tmp_path, 'photo.jpg')
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'archive.tar').write_bytes(bytes(range(256)))
+    (tmp_path / 'comments.txt').write_text('# nothing yet\n\n')
+    for path, message in [('nowhere', 'is not a folder or a file'), ('empty', 'holds no image files'),
+                          ('photo.jpg', 'is an image; pass the folder'), ('archive.tar', 'not UTF-8 text'),
+                          ('comments.txt', 'lists no image paths')]:
+        with pytest.raises(SystemExit, match=f'^error: --data_path {tmp_path / path} .*{message}'):
+            utils.build_training_images(str(tmp_path / path))

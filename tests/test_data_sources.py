@@ -2,7 +2,6 @@
 import builtins
 import json
 import math
-import os
 import signal
 
 import numpy as np

@@ -109,8 +109,9 @@ def test_one_epoch_from_a_nested_tree_a_list_file_and_an_imagefolder(tmp_path, t
     assert "Data loaded: there are 16 images." in output and epochs_logged(tmp_path / 'out_tree') == [0]
 
     listed = tmp_path / 'listed.txt'
-    listed.write_text('# 15 images and a missing one\n' + '\n'.join(
-        [f'tree/2026/cam{i % 2}/{i}.png' for i in range(12)] + ['tree/gone.jpg'] + [f'tree/top{i}.jpg' for i in range(3)]))
+    entries = [f'tree/2026/cam{i % 2}/{i}.png' for i in range(12)] + ['tree/gone.jpg', 'tree/top0.jpg', 'tree/top1.jpg',
+                                                                     'tree/top2.jpg']
+    listed.write_text('# 15 images and a missing one\n' + '\n'.join(entries))
     output = train_here(tmp_path / 'out_list', '--data_path', listed)
     assert f"Data source: list file {listed}: 16 images listed" in output
     assert f"warning: cannot read image {tmp_path / 'tree' / 'gone.jpg'}" in output
@@ -126,7 +127,8 @@ def test_a_flat_folder_resumes_exactly_after_a_kill(tmp_path):
     flat = tmp_path / 'flat'
     write_images(flat, *[f'img{i:02d}.{"jpg" if i % 3 else "PNG"}' for i in range(24)])  # 3 iterations an epoch
     reference = train(tmp_path / 'reference', '--data_path', flat)
-    assert f"Data source: folder of images {flat}: 24 images, found at any depth (24 at its top level)" in reference.stdout
+    assert f"Data source: folder of images {flat}: 24 images, found at any depth (24 at its top level)" in (
+        reference.stdout)
     proc = train(tmp_path / 'out', '--data_path', flat, fault='step:5:kill', check=False)  # in epoch 1
     assert killed(proc)
     train(tmp_path / 'out', '--data_path', flat)

@@ -76,7 +76,9 @@ def get_args_parser():
 
     # Misc
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
-                        help="An ImageFolder of training images, or 'synthetic' for the built-in data.")
+                        help="""Training images: a folder of images at any depth (an ImageFolder keeps its order),
+        a text file listing image paths (one per line, absolute or relative to the file's folder; blank lines
+        and # comments skipped), or 'synthetic' for the built-in data.""")
     parser.add_argument('--output_dir', default=".", type=str, help='Where logs and checkpoints go.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Keep checkpointNNNN.pth every x epochs.')
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
@@ -310,8 +312,10 @@ def build_data_loader(args):
     if utils.is_synthetic(args.data_path):
         dataset = utils.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
                                         transform=transform)
+        description = f"synthetic shapes: {len(dataset)} images"
     else:
-        dataset = utils.build_image_folder(args.data_path, transform)
+        dataset, description = utils.build_training_images(args.data_path, transform)
+    print(f"Data source: {description}")
     dataset = utils.limit_dataset(dataset, args.data_limit)
     global_batch = args.batch_size_per_device * utils.get_world_size()
     if len(dataset) < global_batch:

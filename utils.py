@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 import vision_transformer as vits
 
@@ -1221,6 +1221,148 @@ def build_image_folder(root, transform=None):
         return datasets.ImageFolder(root, transform=transform, loader=pil_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+
+
+# Training images come from an ImageFolder, a folder of images at any depth, or a text file listing
+# image paths. All three become ImageFiles in one fixed order, so that runs and resumes are reproducible.
+
+# torchvision's ImageFolder extensions, in case this Pillow lacks one of the formats (e.g. WebP)
+TORCHVISION_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_IDENTIFY_ONLY_FORMATS = {'MPEG'}  # Pillow reads their size but cannot decode their pixels
+
+
+def image_extensions():
+    """Lower-case extensions of the formats this Pillow can decode (plugins registered so far included)."""
+    Image.init()
+    decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _IDENTIFY_ONLY_FORMATS
+                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    pillow = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
+    return tuple(sorted(pillow.union(TORCHVISION_IMAGE_EXTENSIONS)))
+
+
+def _extension(name):
+    return name[name.rfind('.'):].lower()
+
+
+def scan_image_tree(root):
+    """Image files under `root` at any depth, as {folder relative to root: [file names]}.
+
+    One os.scandir per folder and no stat per file. Symbolic links are followed; a folder reached
+    again (through a link loop, or a second link to it) is listed once, under its own path where it
+    has one inside root. Unreadable folders are reported, not silently left out.
+    """
+    extensions = image_extensions()
+    found, seen, pending, linked = {}, set(), [('', root)], []
+    while pending or linked:  # depth first, sub-folders by name, so that the result never varies
+        if not pending:  # folders reached through links come after all the others
+            pending, linked = linked[::-1], []
+        relative, folder = pending.pop()
+        try:
+            identity = os.stat(folder)
+            if (identity.st_dev, identity.st_ino) in seen:
+                continue
+            seen.add((identity.st_dev, identity.st_ino))
+            names, subfolders, links = [], [], []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        (links if entry.is_symlink() else subfolders).append(
+                            (os.path.join(relative, entry.name), entry.path))
+                    elif entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
+        except OSError as exc:
+            print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
+            continue
+        if names:
+            found[relative] = names
+        pending.extend(sorted(subfolders, reverse=True))
+        linked.extend(sorted(links))
+    return found
+
+
+def _class_folder(relative):
+    return relative.split(os.sep, 1)[0]
+
+
+def imagefolder_order(root, found):
+    """Paths of scan_image_tree's images in ImageFolder's order: by class folder, then folder path, then
+    file name (images at the top level first)."""
+    paths = []
+    for relative in sorted(found, key=lambda relative: (_class_folder(relative), relative)):
+        prefix = os.path.join(root, relative, '')
+        paths.extend([prefix + name for name in sorted(found[relative])])
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images at the given paths, as (image, 0) pairs: training ignores labels."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = pil_loader(self.paths[index])
+        return (img if self.transform is None else self.transform(img)), 0
+
+
+def build_training_images(data_path, transform=None):
+    """ImageFiles of a folder of images (at any depth) or of a list file, and one line saying what was found."""
+    data_path = os.path.expanduser(data_path)
+    if os.path.isdir(data_path):
+        paths, description = _folder_images(data_path)
+    elif os.path.isfile(data_path):
+        paths, description = _listed_images(data_path)
+    else:
+        fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
+             "a text file listing image paths, or 'synthetic'")
+    return ImageFiles(paths, transform), description
+
+
+def _folder_images(root):
+    found = scan_image_tree(root)
+    paths = imagefolder_order(root, found)
+    if not paths:
+        fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
+             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+    classes = {_class_folder(relative) for relative in found if relative}
+    with os.scandir(root) as entries:
+        subfolders = sum(1 for entry in entries if entry.is_dir())
+    if '' in found or len(classes) < subfolders:
+        return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
+                       f"({len(found.get('', ()))} at its top level)")
+    description = f"ImageFolder {root}: {len(paths)} images in {len(classes)} class folders (labels unused)"
+    others = [name for names in found.values() for name in names
+              if not name.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
+    if others:  # earlier versions read the folder with torchvision's ImageFolder
+        kinds = ', '.join(sorted({_extension(name) for name in others}))
+        description += (f", {len(others)} of them of types torchvision's ImageFolder skips ({kinds}): runs begun "
+                        "before this version had fewer images and do not resume exactly")
+    return paths, description
+
+
+def _listed_images(list_path):
+    """Paths of a text file: one per line, absolute or relative to the file's folder; blank lines and #
+    comments skipped. Listed files that are missing are kept: they count as unreadable images."""
+    if list_path.lower().endswith(image_extensions()):
+        fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
+             "image paths, or 'synthetic'")
+    try:
+        with open(list_path, encoding='utf-8-sig') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        fail(f"--data_path {list_path} is a file but not a text list of image paths (not UTF-8 text); pass a "
+             "folder of images, a text file with one image path per line, or 'synthetic'")
+    except OSError as exc:
+        fail(f"--data_path {list_path}: cannot read it ({exc.strerror})")
+    folder = os.path.dirname(os.path.abspath(list_path))
+    paths = [os.path.join(folder, line) for line in map(str.strip, lines) if line and not line.startswith('#')]
+    if not paths:
+        fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
+             "folder or absolute)")
+    return paths, f"list file {list_path}: {len(paths)} images listed"
 
 
 def data_error_message(exc):

@@ -34,10 +34,10 @@ else
     TRAIN_SIZE=(--batch_size_per_device 32 --data_limit 256 --num_workers 4)
     EVAL_SIZE=(--batch_size_per_device 128)
     LINEAR_SIZE=(--batch_size_per_device 128)
-    BENCH_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 20 --warmup_steps 5)
+    BENCH_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 10 --warmup_steps 3)
     # the learning run: 51200 images / batch 256 = 200 iterations per epoch, 15 epochs = 3000 iterations
     # (about 3 minutes); a SIGTERM at LEARN_CAP seconds stops it early with a checkpoint if it is slower
-    LEARN_IMAGES=51200 LEARN_CAP=200
+    LEARN_IMAGES=51200 LEARN_CAP=180
     LEARN_SIZE=(--local_crops_number 6 --out_dim 4096 --batch_size_per_device 256 --epochs 15 --warmup_epochs 2)
 fi
 TINY_DINO=(--arch vit_tiny --patch_size 16 --data_path synthetic --global_crops_size 64 --local_crops_size 32

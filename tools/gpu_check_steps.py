@@ -115,8 +115,6 @@ def training_run(out, epochs, device):
 
 def sigterm_resume(reference, out, *command):
     """SIGTERM to the job's process group (as SLURM sends it) mid-epoch 1, resume, compare with `reference`."""
-    import torch
-
     import utils
     env = dict(os.environ, PYTHONUNBUFFERED='1')
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

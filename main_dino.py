@@ -347,8 +347,9 @@ def build_student_teacher(args, device):
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if args.device != 'cpu':  # torch's SyncBatchNorm refuses CPU tensors in a process group
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
         teacher_without_ddp = teacher.module
     else:

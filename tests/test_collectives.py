@@ -234,8 +234,10 @@ def test_a_launched_process_joins_a_group_even_alone(monkeypatch):
 
 
 def test_one_process_torchrun_training_runs_in_a_process_group(tmp_path):
+    # batch norms in the head: the teacher is wrapped for DDP as with several processes
     proc = run_torchrun('main_dino.py', 1, *TINY_TRAIN_ARGS, '--data_limit', '16', '--batch_size_per_device', '8',
-                        '--local_crops_number', '0', '--epochs', '1', '--output_dir', tmp_path)
+                        '--local_crops_number', '0', '--use_bn_in_head', 'true', '--epochs', '1',
+                        '--output_dir', tmp_path)
     assert 'distributed: True' in proc.stdout and 'world_size: 1' in proc.stdout
     assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0]
     checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')

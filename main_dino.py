@@ -281,9 +281,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output):
         """EMA of the mean teacher output over the global batch (all processes)."""
-        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(batch_center)
+        batch_center = utils.all_reduce(torch.sum(teacher_output.float(), dim=0, keepdim=True))
         batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
@@ -353,8 +351,9 @@ def build_student_teacher(args, device):
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if args.device != 'cpu':  # torch's SyncBatchNorm refuses CPU tensors in a process group
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
         teacher_without_ddp = teacher.module
     else:
@@ -459,12 +458,7 @@ def restore_random_states(state, resuming):
 
 def meter_states(metric_logger):
     """(count, total) of each meter on every process, so that a resumed epoch averages like an uninterrupted one."""
-    local = {name: (meter.count, meter.total) for name, meter in metric_logger.meters.items()}
-    if not utils.is_dist_avail_and_initialized():
-        return [local]
-    states = [None] * utils.get_world_size()
-    torch.distributed.all_gather_object(states, local)
-    return states
+    return utils.all_gather_object({name: (meter.count, meter.total) for name, meter in metric_logger.meters.items()})
 
 
 def restore_meters(metric_logger, states):

@@ -189,14 +189,16 @@ def _backend_for(device_type):
 def init_distributed_mode(args):
     """Join the process group set up by torchrun / torch.distributed.launch / SLURM.
 
-    A lone process (no launcher variables) runs with no process group at all.
-    Sets args.rank, args.world_size, args.gpu (local device index) and args.distributed.
+    A launched process joins even when it is the only one (as in the original), so that a one-device
+    torchrun exercises the real collectives; a lone process (no launcher variables) runs with no
+    process group at all. Sets args.rank, args.world_size, args.gpu (local device index) and
+    args.distributed (whether a process group was joined).
     """
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', getattr(args, 'local_rank', 0)))
-    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    elif 'SLURM_PROCID' in os.environ and 'SLURM_NTASKS' in os.environ:
         args.rank = int(os.environ['SLURM_PROCID'])
         args.world_size = int(os.environ['SLURM_NTASKS'])
         args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
@@ -206,17 +208,17 @@ def init_distributed_mode(args):
             torch.cuda.set_device(0)
         setup_for_distributed(True)
         return
-    args.distributed = args.world_size > 1
+    args.distributed = True
     if args.device == 'cuda':
         torch.cuda.set_device(args.gpu % torch.cuda.device_count())
-    if not args.distributed:
-        setup_for_distributed(True)
-        return
     # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
-    dist.init_process_group(backend=_backend_for(args.device), init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
-    dist.barrier()
+    rendezvous = dict(init_method=args.dist_url)
+    if args.world_size == 1 and args.dist_url == 'env://' and 'MASTER_ADDR' not in os.environ:
+        rendezvous = dict(store=dist.HashStore())  # a one-task SLURM job: nobody to meet
+    dist.init_process_group(backend=_backend_for(args.device), world_size=args.world_size, rank=args.rank,
+                            timeout=timeout, **rendezvous)
+    barrier()
     setup_for_distributed(args.rank == 0)
 
 
@@ -305,13 +307,86 @@ def wrap_ddp(model, args):
     return nn.parallel.DistributedDataParallel(model)
 
 
+# Every collective of the scripts goes through the helpers below. Each hands the backend a copy of its
+# tensor on the device the backend works on (nccl: this process's GPU, hccl: the Gaudi, gloo: the CPU), in
+# a dtype the backend takes, and returns the result on the caller's tensor's device and in its dtype.
+
+BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
+
+
+def backend_device(backend):
+    """torch.device on which collectives of `backend` ('nccl', 'hccl', 'gloo') take their tensors."""
+    device_type = BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')
+    if device_type == 'cuda':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device(device_type)
+
+
+def backend_dtype(dtype, backend):
+    """The dtype a tensor of `dtype` travels in: HCCL takes 32-bit and 16-bit floats and 32-bit integers only."""
+    if str(backend).lower() != 'hccl':
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32 if dtype == torch.float64 else dtype
+    return torch.int32
+
+
+def _to_backend(tensor, copy=False):
+    backend = dist.get_backend()
+    return tensor.to(device=backend_device(backend), dtype=backend_dtype(tensor.dtype, backend), copy=copy)
+
+
+def all_reduce(tensor):
+    """Sum of `tensor` over processes, as a new tensor where `tensor` is (`tensor` itself in a lone process)."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor, copy=True)
+    dist.all_reduce(staged)
+    return staged.to(device=tensor.device, dtype=tensor.dtype)
+
+
 def all_reduce_mean(tensor):
     """Average a tensor over processes (identity in a lone process)."""
+    return all_reduce(tensor) / get_world_size() if is_dist_avail_and_initialized() else tensor
+
+
+def all_gather(tensor):
+    """The `tensor`s of all processes (same shape everywhere), concatenated along dim 0 in rank order."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor).contiguous()
+    gathered = [torch.empty_like(staged) for _ in range(get_world_size())]
+    dist.all_gather(gathered, staged)
+    return torch.cat(gathered).to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_gather_object(obj):
+    """List of the picklable `obj` of every process, in rank order ([obj] in a lone process).
+
+    torch serialises the objects into byte tensors on the device of the process group's backend.
+    """
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    """Wait for every process (no-op in a lone process); NCCL is told which GPU is this process's."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == 'nccl':
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def leave_process_group():
+    """At the end of a script: wait for every process, then leave the process group (if any)."""
     if is_dist_avail_and_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= get_world_size()
-    return tensor
+        barrier()
+        dist.destroy_process_group()
 
 
 def save_on_master(*args, **kwargs):
@@ -710,8 +785,7 @@ class StopSignal:
         if not is_dist_avail_and_initialized():
             return self.received is not None
         flag = torch.tensor([0. if self.received is None else 1.], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return all_reduce(flag).item() > 0
 
     @staticmethod
     def ignore_in_worker(worker_id=None):
@@ -829,14 +903,12 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         """Sum count and total over processes (window values stay local)."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64 if device != 'hpu' else torch.float32,
-                         device=device)
-        dist.barrier()
-        dist.all_reduce(t)
+        barrier()
+        t = all_reduce(torch.tensor([self.count, self.total], dtype=torch.float64))
         self.count = int(t[0].item())
         self.total = t[1].item()
 
@@ -889,9 +961,9 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         for meter in self.meters.values():
-            meter.synchronize_between_processes(device)
+            meter.synchronize_between_processes()
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
@@ -1472,7 +1544,7 @@ class SkippedImages:
             return
         mask = torch.zeros(dataset_size, dtype=torch.int32, device=device)
         mask[sorted(self.this_epoch)] = 1
-        dist.all_reduce(mask)
+        mask = all_reduce(mask)
         self.this_epoch = set(mask.nonzero().flatten().tolist())
         self.warned |= self.this_epoch
 
@@ -1589,20 +1661,9 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
             storage = device if store_on_device else 'cpu'
             features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
             print(f"Storing features into tensor of shape {tuple(features.shape)}")
-        feats, index = _gather_across_processes(feats, index)
+        feats, index = all_gather(feats), all_gather(index)
         features.index_copy_(0, index.to(features.device), feats.to(features.device))
     return features
-
-
-def _gather_across_processes(feats, index):
-    if not is_dist_avail_and_initialized():
-        return feats, index
-    world = get_world_size()
-    index_all = [torch.empty_like(index) for _ in range(world)]
-    feats_all = [torch.empty_like(feats) for _ in range(world)]
-    dist.all_gather(index_all, index.contiguous())
-    dist.all_gather(feats_all, feats.contiguous())
-    return torch.cat(feats_all), torch.cat(index_all)
 
 
 # =====================================================================================

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,15 @@ def get_args_parser():
     parser.add_argument('--strict_data', default=False, type=utils.bool_flag, nargs='?', const=True,
                         help="""Stop at the first unreadable image. By default each unreadable file is reported
         once and replaced by the next readable image of the dataset, and a count is printed every epoch.""")
+    parser.add_argument('--collapse_window', default=100, type=int, help="""Collapse warning: print one line
+        naming the mode and the flags to change when, after the warm-ups (--warmup_epochs,
+        --warmup_teacher_temp_epochs), the teacher's entropy averaged over this many iterations comes within
+        --collapse_margin * log(out_dim) of log(out_dim) (uniform outputs), or of 0 with the teacher-student KL
+        also below that margin (one dominant dimension). Once per mode; training never stops for it. 0 turns
+        the warning off.""")
+    parser.add_argument('--collapse_margin', default=0.1, type=float, help="""Collapse warning: margin as a
+        fraction of log(out_dim), the entropy of a uniform output. Runs on the built-in data that collapse to
+        uniform settle at about 95%% of log(out_dim), so a margin of 0.05 would sit on their noise.""")
     utils.add_distributed_args(parser)
     utils.add_device_args(parser, training=True)
     return parser
@@ -134,6 +144,7 @@ def train_dino(args):
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
     summary_writer = make_summary_writer(args)
+    collapse_watch = CollapseWatch(args)
     start_time = time.time()
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
@@ -141,7 +152,8 @@ def train_dino(args):
         data_loader.sampler.set_epoch(epoch, start=step * args.batch_size_per_device)
         metric_logger, step = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
                                               optimizer, schedules, epoch, fp16_scaler, summary_writer, args,
-                                              step, to_restore["epoch_meters"] if step else None, skipped, stop)
+                                              step, to_restore["epoch_meters"] if step else None, skipped, stop,
+                                              collapse_watch)
         skipped.merge(len(data_loader.dataset), device)
         if step < iters_per_epoch:
             save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop)
@@ -157,7 +169,7 @@ def train_dino(args):
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
-                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop):
+                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop, collapse_watch):
     """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
 
     Returns the metric logger and the number of iterations of the epoch done so far.
@@ -176,13 +188,14 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
         images = [im.to(device, non_blocking=True) for im in images]
         loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
                           schedules, fp16_scaler, args)
-        loss_value = loss.item()
+        loss_value, *figures = torch.cat([loss.view(1), dino_loss.figures]).tolist()  # one read from the device
         if not math.isfinite(loss_value):
             print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
                   f"The last good checkpoint in {args.output_dir} is kept; "
                   "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
             sys.exit(1)
-        metric_logger.update(loss=loss_value)
+        metric_logger.update(loss=loss_value, **dict(zip(DINOLoss.FIGURES, figures)))
+        collapse_watch.update(epoch, *figures)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])
         metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
         step += 1
@@ -244,6 +257,9 @@ def update_teacher(student, teacher_without_ddp, momentum):
 
 
 class DINOLoss(nn.Module):
+    # what self.figures holds after each forward pass (see collapse_figures)
+    FIGURES = ('teacher_entropy', 'teacher_student_kl', 'teacher_top_mass')
+
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
                  warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
                  center_momentum=0.9):
@@ -252,6 +268,7 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        self.figures = None  # a device tensor, read with the loss (not a buffer: checkpoints keep their keys)
         # a too hot teacher at the start makes training unstable, hence the linear warm-up
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
@@ -275,15 +292,80 @@ class DINOLoss(nn.Module):
         same_view = (teacher_probs * student_logp[:2]).sum(dim=(0, 2))
         n_loss_terms = 2 * (self.ncrops - 1)
         total_loss = (same_view - all_pairs).mean() / n_loss_terms
-        self.update_center(teacher_output)
+        teacher_mass = self.update_center(teacher_output, teacher_probs)
+        self.figures = self.collapse_figures(teacher_probs, total_loss.detach(), teacher_mass)
         return total_loss
 
     @torch.no_grad()
-    def update_center(self, teacher_output):
-        """EMA of the mean teacher output over the global batch (all processes)."""
-        batch_center = utils.all_reduce(torch.sum(teacher_output.float(), dim=0, keepdim=True))
-        batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
+    def update_center(self, teacher_output, teacher_probs=None):
+        """EMA of the mean teacher output over the global batch (all processes).
+
+        With `teacher_probs`, their sum over the global batch rides in the same all-reduce and is returned.
+        """
+        batch_sums = torch.sum(teacher_output.float(), dim=0, keepdim=True)
+        if teacher_probs is not None:
+            batch_sums = torch.cat([batch_sums, teacher_probs.sum(dim=(0, 1)).unsqueeze(0)])
+        batch_sums = utils.all_reduce(batch_sums)
+        batch_center = batch_sums[:1] / (len(teacher_output) * utils.get_world_size())
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        return batch_sums[1] if teacher_probs is not None else None
+
+    @staticmethod
+    @torch.no_grad()
+    def collapse_figures(teacher_probs, loss, teacher_mass):
+        """The paper's two collapse monitors, and the earliest sign of a dominant dimension.
+
+        teacher_entropy: mean entropy of the teacher's distributions (log(out_dim) when uniform, 0 when one-hot).
+        teacher_student_kl: mean KL(teacher || student) over the loss's pairs. Every teacher view is in as many
+            pairs, so the pairs' mean entropy is the views' mean, and the KL is the loss minus it.
+        teacher_top_mass: share of the global batch's teacher mass in its largest output dimension
+            (1/out_dim when uniform, 1 when one dimension takes everything).
+        """
+        tiny = torch.finfo(teacher_probs.dtype).tiny  # 0 * log(0) counts as 0
+        entropy = -(teacher_probs * teacher_probs.clamp_min(tiny).log()).sum(-1).mean()
+        top_mass = teacher_mass.max() / teacher_mass.sum()
+        return torch.stack([entropy, loss - entropy, top_mass])
+
+
+class CollapseWatch:
+    """Warns once per mode when the teacher's figures show one of the paper's two collapses (section 5.3).
+
+    Too little sharpening: the teacher's outputs become uniform (entropy near log(out_dim)).
+    Too little centring: one dimension dominates (entropy near 0 and the KL to the student near 0).
+    """
+
+    ADVICE = {
+        'uniform': "the teacher's outputs are becoming uniform (too little sharpening): lower --teacher_temp "
+                   "and --warmup_teacher_temp, raise --momentum_teacher (e.g. 0.9995 for small batches), "
+                   "or use a smaller --out_dim",
+        'dominant': "one output dimension dominates the teacher (too little centring): raise --teacher_temp "
+                    "and --warmup_teacher_temp (more --warmup_teacher_temp_epochs), lower --lr, use more "
+                    "--local_crops_number or a larger batch for more diverse targets",
+    }
+
+    def __init__(self, args):
+        self.max_entropy = math.log(args.out_dim)
+        self.margin = args.collapse_margin * self.max_entropy
+        self.first_epoch = max(args.warmup_epochs, args.warmup_teacher_temp_epochs)
+        self.recent = deque(maxlen=args.collapse_window)  # (entropy, kl, top_mass) of the last iterations
+        self.warned = set()
+
+    def update(self, epoch, entropy, kl, top_mass):
+        if not self.recent.maxlen or epoch < self.first_epoch:
+            return
+        self.recent.append((entropy, kl, top_mass))
+        if len(self.recent) < self.recent.maxlen:
+            return
+        entropy, kl, top_mass = np.mean(self.recent, axis=0)  # single steps are noisy: judge the window's mean
+        modes = {'uniform': entropy >= self.max_entropy - self.margin,
+                 'dominant': entropy <= self.margin and kl <= self.margin}
+        for mode in self.ADVICE:
+            if modes[mode] and mode not in self.warned:
+                self.warned.add(mode)
+                print(f"Warning: collapse at epoch {epoch}: {self.ADVICE[mode]}. Over the last {len(self.recent)} "
+                      f"iterations: teacher entropy {entropy:.3f} (log(out_dim) = {self.max_entropy:.3f}), "
+                      f"teacher-student KL {kl:.3f}, top dimension {100 * top_mass:.1f}% of the teacher mass. "
+                      "See README, 'My loss does not decrease'; training continues.")
 
 
 class DataAugmentationDINO(object):
@@ -408,6 +490,8 @@ def check_args(args):
         utils.fail("--batch_size_per_device must be at least 1")
     if args.dist_timeout < 1:
         utils.fail("--dist_timeout must be at least 1 second")
+    if args.collapse_window < 0 or not 0 < args.collapse_margin < 0.5:
+        utils.fail("--collapse_window must be 0 (off) or more and --collapse_margin between 0 and 0.5")
 
 
 def end_epoch(stateful, args, epoch, metric_logger, skipped):

@@ -287,21 +287,38 @@ class DINOLoss(nn.Module):
 
 
 class DataAugmentationDINO(object):
-    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views."""
+    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views.
+
+    With augment_on='device' the views are only drawn here; the call returns the image and their
+    parameters (utils.hand_over) for utils.render_views to render on the device.
+    """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
-                 global_crops_size=224, local_crops_size=96):
+                 global_crops_size=224, local_crops_size=96, augment_on='cpu'):
         self.global_transfo1 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
         self.global_transfo2 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
                                                        solarize_p=0.2)
         self.local_crops_number = local_crops_number
         self.local_transfo = utils.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.augment_on = augment_on
+        # images are handed over with the short side at most twice the global crop size: the smallest
+        # regions drawn (40% of the area for a global crop, 5% for a local one, of a 448-pixel side) still
+        # cover at least their output size (283 > 224 and 100 > 96 pixels), so no view is enlarged
+        self.max_short_side = 2 * global_crops_size
+
+    def transforms(self):
+        return [self.global_transfo1, self.global_transfo2] + [self.local_transfo] * self.local_crops_number
 
     def __call__(self, image):
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        for _ in range(self.local_crops_number):
-            crops.append(self.local_transfo(image))
-        return crops
+        if self.augment_on == 'device':
+            return utils.hand_over(image, [t.sample(image) for t in self.transforms()], self.max_short_side)
+        return [t(image) for t in self.transforms()]
+
+    def render(self, handed_over, device):
+        """The views of a batch collated by utils.collate_hand_over, rendered on `device`."""
+        pixels, params = handed_over
+        return utils.render_views(pixels.to(device, non_blocking=True), params,
+                                  [t.size for t in self.transforms()])
 
 
 def build_data_loader(args):

@@ -1077,6 +1077,248 @@ class DinoCropTransform:
         return out
 
 
+# Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
+# exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
+# packed in one float64 row per view; render_views then draws all views of one size at once with
+# plain batched tensor ops (gathers, matmuls, grouped convolutions), the same steps as
+# DinoCropTransform.render.
+VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
+               'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
+               'grayscale', 'blur_radius', 'solarize')
+_F = {name: i for i, name in enumerate(VIEW_FIELDS)}
+_IDENTITY_FACTORS = (1., 1., 1., 0.)
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
+
+
+def hand_over(image, views, max_short_side):
+    """What the loader passes on for the device render: (uint8 (3, H, W) tensor, float64 (views, fields)).
+
+    `views` are CropParams drawn on the PIL `image`. An image whose short side exceeds `max_short_side`
+    is first shrunk to it (PIL bicubic, antialiased), and the boxes are scaled with it.
+    """
+    width, height = image.size
+    shrink = max_short_side / min(width, height)
+    if shrink < 1:
+        image = image.resize((max(1, round(width * shrink)), max(1, round(height * shrink))), Image.BICUBIC)
+    scale_x, scale_y = image.size[0] / width, image.size[1] / height
+    rows = []
+    for view in views:
+        top, left, box_height, box_width = view.box
+        order = [DinoCropTransform.JITTER_OPS.index(op) for op, _ in view.jitter] or [-1] * 4
+        factors = list(_IDENTITY_FACTORS)
+        for op, factor in view.jitter:
+            factors[DinoCropTransform.JITTER_OPS.index(op)] = factor
+        rows.append([top * scale_y, left * scale_x, box_height * scale_y, box_width * scale_x,
+                     image.size[1], image.size[0], view.flip, *order, *factors, view.grayscale,
+                     view.blur_radius, view.solarize])
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return pixels, torch.tensor(rows, dtype=torch.float64)
+
+
+def collate_hand_over(samples):
+    """Batch (hand_over result, skipped_index, note) items: images zero-padded to the largest one."""
+    height = max(pixels.shape[1] for (pixels, _), _, _ in samples)
+    width = max(pixels.shape[2] for (pixels, _), _, _ in samples)
+    batch = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    for out, ((pixels, _), _, _) in zip(batch, samples):
+        out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+    params = torch.stack([views for (_, views), _, _ in samples])
+    skipped = torch.tensor([index for _, index, _ in samples])
+    return (batch, params), skipped, [note for _, _, note in samples]
+
+
+def render_views(pixels, params, sizes):
+    """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
+
+    pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
+    the output side of each view. Consecutive views of the same size are rendered together.
+    """
+    views, start = [], 0
+    while start < len(sizes):
+        end = start
+        while end < len(sizes) and sizes[end] == sizes[start]:
+            end += 1
+        group = params[:, start:end].reshape(-1, params.shape[-1])
+        out = _render_group(pixels, group, sizes[start], end - start)
+        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
+        start = end
+    return views
+
+
+def _render_group(pixels, params, size, per_image):
+    device = pixels.device
+    host = params
+    params = params.to(device=device, dtype=torch.float32)
+    image_of_view = torch.arange(len(pixels), device=device).repeat_interleave(per_image)
+    x = _resize_views(pixels, image_of_view, host, params, size)
+    x = _jitter(x, host, params)
+    gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
+    if len(gray):
+        x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1).contiguous())
+    x = _blur(x, host, params)
+    solarize = params[:, _F['solarize'], None, None, None] > 0
+    x = torch.where(solarize & (x >= 128), 255. - x, x)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    return x * (1. / (255. * std)) - mean / std
+
+
+# --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
+# at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each
+# pass is a batch of small matrix products: the outputs are cut into tiles of _TILE pixels, and each
+# tile multiplies the window of input pixels it reads by its dense tap weights.
+_TILE = 8
+
+
+def _resize_views(pixels, image_of_view, host, params, size):
+    f = _F
+    views, height = len(params), pixels.shape[2]
+    # the rows the vertical pass reads: from `first_row`, a band as tall as the tallest view needs
+    support = 2. * (params[:, f['height']] / size).clamp(min=1.)
+    first_row = (params[:, f['top']] - support - 1.).floor().clamp(min=0.)
+    host_support = 2. * (host[:, f['height']] / size).clamp(min=1.)
+    band = int((host[:, f['height']] + 2. * host_support).ceil().max()) + 4
+    rows = torch.minimum(first_row.long()[:, None] + torch.arange(band, device=pixels.device),
+                         torch.tensor(height - 1, device=pixels.device))
+    flip = params[:, f['flip']] > 0
+    columns = _resample_last_axis(pixels, image_of_view, rows, host[:, [f['width']]],
+                                  params[:, [f['left'], f['width'], f['image_width']]], size, flip)
+    columns = columns.add_(0.5).floor_().clamp_(0, 255)  # (V, band, C, size)
+    valid = torch.minimum(params[:, f['image_height']] - first_row, torch.tensor(float(band), device=pixels.device))
+    box = torch.stack([params[:, f['top']] - first_row, params[:, f['height']], valid], 1)
+    all_rows = torch.arange(size, device=pixels.device).expand(views, -1)
+    out = _resample_last_axis(columns.permute(0, 2, 3, 1), torch.arange(views, device=pixels.device), all_rows,
+                              host[:, [f['height']]], box, size, None)
+    return out.add_(0.5).floor_().clamp_(0, 255).permute(0, 2, 3, 1)  # (V, C, size, size)
+
+
+def _resample_last_axis(x, source, rows, host_length, box, size, flip):
+    """Resample the last axis of x (S, C, R, L) to `size` pixels: rows `rows[v]` of x[source[v]], over box v
+    = (start, length, valid length). Returns (V, rows, C, size)."""
+    tiles = -(-size // _TILE)
+    scale = host_length[:, 0] / size
+    support = 2. * scale.clamp(min=1.)
+    taps = int(torch.ceil(support).max()) * 2 + 1
+    window = int(torch.ceil((_TILE - 1) * scale.max() + 2 * support.max())) + 4
+    index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
+    # each tile reads a window of input pixels starting at the lowest one any of its outputs reads
+    lowest = index.amin(-1)
+    lowest = torch.cat([lowest, lowest[:, -1:].expand(-1, tiles * _TILE - size)], 1)
+    first = lowest.view(len(box), tiles, _TILE).amin(-1)  # (V, tiles)
+    windows = F.pad(x, (0, window)).unfold(-1, window, 1)[source[:, None, None], :, rows[:, None, :],
+                                                         first[:, :, None]]  # (V, tiles, rows, C, window)
+    offset = index - first.repeat_interleave(_TILE, dim=1)[:, :size, None]
+    dense = torch.zeros(len(box), tiles * _TILE, window, device=x.device)
+    dense[:, :size].scatter_add_(-1, offset.clamp(0, window - 1), weight)
+    dense = dense.view(len(box), tiles, _TILE, window).transpose(2, 3)
+    views, _, n_rows, channels, _ = windows.shape
+    out = torch.matmul(windows.reshape(views, tiles, n_rows * channels, window).float(), dense)
+    out = out.permute(0, 2, 1, 3).reshape(views, n_rows, channels, tiles * _TILE)
+    return out[..., :size]
+
+
+def _bicubic_taps(start, length, valid, size, taps, flip=None):
+    """Input indices and normalised weights (V, size, taps) of PIL's bicubic resampling of [start, start+length)."""
+    device = start.device
+    scale = length / size
+    stretch = scale.clamp(min=1.)
+    support = 2. * stretch
+    center = start[:, None] + (torch.arange(size, device=device) + 0.5) * scale[:, None]
+    first = (center - support[:, None] + 0.5).trunc().clamp(min=0)
+    end = torch.minimum((center + support[:, None] + 0.5).trunc(), valid[:, None])
+    position = first[..., None] + torch.arange(taps, device=device)
+    t = ((position - center[..., None] + 0.5) / stretch[:, None, None]).abs()
+    a = -0.5
+    weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                         torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.))
+    weight = torch.where(position < end[..., None], weight, 0.)
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = torch.minimum(position, valid[:, None, None] - 1).long()
+    if flip is not None:  # a mirrored view reads its outputs in reverse order
+        index = torch.where(flip[:, None, None], index.flip(1), index)
+        weight = torch.where(flip[:, None, None], weight.flip(1), weight)
+    return index, weight
+
+
+# --- colour: DinoCropTransform's operations on (V, 3, H, W) batches of values in [0, 255]
+
+def _gray(x):
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _jitter(x, host, params):
+    """The four jitter operations in each view's own order (positions 0..3; views without jitter skip)."""
+    f = _F
+    for position in range(4):
+        order = host[:, f[f'order{position}']]
+        for op, name in enumerate(DinoCropTransform.JITTER_OPS):
+            chosen = (order == op).nonzero().flatten().to(x.device)
+            if len(chosen):
+                factor = params.index_select(0, chosen)[:, f[name], None, None, None]
+                x.index_copy_(0, chosen, _JITTER[name](x.index_select(0, chosen), factor))
+    return x
+
+
+def _brightness(x, factor):
+    return (x * factor).clamp_(max=255.).floor_()
+
+
+def _contrast(x, factor):
+    mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
+    return (x * factor + mean * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _saturation(x, factor):
+    return (x * factor + _gray(x) * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _hue(x, factor):
+    """Shift the hue by factor turns through HSV, as OpenCV's float conversions do (not rounded)."""
+    r, g, b = x.unbind(1)
+    value = x.amax(1)
+    spread = value - x.amin(1)
+    safe = torch.where(spread > 0, spread, 1.)
+    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
+    hue = torch.where(spread > 0, hue, 0.)
+    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)  # in sixths of a turn
+    saturation = torch.where(value > 0, spread / torch.where(value > 0, value, 1.), 0.)
+    sector = hue.floor()
+    frac = hue - sector
+    p = value * (1. - saturation)
+    q = value * (1. - saturation * frac)
+    t = value * (1. - saturation * (1. - frac))
+    sector = sector.long().clamp_(0, 5)[:, None]
+    choices = torch.stack([torch.stack(c, 1) for c in ((value, t, p), (q, value, p), (p, value, t),
+                                                        (p, q, value), (t, p, value), (value, p, q))], 1)
+    return choices.gather(1, sector[:, :, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+
+
+_JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}
+
+
+def _blur(x, host, params):
+    """Gaussian blur of the views with a radius, as OpenCV's on float images: 4 sigma each side, edges
+    replicated; one grouped convolution per axis with each view's kernel zero-padded to the largest."""
+    chosen = (host[:, _F['blur_radius']] > 0).nonzero().flatten()
+    if not len(chosen):
+        return x
+    sigma_host = host[chosen, _F['blur_radius']]
+    half = int(((sigma_host * 8 + 1 + 0.5).floor().long() | 1).max()) // 2
+    chosen = chosen.to(x.device)
+    sigma = params.index_select(0, chosen)[:, _F['blur_radius'], None]
+    own_half = (torch.floor(sigma * 8 + 1 + 0.5).long() | 1) // 2
+    offsets = torch.arange(-half, half + 1, device=x.device)
+    kernel = torch.where(offsets.abs() <= own_half, torch.exp(-offsets ** 2 / (2 * sigma ** 2)), 0.)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(3, dim=0)  # (views*3, taps)
+    views = x.index_select(0, chosen)
+    n, c, height, width = views.shape
+    planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
+    planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
+    planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
+    return x.index_copy(0, chosen, planes.view(n, c, height, width))
+
+
 def limit_dataset(dataset, limit):
     """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
     if limit is None or limit >= len(dataset):

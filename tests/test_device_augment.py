@@ -1,0 +1,120 @@
+"""--augment_on device: views drawn in the loader as before, rendered in batches by utils.render_views
+(on CPU tensors here), equal to today's per-image CPU render."""
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_dino
+import utils
+from test_speed import rate_is, uniform_in
+
+STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
+
+
+@pytest.fixture(scope='module')
+def photos():
+    """Two photograph-like images of different sizes and shapes (the batch pads them to a common size)."""
+    shapes = utils.SyntheticShapes('train', image_size=500, seed=3)
+    return [shapes.render(7).resize((500, 375), Image.BILINEAR), shapes.render(2).resize((300, 420), Image.BILINEAR)]
+
+
+def both_paths(images, seed, local_crops_number=8, global_crops_size=224, local_crops_size=96):
+    """Today's CPU views and the device render of the same draws (same seed per image), in grey levels."""
+    cpu = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), local_crops_number, global_crops_size,
+                                         local_crops_size)
+    device = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), local_crops_number, global_crops_size,
+                                            local_crops_size, augment_on='device')
+    expected, handed = [], []
+    for i, image in enumerate(images):
+        for augmentation, out in ((cpu, expected), (device, handed)):
+            torch.manual_seed(seed + i)
+            random.seed(seed + i)
+            out.append(augmentation(image))
+    batch, skipped, notes = utils.collate_hand_over([(h, -1, '') for h in handed])
+    got = device.render(batch, 'cpu')
+    assert len(got) == 2 + local_crops_number and skipped.tolist() == [-1] * len(images)
+    diffs = []
+    for view, rendered in enumerate(got):
+        for i in range(len(images)):
+            assert rendered[i].shape == expected[i][view].shape
+            diffs.append(((rendered[i] - expected[i][view]) * STD * 255).abs())
+    return diffs, [p for _, p in handed]
+
+
+def test_device_render_equals_cpu_render(photos):
+    """Every view of several draws (all flips, jitter orders, grey, blur, solarisation are met): the
+    tolerances used against PIL for the resize (mean below 1.5 grey levels, each view below 6)."""
+    diffs, params = both_paths(photos * 3, seed=10)
+    per_view = [d.mean().item() for d in diffs]
+    assert np.mean(per_view) < 1.5 and max(per_view) < 6
+    # the device resize follows PIL's own resampling, so the views are much closer than that (what
+    # differs: a whole level here and there where a float lands on the other side of a rounding step)
+    assert np.mean(per_view) < 0.05 and max(per_view) < 0.5
+    rows = torch.cat(params)
+    f = utils.VIEW_FIELDS.index
+    for field in ('flip', 'grayscale', 'solarize'):
+        assert 0 < rows[:, f(field)].sum() < len(rows), field
+    assert 0 < (rows[:, f('blur_radius')] > 0).sum() < len(rows)
+    assert len(set(map(tuple, rows[:, f('order0'):f('order3') + 1].tolist()))) > 10
+
+
+def test_large_images_are_handed_over_shrunk(photos):
+    """An image above the cap (short side 2x the global size) travels shrunk, its boxes scaled with it;
+    the views stay within the tolerances of the direct render."""
+    big = photos[0].resize((1000, 750), Image.BICUBIC)
+    diffs, params = both_paths([big], seed=3, local_crops_number=2, global_crops_size=96, local_crops_size=48)
+    per_view = [d.mean().item() for d in diffs]
+    assert np.mean(per_view) < 1.5 and max(per_view) < 6
+    f = utils.VIEW_FIELDS.index
+    assert params[0][0, f('image_height')] == 192 and params[0][0, f('image_width')] == 256
+
+
+def unpack(rows):
+    """CropParams back from the packed rows render_views reads."""
+    f = utils.VIEW_FIELDS.index
+    views = []
+    for row in rows.tolist():
+        order = [int(i) for i in row[f('order0'):f('order3') + 1] if i >= 0]
+        factors = row[f('brightness'):f('hue') + 1]
+        jitter = tuple((utils.DinoCropTransform.JITTER_OPS[i], factors[i]) for i in order)
+        views.append(utils.CropParams(tuple(row[:4]), bool(row[f('flip')]), jitter, bool(row[f('grayscale')]),
+                                      row[f('blur_radius')], bool(row[f('solarize')])))
+    return views
+
+
+def test_device_path_statistics(photos):
+    """The parameters the device render reads, over 2000 images: every rate and range DINO specifies."""
+    photo = photos[0]
+    torch.manual_seed(0)
+    random.seed(0)
+    augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1, augment_on='device')
+    n = 2000
+    draws = [unpack(augmentation(photo)[1]) for _ in range(n)]
+    area = photo.size[0] * photo.size[1]
+    views = {'global1': (0, (0.4, 1.), 1.0, 0.), 'global2': (1, (0.4, 1.), 0.1, 0.2), 'local': (2, (0.05, 0.4), 0.5, 0.)}
+    for name, (position, (low, high), blur_p, solarize_p) in views.items():
+        params = [d[position] for d in draws]
+        scales = np.array([p.box[2] * p.box[3] / area for p in params])
+        ratios = np.array([p.box[3] / p.box[2] for p in params])
+        assert scales.min() >= low * 0.97 and scales.max() <= high * 1.01, name
+        assert ratios.min() >= 0.74 and ratios.max() <= 1.35, name
+        if name == 'local':  # no rejected draws: area uniform in the scale range, log-ratio symmetric
+            assert uniform_in(scales, low, high, slack=0.01)
+            assert uniform_in(np.log(ratios), np.log(3 / 4), np.log(4 / 3), slack=0.01)
+        assert rate_is([p.flip for p in params], 0.5), name
+        assert rate_is([bool(p.jitter) for p in params], 0.8), name
+        assert rate_is([p.grayscale for p in params], 0.2), name
+        assert rate_is([p.blur_radius > 0 for p in params], blur_p), name
+        assert rate_is([p.solarize for p in params], solarize_p), name
+        assert uniform_in([p.blur_radius for p in params if p.blur_radius > 0], 0.1, 2.0), name
+        for op, (lo, hi) in {'brightness': (0.6, 1.4), 'contrast': (0.6, 1.4), 'saturation': (0.8, 1.2),
+                             'hue': (-0.1, 0.1)}.items():
+            factors = [f for p in params for o, f in p.jitter if o == op]
+            assert len(factors) == sum(bool(p.jitter) for p in params)
+            assert uniform_in(factors, lo, hi), (name, op)
+        orders = Counter(tuple(o for o, _ in p.jitter) for p in params if p.jitter)
+        assert len(orders) == 24 and min(orders.values()) > 0.5 * n * 0.8 / 24

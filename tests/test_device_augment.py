@@ -1,6 +1,7 @@
 """--augment_on device: views drawn in the loader as before, rendered in batches by utils.render_views
 (on CPU tensors here), equal to today's per-image CPU render."""
 import random
+import signal
 from collections import Counter
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 import main_dino
 import utils
+from conftest import TINY_TRAIN_ARGS, run_script
 from test_speed import rate_is, uniform_in
 
 STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
@@ -35,7 +37,7 @@ def both_paths(images, seed, local_crops_number=8, global_crops_size=224, local_
             random.seed(seed + i)
             out.append(augmentation(image))
     batch, skipped, notes = utils.collate_hand_over([(h, -1, '') for h in handed])
-    got = device.render(batch, 'cpu')
+    got = utils.render_views(*batch, [t.size for t in device.transforms()])
     assert len(got) == 2 + local_crops_number and skipped.tolist() == [-1] * len(images)
     diffs = []
     for view, rendered in enumerate(got):
@@ -118,3 +120,31 @@ def test_device_path_statistics(photos):
             assert uniform_in(factors, lo, hi), (name, op)
         orders = Counter(tuple(o for o, _ in p.jitter) for p in params if p.jitter)
         assert len(orders) == 24 and min(orders.values()) > 0.5 * n * 0.8 / 24
+
+
+# ----------------------------------------------------------------------------- training with --augment_on device
+
+RUN_ARGS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16', '--batch_size_per_device', '8',
+            '--data_limit', '16', '--epochs', '2', '--augment_on', 'device']
+
+
+def train(out, *extra, fault=None, check=True):
+    env = {'OMP_NUM_THREADS': '1', 'DINO_FAULT': fault or ''}
+    return run_script('main_dino.py', *RUN_ARGS, '--output_dir', out, *extra, env=env, check=check, timeout=300)
+
+
+def test_device_augmented_training_resumes_exactly_after_a_kill(tmp_path):
+    """Killed in epoch 1 (2 iterations per epoch), then run again: the same weights, bit for bit, as an
+    uninterrupted run; the loader's workers hand over images and parameters, the step renders them."""
+    reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+    proc = train(reference, '--num_workers', '1')
+    assert 'Multi-crop views rendered on: device' in proc.stdout
+    proc = train(resumed, '--num_workers', '0', fault='step:3:kill', check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert utils.load_checkpoint(resumed / 'checkpoint.pth')['epoch'] == 1
+    train(resumed, '--num_workers', '0')
+    assert (resumed / 'log.txt').read_text() == (reference / 'log.txt').read_text()
+    got, want = utils.load_checkpoint(resumed / 'checkpoint.pth'), utils.load_checkpoint(reference / 'checkpoint.pth')
+    for key in ('student', 'teacher', 'dino_loss'):
+        for name in want[key]:
+            assert torch.equal(got[key][name], want[key][name]), f'{key}.{name} differs'

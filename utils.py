@@ -1167,7 +1167,7 @@ def _render_group(pixels, params, size, per_image):
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each
 # pass is a batch of small matrix products: the outputs are cut into tiles of _TILE pixels, and each
 # tile multiplies the window of input pixels it reads by its dense tap weights.
-_TILE = 8
+_TILE = 16
 
 
 def _resize_views(pixels, image_of_view, host, params, size):
@@ -1205,8 +1205,15 @@ def _resample_last_axis(x, source, rows, host_length, box, size, flip):
     lowest = index.amin(-1)
     lowest = torch.cat([lowest, lowest[:, -1:].expand(-1, tiles * _TILE - size)], 1)
     first = lowest.view(len(box), tiles, _TILE).amin(-1)  # (V, tiles)
-    windows = F.pad(x, (0, window)).unfold(-1, window, 1)[source[:, None, None], :, rows[:, None, :],
-                                                         first[:, :, None]]  # (V, tiles, rows, C, window)
+    # every window is `window` consecutive values of the padded input: picked by offset from a view in
+    # which each row starts one value after the previous one (one index_select, inner copies contiguous)
+    channels, length = x.shape[1], x.shape[-1] + window
+    flat = F.pad(x, (0, window)).reshape(-1)
+    starts = flat.as_strided((flat.numel() - window + 1, window), (1, 1))
+    line = (source[:, None] * channels + torch.arange(channels, device=x.device)) * x.shape[2]
+    line = line[:, None, :] + rows[:, :, None]  # (V, rows, C): index of each line of the padded input
+    offsets = line[:, None] * length + first[:, :, None, None]  # (V, tiles, rows, C)
+    windows = starts.index_select(0, offsets.flatten()).view(*offsets.shape, window)
     offset = index - first.repeat_interleave(_TILE, dim=1)[:, :size, None]
     dense = torch.zeros(len(box), tiles * _TILE, window, device=x.device)
     dense[:, :size].scatter_add_(-1, offset.clamp(0, window - 1), weight)
@@ -1281,17 +1288,11 @@ def _hue(x, factor):
     safe = torch.where(spread > 0, spread, 1.)
     hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
     hue = torch.where(spread > 0, hue, 0.)
-    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)  # in sixths of a turn
-    saturation = torch.where(value > 0, spread / torch.where(value > 0, value, 1.), 0.)
-    sector = hue.floor()
-    frac = hue - sector
-    p = value * (1. - saturation)
-    q = value * (1. - saturation * frac)
-    t = value * (1. - saturation * (1. - frac))
-    sector = sector.long().clamp_(0, 5)[:, None]
-    choices = torch.stack([torch.stack(c, 1) for c in ((value, t, p), (q, value, p), (p, value, t),
-                                                        (p, q, value), (t, p, value), (value, p, q))], 1)
-    return choices.gather(1, sector[:, :, None].expand(-1, 1, 3, -1, -1)).squeeze(1)
+    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)[:, None]  # in sixths of a turn
+    # HSV to RGB without branches: channel n (R, G, B: 5, 3, 1) falls by the spread where k = (n + hue)
+    # mod 6 is within one sixth of the hue's sector
+    k = torch.remainder(torch.tensor([5., 3., 1.], device=x.device)[:, None, None] + hue, 6.)
+    return value[:, None] - spread[:, None] * torch.minimum(k, 4. - k).clamp_(0., 1.)
 
 
 _JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import main_dino
 import utils
 from conftest import TINY_TRAIN_ARGS, run_script
-from test_speed import rate_is, uniform_in
+from test_speed import rate_is, uniform_in, vit_tiny_training_flops_per_image
 
 STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
 
@@ -148,3 +149,33 @@ def test_device_augmented_training_resumes_exactly_after_a_kill(tmp_path):
     for key in ('student', 'teacher', 'dino_loss'):
         for name in want[key]:
             assert torch.equal(got[key][name], want[key][name]), f'{key}.{name} differs'
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+def test_benchmark_reports_both_paths_side_by_side():
+    """--mode data: the original, cpu and device CPU shares and the device share; --mode step
+    --augment_on device: the step with its render (the model FLOPs are those of the plain step)."""
+    threads = torch.get_num_threads()
+    try:
+        args = benchmark.get_args_parser().parse_args(
+            ['--mode', 'data', '--num_workers', '0', '--batch_size_per_device', '2', '--steps', '1',
+             '--warmup_steps', '1', '--local_crops_number', '1', '--global_crops_size', '64', '--local_crops_size',
+             '32', '--image_width', '120', '--image_height', '90', '--augment_on', 'device', '--device', 'cpu'])
+        result = benchmark.benchmark_data(args)
+        assert result['augment_on'] == 'device' and result['images_per_s'] > 0
+        assert set(result['cpu_share']) == {'decode_only', 'original', 'cpu', 'device'}
+        for share in [*result['cpu_share'].values(), result['device_share']]:
+            assert share['images_per_s'] > 0 and share['images_per_cpu_second'] > 0
+        assert result['one_thread_images_per_s'] == result['cpu_share']['device']['images_per_s']
+        assert result['cpu_render_only_images_per_cpu_second'] > 0
+        args = benchmark.get_args_parser().parse_args(
+            ['--arch', 'vit_tiny', '--device', 'cpu', '--batch_size_per_device', '2', '--global_crops_size', '32',
+             '--local_crops_size', '16', '--local_crops_number', '2', '--out_dim', '256', '--steps', '1',
+             '--warmup_steps', '1', '--augment_on', 'device'])
+        result = benchmark.benchmark_step(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result['augment_on'] == 'device' and result['images_per_s'] > 0
+    assert result['flops_per_image'] == vit_tiny_training_flops_per_image(32, 16, 2, 256)
+    assert np.isfinite(result['final_loss'])

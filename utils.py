@@ -1133,24 +1133,26 @@ def render_views(pixels, params, sizes):
     pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
     the output side of each view. Consecutive views of the same size are rendered together.
     """
+    batch, channels, height, width = pixels.shape
+    columns = pixels.permute(0, 3, 1, 2).reshape(batch * width, channels * height).float()  # see _resize_views
     views, start = [], 0
     while start < len(sizes):
         end = start
         while end < len(sizes) and sizes[end] == sizes[start]:
             end += 1
         group = params[:, start:end].reshape(-1, params.shape[-1])
-        out = _render_group(pixels, group, sizes[start], end - start)
+        out = _render_group(columns, pixels.shape, group, sizes[start], end - start)
         views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
         start = end
     return views
 
 
-def _render_group(pixels, params, size, per_image):
-    device = pixels.device
+def _render_group(columns, shape, params, size, per_image):
+    device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)
-    image_of_view = torch.arange(len(pixels), device=device).repeat_interleave(per_image)
-    x = _resize_views(pixels, image_of_view, host, params, size)
+    image_of_view = torch.arange(shape[0], device=device).repeat_interleave(per_image)
+    x = _resize_views(columns, shape, image_of_view, host, params, size)
     x = _jitter(x, host, params)
     gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
     if len(gray):
@@ -1164,64 +1166,32 @@ def _render_group(pixels, params, size, per_image):
 
 
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
-# at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each
-# pass is a batch of small matrix products: the outputs are cut into tiles of _TILE pixels, and each
-# tile multiplies the window of input pixels it reads by its dense tap weights.
-_TILE = 16
+# at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
+# is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
+# read, each a contiguous vector of all the pixels of that column (row).
 
-
-def _resize_views(pixels, image_of_view, host, params, size):
+def _resize_views(columns, shape, image_of_view, host, params, size):
+    """columns: the images' columns, (B * W, C * H) floats; returns the resized views (V, C, size, size)."""
     f = _F
-    views, height = len(params), pixels.shape[2]
-    # the rows the vertical pass reads: from `first_row`, a band as tall as the tallest view needs
-    support = 2. * (params[:, f['height']] / size).clamp(min=1.)
-    first_row = (params[:, f['top']] - support - 1.).floor().clamp(min=0.)
-    host_support = 2. * (host[:, f['height']] / size).clamp(min=1.)
-    band = int((host[:, f['height']] + 2. * host_support).ceil().max()) + 4
-    rows = torch.minimum(first_row.long()[:, None] + torch.arange(band, device=pixels.device),
-                         torch.tensor(height - 1, device=pixels.device))
+    _, channels, height, width = shape
+    views = len(params)
     flip = params[:, f['flip']] > 0
-    columns = _resample_last_axis(pixels, image_of_view, rows, host[:, [f['width']]],
-                                  params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    columns = columns.add_(0.5).floor_().clamp_(0, 255)  # (V, band, C, size)
-    valid = torch.minimum(params[:, f['image_height']] - first_row, torch.tensor(float(band), device=pixels.device))
-    box = torch.stack([params[:, f['top']] - first_row, params[:, f['height']], valid], 1)
-    all_rows = torch.arange(size, device=pixels.device).expand(views, -1)
-    out = _resample_last_axis(columns.permute(0, 2, 3, 1), torch.arange(views, device=pixels.device), all_rows,
-                              host[:, [f['height']]], box, size, None)
-    return out.add_(0.5).floor_().clamp_(0, 255).permute(0, 2, 3, 1)  # (V, C, size, size)
+    out = _resample(columns, image_of_view * width, host[:, f['width']],
+                    params[:, [f['left'], f['width'], f['image_width']]], size, flip)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * H): the views' columns
+    rows = out.view(views, size, channels, height).permute(0, 3, 2, 1).reshape(views * height, channels * size)
+    out = _resample(rows, torch.arange(views, device=columns.device) * height, host[:, f['height']],
+                    params[:, [f['top'], f['height'], f['image_height']]], size, None)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * size): the views' rows
+    return out.view(views, size, channels, size).transpose(1, 2).contiguous()
 
 
-def _resample_last_axis(x, source, rows, host_length, box, size, flip):
-    """Resample the last axis of x (S, C, R, L) to `size` pixels: rows `rows[v]` of x[source[v]], over box v
-    = (start, length, valid length). Returns (V, rows, C, size)."""
-    tiles = -(-size // _TILE)
-    scale = host_length[:, 0] / size
-    support = 2. * scale.clamp(min=1.)
-    taps = int(torch.ceil(support).max()) * 2 + 1
-    window = int(torch.ceil((_TILE - 1) * scale.max() + 2 * support.max())) + 4
+def _resample(lines, first_line, host_length, box, size, flip):
+    """Resample box v = (start, length, valid length) of the lines from first_line[v] on to `size` outputs."""
+    taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    # each tile reads a window of input pixels starting at the lowest one any of its outputs reads
-    lowest = index.amin(-1)
-    lowest = torch.cat([lowest, lowest[:, -1:].expand(-1, tiles * _TILE - size)], 1)
-    first = lowest.view(len(box), tiles, _TILE).amin(-1)  # (V, tiles)
-    # every window is `window` consecutive values of the padded input: picked by offset from a view in
-    # which each row starts one value after the previous one (one index_select, inner copies contiguous)
-    channels, length = x.shape[1], x.shape[-1] + window
-    flat = F.pad(x, (0, window)).reshape(-1)
-    starts = flat.as_strided((flat.numel() - window + 1, window), (1, 1))
-    line = (source[:, None] * channels + torch.arange(channels, device=x.device)) * x.shape[2]
-    line = line[:, None, :] + rows[:, :, None]  # (V, rows, C): index of each line of the padded input
-    offsets = line[:, None] * length + first[:, :, None, None]  # (V, tiles, rows, C)
-    windows = starts.index_select(0, offsets.flatten()).view(*offsets.shape, window)
-    offset = index - first.repeat_interleave(_TILE, dim=1)[:, :size, None]
-    dense = torch.zeros(len(box), tiles * _TILE, window, device=x.device)
-    dense[:, :size].scatter_add_(-1, offset.clamp(0, window - 1), weight)
-    dense = dense.view(len(box), tiles, _TILE, window).transpose(2, 3)
-    views, _, n_rows, channels, _ = windows.shape
-    out = torch.matmul(windows.reshape(views, tiles, n_rows * channels, window).float(), dense)
-    out = out.permute(0, 2, 1, 3).reshape(views, n_rows, channels, tiles * _TILE)
-    return out[..., :size]
+    index = index + first_line[:, None, None]
+    return F.embedding_bag(index.view(-1, taps), lines, per_sample_weights=weight.view(-1, taps), mode='sum')
 
 
 def _bicubic_taps(start, length, valid, size, taps, flip=None):

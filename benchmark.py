@@ -237,7 +237,8 @@ def benchmark_data(args):
         paths = write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)
         loader_images_per_s = time_data_loader(args, root)
         torch.set_num_threads(1)
-        original = original_augmentation(args)
+        original = original_augmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                         args.global_crops_size, args.local_crops_size)
         cpu, on_device = augmentation_for(args, 'cpu'), augmentation_for(args, 'device')
         shares = {
             'decode_only': time_per_image(paths, lambda image: image),
@@ -323,7 +324,8 @@ def time_renders(args, device, paths, cpu, on_device):
     return render, 1 / statistics.median(timer.cpu_seconds())
 
 
-def original_augmentation(args):
+def original_augmentation(global_crops_scale, local_crops_scale, local_crops_number, global_crops_size=224,
+                          local_crops_size=96):
     """The original DINO's torchvision/PIL multi-crop pipeline, as a list of per-view transforms."""
     from torchvision import transforms
     flip_and_color_jitter = transforms.Compose([
@@ -337,10 +339,9 @@ def original_augmentation(args):
     def view(size, scale, *extra):
         crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC)
         return transforms.Compose([crop, flip_and_color_jitter, *extra, normalize])
-    return ([view(args.global_crops_size, args.global_crops_scale, utils.GaussianBlur(1.0)),
-             view(args.global_crops_size, args.global_crops_scale, utils.GaussianBlur(0.1), utils.Solarization(0.2))]
-            + [view(args.local_crops_size, args.local_crops_scale, utils.GaussianBlur(p=0.5))]
-            * args.local_crops_number)
+    return ([view(global_crops_size, global_crops_scale, utils.GaussianBlur(1.0)),
+             view(global_crops_size, global_crops_scale, utils.GaussianBlur(0.1), utils.Solarization(0.2))]
+            + [view(local_crops_size, local_crops_scale, utils.GaussianBlur(p=0.5))] * local_crops_number)
 
 
 def write_test_jpegs(root, count, args):

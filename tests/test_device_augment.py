@@ -2,7 +2,6 @@
 (on CPU tensors here), equal to today's per-image CPU render."""
 import random
 import signal
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import benchmark
 import main_dino
 import utils
 from conftest import TINY_TRAIN_ARGS, run_script
-from test_speed import rate_is, uniform_in, vit_tiny_training_flops_per_image
+from test_speed import assert_view_statistics, vit_tiny_training_flops_per_image
 
 STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
 
@@ -90,37 +89,16 @@ def unpack(rows):
 
 
 def test_device_path_statistics(photos):
-    """The parameters the device render reads, over 2000 images: every rate and range DINO specifies."""
+    """The parameters the device render reads, unpacked, over 2000 images: the statistics test's checks."""
     photo = photos[0]
     torch.manual_seed(0)
     random.seed(0)
     augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1, augment_on='device')
-    n = 2000
-    draws = [unpack(augmentation(photo)[1]) for _ in range(n)]
+    draws = [unpack(augmentation(photo)[1]) for _ in range(2000)]
     area = photo.size[0] * photo.size[1]
     views = {'global1': (0, (0.4, 1.), 1.0, 0.), 'global2': (1, (0.4, 1.), 0.1, 0.2), 'local': (2, (0.05, 0.4), 0.5, 0.)}
-    for name, (position, (low, high), blur_p, solarize_p) in views.items():
-        params = [d[position] for d in draws]
-        scales = np.array([p.box[2] * p.box[3] / area for p in params])
-        ratios = np.array([p.box[3] / p.box[2] for p in params])
-        assert scales.min() >= low * 0.97 and scales.max() <= high * 1.01, name
-        assert ratios.min() >= 0.74 and ratios.max() <= 1.35, name
-        if name == 'local':  # no rejected draws: area uniform in the scale range, log-ratio symmetric
-            assert uniform_in(scales, low, high, slack=0.01)
-            assert uniform_in(np.log(ratios), np.log(3 / 4), np.log(4 / 3), slack=0.01)
-        assert rate_is([p.flip for p in params], 0.5), name
-        assert rate_is([bool(p.jitter) for p in params], 0.8), name
-        assert rate_is([p.grayscale for p in params], 0.2), name
-        assert rate_is([p.blur_radius > 0 for p in params], blur_p), name
-        assert rate_is([p.solarize for p in params], solarize_p), name
-        assert uniform_in([p.blur_radius for p in params if p.blur_radius > 0], 0.1, 2.0), name
-        for op, (lo, hi) in {'brightness': (0.6, 1.4), 'contrast': (0.6, 1.4), 'saturation': (0.8, 1.2),
-                             'hue': (-0.1, 0.1)}.items():
-            factors = [f for p in params for o, f in p.jitter if o == op]
-            assert len(factors) == sum(bool(p.jitter) for p in params)
-            assert uniform_in(factors, lo, hi), (name, op)
-        orders = Counter(tuple(o for o, _ in p.jitter) for p in params if p.jitter)
-        assert len(orders) == 24 and min(orders.values()) > 0.5 * n * 0.8 / 24
+    for name, (position, scale, blur_p, solarize_p) in views.items():
+        assert_view_statistics(name, [d[position] for d in draws], area, scale, blur_p, solarize_p)
 
 
 # ----------------------------------------------------------------------------- training with --augment_on device

@@ -1079,9 +1079,10 @@ class DinoCropTransform:
 
 # Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
 # exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
-# packed in one float64 row per view; render_views then draws all views of one size at once with
-# plain batched tensor ops (gathers, matmuls, grouped convolutions), the same steps as
-# DinoCropTransform.render.
+# packed in one float64 row per view; render_views then renders all views of one size at once with
+# plain batched tensor ops (embedding_bag, index_select, grouped convolutions, elementwise ops), the
+# same steps as DinoCropTransform.render. The parameters stay on the CPU too, so that what decides
+# shapes (tap counts, which views take which operation) is known without waiting for the device.
 VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
                'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
                'grayscale', 'blur_radius', 'solarize')
@@ -1148,6 +1149,7 @@ def render_views(pixels, params, sizes):
 
 
 def _render_group(columns, shape, params, size, per_image):
+    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
     device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)

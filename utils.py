@@ -1160,11 +1160,13 @@ def _render_group(columns, shape, params, size, per_image):
     if len(gray):
         x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1).contiguous())
     x = _blur(x, host, params)
-    solarize = params[:, _F['solarize'], None, None, None] > 0
-    x = torch.where(solarize & (x >= 128), 255. - x, x)
+    solarize = host[:, _F['solarize']].nonzero().flatten().to(device)
+    if len(solarize):
+        views = x.index_select(0, solarize)
+        x.index_copy_(0, solarize, torch.where(views >= 128, 255. - views, views))
     mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
-    return x * (1. / (255. * std)) - mean / std
+    return x.mul_(1. / (255. * std)).sub_(mean / std)
 
 
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis

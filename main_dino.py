@@ -74,6 +74,11 @@ def get_args_parser():
                         help="Scale range of the local crops relative to the image.")
     parser.add_argument('--global_crops_size', type=int, default=224, help="Side in pixels of global crops.")
     parser.add_argument('--local_crops_size', type=int, default=96, help="Side in pixels of local crops.")
+    parser.add_argument('--augment_on', default='auto', choices=['auto', 'cpu', 'device'], help="""Where the
+        views are rendered. cpu: in the DataLoader workers, as the original does. device: the workers only
+        decode the image and draw the views' random parameters (the same draws, so the same views); crop,
+        resize, flip, colour jitter, grayscale, blur, solarisation and normalisation then run batched on
+        the training device. auto (default): device on HPU/CUDA, cpu on a CPU.""")
 
     # Misc
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
@@ -104,6 +109,7 @@ def get_args_parser():
 
 def train_dino(args):
     device = utils.start_run(args)
+    resolve_augment_on(args)
     utils.fix_random_seeds(args.seed)
     stop = utils.StopSignal()  # SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit 0
 
@@ -185,7 +191,7 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
     for images, skipped_indices, notes in metric_logger.log_every(data_loader, 10, header, epoch):
         skipped.note(skipped_indices, notes)
         it = iters_per_epoch * epoch + step  # global training iteration
-        images = [im.to(device, non_blocking=True) for im in images]
+        images = views_on_device(images, args, device)
         loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
                           schedules, fp16_scaler, args)
         loss_value, *figures = torch.cat([loss.view(1), dino_loss.figures]).tolist()  # one read from the device
@@ -369,26 +375,53 @@ class CollapseWatch:
 
 
 class DataAugmentationDINO(object):
-    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views."""
+    """Two global views (always blurred; rarely blurred and sometimes solarised) and local views.
+
+    With augment_on='device' the views are only drawn here: the call returns the image and their
+    parameters (utils.hand_over), which views_on_device renders on the training device.
+    """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
-                 global_crops_size=224, local_crops_size=96):
+                 global_crops_size=224, local_crops_size=96, augment_on='cpu'):
         self.global_transfo1 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
         self.global_transfo2 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
                                                        solarize_p=0.2)
         self.local_crops_number = local_crops_number
         self.local_transfo = utils.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.augment_on = augment_on
+        # images are handed over with the short side at most twice the global crop size: the smallest
+        # regions drawn (40% of the area for a global crop, 5% for a local one, of a 448-pixel side) still
+        # cover at least their output size (283 > 224 and 100 > 96 pixels), so no view is enlarged
+        self.max_short_side = 2 * global_crops_size
+
+    def transforms(self):
+        return [self.global_transfo1, self.global_transfo2] + [self.local_transfo] * self.local_crops_number
 
     def __call__(self, image):
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        for _ in range(self.local_crops_number):
-            crops.append(self.local_transfo(image))
-        return crops
+        if self.augment_on == 'device':
+            return utils.hand_over(image, [t.sample(image) for t in self.transforms()], self.max_short_side)
+        return [t(image) for t in self.transforms()]
+
+
+
+def resolve_augment_on(args):
+    if args.augment_on == 'auto':
+        args.augment_on = 'cpu' if args.device == 'cpu' else 'device'
+    print(f"Multi-crop views rendered on: {args.augment_on}")
+
+
+def views_on_device(images, args, device):
+    """A loader batch as the list of view batches on `device`: moved there, or rendered there."""
+    if args.augment_on == 'cpu':
+        return [im.to(device, non_blocking=True) for im in images]
+    pixels, params = images
+    sizes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
+    return utils.render_views(pixels.to(device, non_blocking=True), params, sizes)
 
 
 def build_data_loader(args):
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                     args.global_crops_size, args.local_crops_size)
+                                     args.global_crops_size, args.local_crops_size, args.augment_on)
     if utils.is_synthetic(args.data_path):
         dataset = utils.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
                                         transform=transform)
@@ -416,6 +449,7 @@ def build_data_loader(args):
         persistent_workers=False,
         worker_init_fn=utils.StopSignal.ignore_in_worker,
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn apart from the model's RNG
+        collate_fn=utils.collate_hand_over if args.augment_on == 'device' else None,
     )
 
 

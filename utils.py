@@ -1149,6 +1149,223 @@ class DinoCropTransform:
         return out
 
 
+# Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
+# exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
+# packed in one float64 row per view; render_views then renders all views of one size at once with
+# plain batched tensor ops (embedding_bag, index_select, grouped convolutions, elementwise ops), the
+# same steps as DinoCropTransform.render. The parameters stay on the CPU too, so that what decides
+# shapes (tap counts, which views take which operation) is known without waiting for the device.
+VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
+               'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
+               'grayscale', 'blur_radius', 'solarize')
+_F = {name: i for i, name in enumerate(VIEW_FIELDS)}
+_IDENTITY_FACTORS = (1., 1., 1., 0.)
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
+
+
+def hand_over(image, views, max_short_side):
+    """What the loader passes on for the device render: (uint8 (3, H, W) tensor, float64 (views, fields)).
+
+    `views` are CropParams drawn on the PIL `image`. An image whose short side exceeds `max_short_side`
+    is first shrunk to it (PIL bicubic, antialiased), and the boxes are scaled with it.
+    """
+    width, height = image.size
+    shrink = max_short_side / min(width, height)
+    if shrink < 1:
+        image = image.resize((max(1, round(width * shrink)), max(1, round(height * shrink))), Image.BICUBIC)
+    scale_x, scale_y = image.size[0] / width, image.size[1] / height
+    rows = []
+    for view in views:
+        top, left, box_height, box_width = view.box
+        order = [DinoCropTransform.JITTER_OPS.index(op) for op, _ in view.jitter] or [-1] * 4
+        factors = list(_IDENTITY_FACTORS)
+        for op, factor in view.jitter:
+            factors[DinoCropTransform.JITTER_OPS.index(op)] = factor
+        rows.append([top * scale_y, left * scale_x, box_height * scale_y, box_width * scale_x,
+                     image.size[1], image.size[0], view.flip, *order, *factors, view.grayscale,
+                     view.blur_radius, view.solarize])
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return pixels, torch.tensor(rows, dtype=torch.float64)
+
+
+def collate_hand_over(samples):
+    """Batch (hand_over result, skipped_index, note) items: images zero-padded to the largest one."""
+    height = max(pixels.shape[1] for (pixels, _), _, _ in samples)
+    width = max(pixels.shape[2] for (pixels, _), _, _ in samples)
+    batch = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    for out, ((pixels, _), _, _) in zip(batch, samples):
+        out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+    params = torch.stack([views for (_, views), _, _ in samples])
+    skipped = torch.tensor([index for _, index, _ in samples])
+    return (batch, params), skipped, [note for _, _, note in samples]
+
+
+def render_views(pixels, params, sizes):
+    """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
+
+    pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
+    the output side of each view. Consecutive views of the same size are rendered together.
+    """
+    batch, channels, height, width = pixels.shape
+    columns = pixels.permute(0, 3, 1, 2).reshape(batch * width, channels * height).float()  # see _resize_views
+    views, start = [], 0
+    while start < len(sizes):
+        end = start
+        while end < len(sizes) and sizes[end] == sizes[start]:
+            end += 1
+        group = params[:, start:end].reshape(-1, params.shape[-1])
+        out = _render_group(columns, pixels.shape, group, sizes[start], end - start)
+        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
+        start = end
+    return views
+
+
+def _render_group(columns, shape, params, size, per_image):
+    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
+    device = columns.device
+    host = params
+    params = params.to(device=device, dtype=torch.float32)
+    image_of_view = torch.arange(shape[0], device=device).repeat_interleave(per_image)
+    x = _resize_views(columns, shape, image_of_view, host, params, size)
+    x = _jitter(x, host, params)
+    gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
+    if len(gray):
+        x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1).contiguous())
+    x = _blur(x, host, params)
+    solarize = host[:, _F['solarize']].nonzero().flatten().to(device)
+    if len(solarize):
+        views = x.index_select(0, solarize)
+        x.index_copy_(0, solarize, torch.where(views >= 128, 255. - views, views))
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    return x.mul_(1. / (255. * std)).sub_(mean / std)
+
+
+# --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
+# at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
+# is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
+# read, each a contiguous vector of all the pixels of that column (row).
+
+def _resize_views(columns, shape, image_of_view, host, params, size):
+    """columns: the images' columns, (B * W, C * H) floats; returns the resized views (V, C, size, size)."""
+    f = _F
+    _, channels, height, width = shape
+    views = len(params)
+    flip = params[:, f['flip']] > 0
+    out = _resample(columns, image_of_view * width, host[:, f['width']],
+                    params[:, [f['left'], f['width'], f['image_width']]], size, flip)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * H): the views' columns
+    rows = out.view(views, size, channels, height).permute(0, 3, 2, 1).reshape(views * height, channels * size)
+    out = _resample(rows, torch.arange(views, device=columns.device) * height, host[:, f['height']],
+                    params[:, [f['top'], f['height'], f['image_height']]], size, None)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * size): the views' rows
+    return out.view(views, size, channels, size).transpose(1, 2).contiguous()
+
+
+def _resample(lines, first_line, host_length, box, size, flip):
+    """Resample box v = (start, length, valid length) of the lines from first_line[v] on to `size` outputs."""
+    taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
+    index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
+    index = index + first_line[:, None, None]
+    return F.embedding_bag(index.view(-1, taps), lines, per_sample_weights=weight.view(-1, taps), mode='sum')
+
+
+def _bicubic_taps(start, length, valid, size, taps, flip=None):
+    """Input indices and normalised weights (V, size, taps) of PIL's bicubic resampling of [start, start+length)."""
+    device = start.device
+    scale = length / size
+    stretch = scale.clamp(min=1.)
+    support = 2. * stretch
+    center = start[:, None] + (torch.arange(size, device=device) + 0.5) * scale[:, None]
+    first = (center - support[:, None] + 0.5).trunc().clamp(min=0)
+    end = torch.minimum((center + support[:, None] + 0.5).trunc(), valid[:, None])
+    position = first[..., None] + torch.arange(taps, device=device)
+    t = ((position - center[..., None] + 0.5) / stretch[:, None, None]).abs()
+    a = -0.5
+    weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                         torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.))
+    weight = torch.where(position < end[..., None], weight, 0.)
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = torch.minimum(position, valid[:, None, None] - 1).long()
+    if flip is not None:  # a mirrored view reads its outputs in reverse order
+        index = torch.where(flip[:, None, None], index.flip(1), index)
+        weight = torch.where(flip[:, None, None], weight.flip(1), weight)
+    return index, weight
+
+
+# --- colour: DinoCropTransform's operations on (V, 3, H, W) batches of values in [0, 255]
+
+def _gray(x):
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _jitter(x, host, params):
+    """The four jitter operations in each view's own order (positions 0..3; views without jitter skip)."""
+    f = _F
+    for position in range(4):
+        order = host[:, f[f'order{position}']]
+        for op, name in enumerate(DinoCropTransform.JITTER_OPS):
+            chosen = (order == op).nonzero().flatten().to(x.device)
+            if len(chosen):
+                factor = params.index_select(0, chosen)[:, f[name], None, None, None]
+                x.index_copy_(0, chosen, _JITTER[name](x.index_select(0, chosen), factor))
+    return x
+
+
+def _brightness(x, factor):
+    return (x * factor).clamp_(max=255.).floor_()
+
+
+def _contrast(x, factor):
+    mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
+    return (x * factor + mean * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _saturation(x, factor):
+    return (x * factor + _gray(x) * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _hue(x, factor):
+    """Shift the hue by factor turns through HSV, as OpenCV's float conversions do (not rounded)."""
+    r, g, b = x.unbind(1)
+    value = x.amax(1)
+    spread = value - x.amin(1)
+    safe = torch.where(spread > 0, spread, 1.)
+    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
+    hue = torch.where(spread > 0, hue, 0.)
+    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)[:, None]  # in sixths of a turn
+    # HSV to RGB without branches: channel n (R, G, B: 5, 3, 1) falls by the spread where k = (n + hue)
+    # mod 6 is within one sixth of the hue's sector
+    k = torch.remainder(torch.tensor([5., 3., 1.], device=x.device)[:, None, None] + hue, 6.)
+    return value[:, None] - spread[:, None] * torch.minimum(k, 4. - k).clamp_(0., 1.)
+
+
+_JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}
+
+
+def _blur(x, host, params):
+    """Gaussian blur of the views with a radius, as OpenCV's on float images: 4 sigma each side, edges
+    replicated; one grouped convolution per axis with each view's kernel zero-padded to the largest."""
+    chosen = (host[:, _F['blur_radius']] > 0).nonzero().flatten()
+    if not len(chosen):
+        return x
+    sigma_host = host[chosen, _F['blur_radius']]
+    half = int(((sigma_host * 8 + 1 + 0.5).floor().long() | 1).max()) // 2
+    chosen = chosen.to(x.device)
+    sigma = params.index_select(0, chosen)[:, _F['blur_radius'], None]
+    own_half = (torch.floor(sigma * 8 + 1 + 0.5).long() | 1) // 2
+    offsets = torch.arange(-half, half + 1, device=x.device)
+    kernel = torch.where(offsets.abs() <= own_half, torch.exp(-offsets ** 2 / (2 * sigma ** 2)), 0.)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(3, dim=0)  # (views*3, taps)
+    views = x.index_select(0, chosen)
+    n, c, height, width = views.shape
+    planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
+    planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
+    planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
+    return x.index_copy(0, chosen, planes.view(n, c, height, width))
+
+
 def limit_dataset(dataset, limit):
     """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
     if limit is None or limit >= len(dataset):

@@ -402,7 +402,8 @@ def check_args(args):
     """Every flag against its meaningful range and every path against what it must be, before any work."""
     check_numbers(args)
     if not utils.is_synthetic(args.data_path) and not os.path.exists(args.data_path):
-        utils.fail(f"--data_path {args.data_path} not found; pass a folder of training images or 'synthetic'")
+        utils.fail(f"--data_path {args.data_path} is not a folder (nor any existing path); pass a folder of "
+                   "training images or 'synthetic'")
     utils.check_output_dir(args.output_dir)
 
 

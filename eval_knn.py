@@ -266,7 +266,7 @@ def make_summary_writer(args, subdir):
 def check_args(args):
     utils.check_common_args(args)
     utils.check_at_least(args, 1, 'max_batches', 'nb_knn')
-    if not args.temperature > 0:
+    if not 0 < args.temperature < float('inf'):
         utils.fail(f"--temperature must be positive, got {args.temperature}")
     if args.load_features:
         utils.check_input_folder(args.load_features, '--load_features')

@@ -290,7 +290,7 @@ def make_summary_writer(args):
 def check_args(args):
     utils.check_common_args(args)
     utils.check_at_least(args, 1, 'epochs', 'n_last_blocks', 'val_freq', 'num_labels', 'data_limit')
-    if not args.lr > 0:
+    if not 0 < args.lr < float('inf'):
         utils.fail(f"--lr must be positive, got {args.lr}")
     if not utils.is_synthetic(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')

@@ -412,6 +412,10 @@ def check_numbers(args):
     utils.check_at_least(args, 1, 'epochs', 'out_dim', 'data_limit')
     utils.check_at_least(args, 0, 'local_crops_number', 'warmup_epochs', 'warmup_teacher_temp_epochs',
                          'freeze_last_layer', 'saveckp_freq')
+    for name in ('lr', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad', 'momentum_teacher', 'teacher_temp',
+                 'warmup_teacher_temp', 'drop_path_rate'):
+        if not math.isfinite(getattr(args, name)):
+            utils.fail(f"--{name} must be a finite number, got {getattr(args, name)}")
     if args.warmup_teacher_temp_epochs > args.epochs:
         utils.fail("--warmup_teacher_temp_epochs cannot exceed --epochs")
     if args.warmup_epochs > args.epochs:

@@ -883,6 +883,10 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
         print(f"Take key {checkpoint_key} in provided checkpoint dict")
         state_dict = state_dict[checkpoint_key]
+    elif isinstance(state_dict, dict) and any(isinstance(v, dict) for v in state_dict.values()):
+        networks = [k for k, v in state_dict.items() if isinstance(v, dict) and v and all(map(torch.is_tensor, v.values()))]
+        fail(f"{source} has no '{checkpoint_key}' network (it holds {', '.join(networks) or 'none'}); "
+             "pass --checkpoint_key with one of them")
     if not isinstance(state_dict, dict):
         fail(f"{source} holds a {type(state_dict).__name__}, not a state dict of weights")
     state_dict = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in state_dict.items()}

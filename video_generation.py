@@ -180,7 +180,7 @@ def check_args(args):
             utils.check_image_size(side, args.patch_size, '--resize')
     if not 0 <= args.threshold <= 1:
         utils.fail(f"--threshold is a fraction of the attention mass in [0, 1], got {args.threshold}")
-    if not args.fps > 0:
+    if not 0 < args.fps < float('inf'):
         utils.fail(f"--fps must be positive, got {args.fps}")
     if not os.path.exists(args.input_path):
         utils.fail(f"--input_path {args.input_path} does not exist; pass a video file or a folder of frames")

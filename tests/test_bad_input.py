@@ -136,6 +136,13 @@ def damaged_weights(tmp, weights):
                       '--num_workers', '0'], ['is damaged or not a PyTorch checkpoint', "PyTorch's file formats"]
 
 
+def knn_checkpoint_key_absent(tmp, weights):
+    torch.save({'teacher': torch.load(weights), 'epoch': 1}, tmp / 'checkpoint.pth')
+    return eval_knn, [*TINY, '--pretrained_weights', tmp / 'checkpoint.pth', '--checkpoint_key', 'student',
+                      '--data_path', 'synthetic', '--num_workers', '0', '--nb_knn', '1'], \
+        ["has no 'student' network (it holds teacher)", '--checkpoint_key']
+
+
 CASES = {
     'video_segmentation_into_earlier_results': video_segmentation_into_earlier_results,
     'main_dino_local_crops_number_-1': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--local_crops_number', '-1',
@@ -188,6 +195,9 @@ FURTHER = {
                                                         ['--image_path', 'a folder']),
     'video_segmentation_topk_0': lambda tmp, w: (eval_video_segmentation, [*TINY, '--topk', '0', '--data_path', tmp,
                                                                            '--output_dir', tmp / 'o'], ['--topk']),
+    'main_dino_infinite_lr': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--lr', 'inf', '--output_dir', tmp / 'o'],
+                                             ['--lr must be a finite number']),
+    'knn_checkpoint_key_absent': knn_checkpoint_key_absent,
     'retrieval_multiscale_half_below_patch': lambda tmp, w: (eval_image_retrieval, [
         *TINY, '--imsize', '24', '--multiscale', 'true', '--data_path', tmp], ['--multiscale', 'at least 32']),
 }

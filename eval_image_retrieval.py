@@ -186,7 +186,10 @@ def check_ground_truth(cfg, gnd_path):
         absent = [key for key in ('bbx', 'easy', 'hard', 'junk') if key not in g]
         if absent:
             utils.fail(f"{gnd_path}: ground truth of query {i} lacks {', '.join(absent)}")
-        box = np.asarray(g['bbx'], dtype=float).ravel()
+        try:
+            box = np.asarray(g['bbx'], dtype=float).ravel()
+        except (TypeError, ValueError):
+            box = np.zeros(0)
         if len(box) != 4 or not (np.isfinite(box).all() and box[0] < box[2] and box[1] < box[3]):
             utils.fail(f"{gnd_path}: bounding box of query {i} is {np.asarray(g['bbx']).tolist()}; expected "
                        "[left, top, right, bottom] with left < right and top < bottom")

@@ -99,6 +99,8 @@ def check_common_args(args):
     """Checks of the flags most scripts share (each only where the script has it)."""
     check_at_least(args, 1, 'patch_size', 'batch_size_per_device', 'batch_size', 'dist_timeout')
     check_at_least(args, 0, 'num_workers')
+    if not 0 <= getattr(args, 'seed', 0) < 2 ** 32:  # NumPy's range
+        fail(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if getattr(args, 'pretrained_weights', ''):
         check_input_file(args.pretrained_weights, '--pretrained_weights')
 

@@ -198,6 +198,8 @@ FURTHER = {
     'main_dino_infinite_lr': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--lr', 'inf', '--output_dir', tmp / 'o'],
                                              ['--lr must be a finite number']),
     'knn_checkpoint_key_absent': knn_checkpoint_key_absent,
+    'main_dino_negative_seed': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--seed', '-1', '--output_dir', tmp / 'o'],
+                                               ['--seed must be between 0 and 2**32 - 1']),
     'retrieval_multiscale_half_below_patch': lambda tmp, w: (eval_image_retrieval, [
         *TINY, '--imsize', '24', '--multiscale', 'true', '--data_path', tmp], ['--multiscale', 'at least 32']),
 }

@@ -404,10 +404,7 @@ def make_summary_writer(args):
 def check_args(args):
     """Every flag against its meaningful range and every path against what it must be, before any work."""
     check_numbers(args)
-    if not utils.is_synthetic(args.data_path) and not os.path.exists(args.data_path):
-        utils.fail(f"--data_path {args.data_path} is not a folder (nor any existing path); pass a folder of "
-                   "training images or 'synthetic'")
-    utils.check_output_dir(args.output_dir)
+    utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
 
 
 def check_numbers(args):

@@ -181,7 +181,7 @@ FURTHER = {
     'main_dino_one_crop_scale': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--global_crops_scale', '0.4',
                                                             '--output_dir', tmp / 'o'], ['--global_crops_scale']),
     'main_dino_missing_data_path': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--data_path', tmp / 'none',
-                                                               '--output_dir', tmp / 'o'], ['--data_path', 'is not a folder']),
+                                                               '--output_dir', tmp / 'o'], ['--data_path', 'does not exist']),
     'main_dino_crop_below_patch': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--local_crops_size', '8',
                                                               '--output_dir', tmp / 'o'], ['--local_crops_size 8']),
     'knn_nb_knn_0': lambda tmp, w: (eval_knn, [*TINY, '--nb_knn', '0', '--data_path', 'synthetic'], ['--nb_knn']),

@@ -546,8 +546,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C before training started: nothing to save
-        print("Interrupted before training started; nothing was written.", file=sys.stderr)
-        sys.exit(130)
+    main()

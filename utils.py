@@ -324,9 +324,13 @@ def peer_failure_message(exc, args):
 
 
 def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and run again"):
-    """pipeline(args), with an unreadable image or a lost peer process reported as one error line."""
+    """pipeline(args), with an unreadable image or a lost peer process reported as one error line, and
+    Ctrl-C (where the pipeline does not handle it) as one line and exit status 130."""
     try:
         return pipeline(args)
+    except KeyboardInterrupt:
+        _builtin_print("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
+        raise SystemExit(130) from None
     except DataError as exc:
         fail(f"{data_error_message(exc)}; {data_hint}")
     except RuntimeError as exc:

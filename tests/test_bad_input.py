@@ -259,7 +259,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint_or_stops_at_once(presses, tmp_path)
                 os.killpg(proc.pid, signal.SIGINT)
                 time.sleep(0.5)  # two signals sent at once may arrive as one
             break
-    stdout, stderr = proc.communicate(timeout=240)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
     assert 'Traceback' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-2000:]
     if presses == 1:
@@ -270,3 +274,17 @@ def test_ctrl_c_saves_a_resumable_checkpoint_or_stops_at_once(presses, tmp_path)
     else:
         assert stderr.strip().splitlines()[-1].startswith('Interrupted again: stopping now')
         assert not (tmp_path / 'checkpoint.pth').exists() and not list(tmp_path.glob('*.tmp*'))
+
+
+def test_ctrl_c_in_an_evaluation_is_one_line_and_exit_130(capsys):
+    """eval_knn and eval_linear run through utils.run_reporting_failures (torch's DataLoader workers stay quiet)."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(SystemExit) as stop:
+            utils.run_reporting_failures(interrupted, None)
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("Ctrl-C escaped run_reporting_failures")
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["Interrupted (Ctrl-C); the files already written are kept."]

@@ -207,7 +207,8 @@ def list_videos(data_path):
 
 
 def check_sizes(name, frame_list, annotation_dir):
-    """Every frame of a video has one size, and so has each of its annotations (only headers are read)."""
+    """Every frame of a video has one size, and so has each of its annotations; the first annotation is an
+    indexed PNG (only that one is decoded: of the others, only the headers are read)."""
     frame_size = image_size(frame_list[0], 'frame')
     read_annotation(annotation_path(annotation_dir, frame_list[0]))  # an indexed PNG
     for frame in frame_list:

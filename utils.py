@@ -809,22 +809,19 @@ _fault_counts = defaultdict(int)
 
 
 def fault_point(name):
-    """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>[:<attempt>]], fail the n-th time this process
-    gets here.
+    """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
     Actions: kill (SIGKILL itself), hang (sleep until killed), enospc (raise the OSError of a full disk)
     or kill_worker (SIGKILL a DataLoader worker of this process, as the out-of-memory killer would).
-    <rank> is a process rank or * (any); a fault fires only in attempt <attempt> (default 0, the first)
-    of a job that torchrun restarts. Several faults are separated by commas. Used by the robustness tests
+    A fault fires only in the first attempt of a job that torchrun restarts. Used by the robustness tests
     to kill a run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
     """
+    spec = os.environ.get('DINO_FAULT', '').split(':')
+    if spec[0] != name or (len(spec) > 3 and int(spec[3]) != get_rank()):
+        return
     _fault_counts[name] += 1
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
-    for spec in filter(None, os.environ.get('DINO_FAULT', '').split(',')):
-        fields = spec.split(':')
-        where, count, action, rank, at = fields + ['*', '0'][len(fields) - 3:]
-        if (where, int(count), at) == (name, _fault_counts[name], attempt) and rank in ('*', str(get_rank())):
-            _inject_fault(action, f"{action} at {name} {count}")
+    if _fault_counts[name] == int(spec[1]) and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
+        _inject_fault(spec[2], f"{spec[2]} at {name} {spec[1]}")
 
 
 def _inject_fault(action, description):

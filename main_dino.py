@@ -1,6 +1,7 @@
 """DINO self-supervised training (Caron et al., 2021) on HPU, CUDA or CPU."""
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -87,6 +88,10 @@ def get_args_parser():
         and # comments skipped), or 'synthetic' for the built-in data.""")
     parser.add_argument('--output_dir', default=".", type=str, help='Where logs and checkpoints go.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Keep checkpointNNNN.pth every x epochs.')
+    parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth every N
+        iterations of an epoch (counted from its start), resumable at that iteration, so that a killed job loses
+        at most N iterations of work. 0 (default): at the end of each epoch only, as the original.
+        checkpointNNNN.pth files are still written at epoch ends only (--saveckp_freq).""")
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
     parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument("--data_limit", default=None, type=int, help="Use only this many images (for tests).")
@@ -152,6 +157,7 @@ def train_dino(args):
 
     summary_writer = make_summary_writer(args)
     collapse_watch = CollapseWatch(args)
+    save_mid_epoch = functools.partial(save_resumable_checkpoint, stateful, args, skipped)
     start_time = time.time()
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
@@ -160,10 +166,12 @@ def train_dino(args):
         metric_logger, step = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
                                               optimizer, schedules, epoch, fp16_scaler, summary_writer, args,
                                               step, to_restore["epoch_meters"] if step else None, skipped, stop,
-                                              collapse_watch)
+                                              collapse_watch, save_mid_epoch)
         skipped.merge(len(data_loader.dataset), device)
         if step < iters_per_epoch:
-            save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop)
+            path = save_mid_epoch(epoch, step, metric_logger)
+            print(f"Stopped by {stop} at epoch {epoch}, iteration {step}: {path} resumes there; "
+                  "run the same command to continue.")
             break
         end_epoch(stateful, args, epoch, metric_logger, skipped)
         if stop.requested(device):
@@ -178,8 +186,11 @@ def train_dino(args):
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
-                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop, collapse_watch):
+                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop, collapse_watch,
+                    save_mid_epoch):
     """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
+
+    Every --saveckp_every_iters iterations, save_mid_epoch(epoch, step, metric_logger) writes checkpoint.pth.
 
     Returns the metric logger and the number of iterations of the epoch done so far.
     """
@@ -211,6 +222,9 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
         utils.fault_point('step')
         if step < iters_per_epoch and stop.requested(device):
             break
+        if args.saveckp_every_iters and step % args.saveckp_every_iters == 0 and step < iters_per_epoch:
+            skipped.merge(len(data_loader.dataset), device)
+            save_mid_epoch(epoch, step, metric_logger)
     return metric_logger, step
 
 
@@ -552,6 +566,8 @@ def check_numbers(args):
                        f"got {' '.join(map(str, scale))}")
     if args.collapse_window < 0 or not 0 < args.collapse_margin < 0.5:
         utils.fail("--collapse_window must be 0 (off) or more and --collapse_margin between 0 and 0.5")
+    if args.saveckp_every_iters < 0:
+        utils.fail("--saveckp_every_iters must be 0 (off) or a number of iterations")
     check_crop_sizes(args)
 
 
@@ -589,14 +605,18 @@ def end_epoch(stateful, args, epoch, metric_logger, skipped):
     utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
 
 
-def save_stopped_run(stateful, args, epoch, step, metric_logger, skipped, stop):
-    """Checkpoint that resumes at iteration `step` of `epoch` (written when a stop signal arrived)."""
-    save_dict = checkpoint_dict(stateful, args, epoch=epoch, step=step, epoch_meters=meter_states(metric_logger),
-                                skipped_images=skipped.state_dict())
+def save_resumable_checkpoint(stateful, args, skipped, epoch, step, metric_logger):
+    """checkpoint.pth resuming at iteration `step` of `epoch` (a stop signal, or --saveckp_every_iters).
+
+    Every process takes part (the meters are gathered); the main process alone builds and writes the
+    checkpoint, the others wait for it at their next collective. Returns the checkpoint's path.
+    """
+    epoch_meters = meter_states(metric_logger)
     path = os.path.join(args.output_dir, 'checkpoint.pth')
-    utils.save_on_master(save_dict, path)
-    print(f"Stopped by {stop} at epoch {epoch}, iteration {step}: {path} resumes there; "
-          "run the same command to continue.")
+    if utils.is_main_process():
+        utils.save_checkpoint(checkpoint_dict(stateful, args, epoch=epoch, step=step, epoch_meters=epoch_meters,
+                                              skipped_images=skipped.state_dict()), path)
+    return path
 
 
 def checkpoint_dict(stateful, args, **extra):

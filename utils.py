@@ -9,11 +9,13 @@ import atexit
 import builtins
 import contextlib
 import datetime
+import errno
 import importlib.util
 import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -280,13 +282,27 @@ def init_distributed_mode(args):
         torch.cuda.set_device(args.gpu % torch.cuda.device_count())
     # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
-    rendezvous = dict(init_method=args.dist_url)
-    if args.world_size == 1 and args.dist_url == 'env://' and 'MASTER_ADDR' not in os.environ:
-        rendezvous = dict(store=dist.HashStore())  # a one-task SLURM job: nobody to meet
     dist.init_process_group(backend=_backend_for(args.device), world_size=args.world_size, rank=args.rank,
-                            timeout=timeout, **rendezvous)
+                            timeout=timeout, **_rendezvous(args, timeout))
     barrier()
     setup_for_distributed(args.rank == 0)
+
+
+def _rendezvous(args, timeout):
+    """Where init_process_group meets the other processes: args.dist_url, except in a one-task SLURM job
+    and after a torchrun restart.
+
+    Restarted workers share the launcher's key-value store with the attempt that failed, whose stale
+    addresses would make them hang; they meet under keys of their own attempt instead.
+    """
+    if args.world_size == 1 and args.dist_url == 'env://' and 'MASTER_ADDR' not in os.environ:
+        return {'store': dist.HashStore()}  # a one-task SLURM job: nobody to meet
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    if args.dist_url != 'env://' or attempt == '0' or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return {'init_method': args.dist_url}
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), args.world_size,
+                          is_master=False, timeout=timeout)
+    return {'store': dist.PrefixStore(f'restart{attempt}', store)}
 
 
 _builtin_print = builtins.print
@@ -333,10 +349,43 @@ def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and
         raise SystemExit(130) from None
     except DataError as exc:
         fail(f"{data_error_message(exc)}; {data_hint}")
-    except RuntimeError as exc:
-        if not (getattr(args, 'distributed', False) and is_peer_failure(exc)):
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        dead_worker = _dead_data_worker(exc)
+        if dead_worker:
+            fail(dead_worker_message(dead_worker, args))
+        if not (isinstance(exc, RuntimeError) and getattr(args, 'distributed', False) and is_peer_failure(exc)):
             raise
         fail(peer_failure_message(exc, args))
+
+
+# what torch's DataLoader raises when one of its worker processes is killed
+DEAD_WORKER = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\)[^\n]*?(?:signal: (\w+)|$)", re.M)
+
+
+def _dead_data_worker(exc):
+    """The DEAD_WORKER match for a DataLoader worker that died, named in `exc` or not yet reported, or None.
+
+    A worker killed while handing over a batch breaks the connection before it is seen to be dead:
+    then wait for it a little.
+    """
+    match = DEAD_WORKER.search(str(exc))
+    checks = 1 if isinstance(exc, RuntimeError) else 20
+    try:
+        for _ in range(checks if match is None else 0):
+            torch._C._error_if_any_worker_fails()  # what torch's SIGCHLD handler calls
+            time.sleep(0.1)
+    except RuntimeError as dead:  # raised by that check, or by the handler during the wait
+        match = DEAD_WORKER.search(str(dead))
+    return match
+
+
+def dead_worker_message(match, args):
+    """One line for a DataLoader worker process that died (the out-of-memory killer, usually)."""
+    pids, signame = match.groups()
+    how = f"was killed by signal {signame}" if signame else "exited unexpectedly"
+    return (f"data loading worker (pid {pids.strip()}) of process {getattr(args, 'rank', 0)} {how}, most likely "
+            "by the out-of-memory killer; lower --num_workers or the memory use (e.g. --batch_size_per_device), "
+            "then run the same command again (training resumes from its last checkpoint)")
 
 
 def device_for(args):
@@ -698,8 +747,11 @@ def save_checkpoint(obj, path):
     """Write to a temporary file in the same folder, flush it to disk, then rename it into place.
 
     A kill or a full disk during the write leaves the previous file at `path` intact.
+    A write that fails (a full disk, a quota, an I/O error) stops the run with one line saying how
+    much space the checkpoint needs, rather than letting it train on without checkpoints.
     """
     tmp_path = f"{path}.tmp{os.getpid()}"
+    failure = None
     try:
         with open(tmp_path, 'wb') as f:
             torch.save(obj, f)
@@ -707,10 +759,34 @@ def save_checkpoint(obj, path):
             os.fsync(f.fileno())
         fault_point('save')
         os.replace(tmp_path, path)
-        _fsync_folder(os.path.dirname(os.path.abspath(path)))
+    except OSError as exc:
+        failure = exc
     finally:
-        if os.path.exists(tmp_path):
+        with contextlib.suppress(OSError):
             os.remove(tmp_path)
+    if failure is not None:
+        fail(_write_failure_message(failure, obj, path))
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_failure_message(exc, obj, path):
+    folder = os.path.dirname(os.path.abspath(path))
+    space = f"it needs about {_tensor_bytes(obj) / 2 ** 20:.1f} MiB in {folder}"
+    with contextlib.suppress(OSError):
+        space += f", which has {shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free"
+    return (f"cannot write checkpoint {path} ({exc.strerror or exc}): {space}. Any earlier checkpoint there is "
+            "intact; free some space and run the same command to resume from it")
+
+
+def _tensor_bytes(obj):
+    """Bytes of the tensors in a (nested) state dict: close to the size of its checkpoint file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
 
 
 def _fsync_folder(folder):
@@ -904,21 +980,31 @@ _fault_counts = defaultdict(int)
 def fault_point(name):
     """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
-    Actions: kill (SIGKILL itself) or hang (sleep until killed). Used by the robustness tests to kill a
-    run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
+    Actions: kill (SIGKILL itself), hang (sleep until killed), enospc (raise the OSError of a full disk)
+    or kill_worker (SIGKILL a DataLoader worker of this process, as the out-of-memory killer would).
+    A fault fires only in the first attempt of a job that torchrun restarts. Used by the robustness tests
+    to kill a run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
     """
     spec = os.environ.get('DINO_FAULT', '').split(':')
     if spec[0] != name or (len(spec) > 3 and int(spec[3]) != get_rank()):
         return
     _fault_counts[name] += 1
-    if _fault_counts[name] != int(spec[1]):
-        return
-    _builtin_print(f"DINO_FAULT: {spec[2]} at {name} {spec[1]}", flush=True)
-    if spec[2] == 'kill':
+    if _fault_counts[name] == int(spec[1]) and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
+        _inject_fault(spec[2], f"{spec[2]} at {name} {spec[1]}")
+
+
+def _inject_fault(action, description):
+    _builtin_print(f"DINO_FAULT: {description}", flush=True)
+    if action == 'kill':
         os.kill(os.getpid(), signal.SIGKILL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # hang, until the launcher ends this process
-    while True:
-        time.sleep(60)
+    elif action == 'enospc':
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == 'kill_worker':
+        os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+    else:  # hang, until the launcher ends this process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        while True:
+            time.sleep(60)
 
 
 RELEASED_WEIGHTS = {

@@ -364,7 +364,9 @@ def write_metrics(scores, path):
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
+    parser = get_args_parser()
+    args = parser.parse_args()
+    utils.take_model_from_checkpoint(parser, args)
     if args.topk < 1 or args.bs < 1 or args.n_last_frames < 0:
         utils.fail("--topk and --bs must be at least 1 and --n_last_frames at least 0")
     eval_davis(args)

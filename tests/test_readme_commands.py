@@ -23,6 +23,7 @@ import re
 import runpy
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -228,6 +229,7 @@ def free_port():
 def run_in_process(script, argv, cwd, line):
     """The script as `python script argv` would run it, in this process (saves starting Python and torch)."""
     old_argv, old_cwd, out = sys.argv, os.getcwd(), io.StringIO()
+    handlers = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}  # training sets its own
     sys.argv = [str(REPO / script), *argv]
     os.chdir(cwd)
     try:
@@ -239,6 +241,8 @@ def run_in_process(script, argv, cwd, line):
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     return out.getvalue()
 
 
@@ -311,3 +315,12 @@ def test_readme_line(readme, line, what, fixtures, tmp_path):
         run_launched(command, argv, cwd, line)
     else:
         run_in_process(command['script'], argv, cwd, line)
+
+
+def test_a_line_no_table_covers_fails_naming_it(tmp_path):
+    with pytest.raises(pytest.fail.Exception, match=r'unknown command in a README: `bash tools/gpu_check.sh`'):
+        parse_line('bash tools/gpu_check.sh')
+    with pytest.raises(pytest.fail.Exception, match=r'runs no script this test knows; add it to APPEND'):
+        parse_line('python new_script.py --data_path /data/x')
+    with pytest.raises(pytest.fail.Exception, match=r'names /data/pytorch/lists/train.txt, .* add it to PATHS'):
+        map_arguments(['--data_path', '/data/pytorch/lists/train.txt'], 'python main_dino.py ...', tmp_path)

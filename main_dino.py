@@ -76,7 +76,9 @@ def get_args_parser():
 
     # Misc
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
-                        help="An ImageFolder of training images, or 'synthetic' for the built-in data.")
+                        help="""Training images: a folder of images at any depth (an ImageFolder keeps its order),
+        a text file listing image paths (one per line, absolute or relative to the file's folder; blank lines
+        and # comments skipped), or 'synthetic' for the built-in data.""")
     parser.add_argument('--output_dir', default=".", type=str, help='Where logs and checkpoints go.')
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Keep checkpointNNNN.pth every x epochs.')
     parser.add_argument('--seed', default=0, type=int, help='Random seed.')
@@ -279,9 +281,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output):
         """EMA of the mean teacher output over the global batch (all processes)."""
-        batch_center = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.all_reduce(batch_center)
+        batch_center = utils.all_reduce(torch.sum(teacher_output.float(), dim=0, keepdim=True))
         batch_center = batch_center / (len(teacher_output) * utils.get_world_size())
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
@@ -310,8 +310,10 @@ def build_data_loader(args):
     if utils.is_synthetic(args.data_path):
         dataset = utils.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
                                         transform=transform)
+        description = f"synthetic shapes: {len(dataset)} images"
     else:
-        dataset = utils.build_image_folder(args.data_path, transform)
+        dataset, description = utils.build_training_images(args.data_path, transform)
+    print(f"Data source: {description}")
     dataset = utils.limit_dataset(dataset, args.data_limit)
     global_batch = args.batch_size_per_device * utils.get_world_size()
     if len(dataset) < global_batch:
@@ -349,8 +351,9 @@ def build_student_teacher(args, device):
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        if args.device != 'cpu':  # torch's SyncBatchNorm refuses CPU tensors in a process group
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
         teacher_without_ddp = teacher.module
     else:
@@ -455,12 +458,7 @@ def restore_random_states(state, resuming):
 
 def meter_states(metric_logger):
     """(count, total) of each meter on every process, so that a resumed epoch averages like an uninterrupted one."""
-    local = {name: (meter.count, meter.total) for name, meter in metric_logger.meters.items()}
-    if not utils.is_dist_avail_and_initialized():
-        return [local]
-    states = [None] * utils.get_world_size()
-    torch.distributed.all_gather_object(states, local)
-    return states
+    return utils.all_gather_object({name: (meter.count, meter.total) for name, meter in metric_logger.meters.items()})
 
 
 def restore_meters(metric_logger, states):

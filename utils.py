@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 import vision_transformer as vits
 
@@ -205,14 +205,16 @@ def _backend_for(device_type):
 def init_distributed_mode(args):
     """Join the process group set up by torchrun / torch.distributed.launch / SLURM.
 
-    A lone process (no launcher variables) runs with no process group at all.
-    Sets args.rank, args.world_size, args.gpu (local device index) and args.distributed.
+    A launched process joins even when it is the only one (as in the original), so that a one-device
+    torchrun exercises the real collectives; a lone process (no launcher variables) runs with no
+    process group at all. Sets args.rank, args.world_size, args.gpu (local device index) and
+    args.distributed (whether a process group was joined).
     """
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', getattr(args, 'local_rank', 0)))
-    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    elif 'SLURM_PROCID' in os.environ and 'SLURM_NTASKS' in os.environ:
         args.rank = int(os.environ['SLURM_PROCID'])
         args.world_size = int(os.environ['SLURM_NTASKS'])
         args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
@@ -222,17 +224,17 @@ def init_distributed_mode(args):
             torch.cuda.set_device(0)
         setup_for_distributed(True)
         return
-    args.distributed = args.world_size > 1
+    args.distributed = True
     if args.device == 'cuda':
         torch.cuda.set_device(args.gpu % torch.cuda.device_count())
-    if not args.distributed:
-        setup_for_distributed(True)
-        return
     # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
-    dist.init_process_group(backend=_backend_for(args.device), init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
-    dist.barrier()
+    rendezvous = dict(init_method=args.dist_url)
+    if args.world_size == 1 and args.dist_url == 'env://' and 'MASTER_ADDR' not in os.environ:
+        rendezvous = dict(store=dist.HashStore())  # a one-task SLURM job: nobody to meet
+    dist.init_process_group(backend=_backend_for(args.device), world_size=args.world_size, rank=args.rank,
+                            timeout=timeout, **rendezvous)
+    barrier()
     setup_for_distributed(args.rank == 0)
 
 
@@ -322,13 +324,86 @@ def wrap_ddp(model, args):
     return nn.parallel.DistributedDataParallel(model)
 
 
+# Every collective of the scripts goes through the helpers below. Each hands the backend a copy of its
+# tensor on the device the backend works on (nccl: this process's GPU, hccl: the Gaudi, gloo: the CPU), in
+# a dtype the backend takes, and returns the result on the caller's tensor's device and in its dtype.
+
+BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
+
+
+def backend_device(backend):
+    """torch.device on which collectives of `backend` ('nccl', 'hccl', 'gloo') take their tensors."""
+    device_type = BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')
+    if device_type == 'cuda':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device(device_type)
+
+
+def backend_dtype(dtype, backend):
+    """The dtype a tensor of `dtype` travels in: HCCL takes 32-bit and 16-bit floats and 32-bit integers only."""
+    if str(backend).lower() != 'hccl':
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32 if dtype == torch.float64 else dtype
+    return torch.int32
+
+
+def _to_backend(tensor, copy=False):
+    backend = dist.get_backend()
+    return tensor.to(device=backend_device(backend), dtype=backend_dtype(tensor.dtype, backend), copy=copy)
+
+
+def all_reduce(tensor):
+    """Sum of `tensor` over processes, as a new tensor where `tensor` is (`tensor` itself in a lone process)."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor, copy=True)
+    dist.all_reduce(staged)
+    return staged.to(device=tensor.device, dtype=tensor.dtype)
+
+
 def all_reduce_mean(tensor):
     """Average a tensor over processes (identity in a lone process)."""
+    return all_reduce(tensor) / get_world_size() if is_dist_avail_and_initialized() else tensor
+
+
+def all_gather(tensor):
+    """The `tensor`s of all processes (same shape everywhere), concatenated along dim 0 in rank order."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor).contiguous()
+    gathered = [torch.empty_like(staged) for _ in range(get_world_size())]
+    dist.all_gather(gathered, staged)
+    return torch.cat(gathered).to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_gather_object(obj):
+    """List of the picklable `obj` of every process, in rank order ([obj] in a lone process).
+
+    torch serialises the objects into byte tensors on the device of the process group's backend.
+    """
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    """Wait for every process (no-op in a lone process); NCCL is told which GPU is this process's."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == 'nccl':
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def leave_process_group():
+    """At the end of a script: wait for every process, then leave the process group (if any)."""
     if is_dist_avail_and_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= get_world_size()
-    return tensor
+        barrier()
+        dist.destroy_process_group()
 
 
 def reduce_dict(input_dict, average=True):
@@ -337,8 +412,7 @@ def reduce_dict(input_dict, average=True):
         return input_dict
     names = sorted(input_dict)
     with torch.no_grad():
-        values = torch.stack([input_dict[name] for name in names])
-        dist.all_reduce(values)
+        values = all_reduce(torch.stack([input_dict[name] for name in names]))
         if average:
             values /= get_world_size()
     return dict(zip(names, values))
@@ -741,8 +815,7 @@ class StopSignal:
         if not is_dist_avail_and_initialized():
             return self.received is not None
         flag = torch.tensor([0. if self.received is None else 1.], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return all_reduce(flag).item() > 0
 
     @staticmethod
     def ignore_in_worker(worker_id=None):
@@ -956,14 +1029,12 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         """Sum count and total over processes (window values stay local)."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64 if device != 'hpu' else torch.float32,
-                         device=device)
-        dist.barrier()
-        dist.all_reduce(t)
+        barrier()
+        t = all_reduce(torch.tensor([self.count, self.total], dtype=torch.float64))
         self.count = int(t[0].item())
         self.total = t[1].item()
 
@@ -1016,9 +1087,9 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         for meter in self.meters.values():
-            meter.synchronize_between_processes(device)
+            meter.synchronize_between_processes()
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
@@ -1350,6 +1421,148 @@ def build_image_folder(root, transform=None):
         fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
 
 
+# Training images come from an ImageFolder, a folder of images at any depth, or a text file listing
+# image paths. All three become ImageFiles in one fixed order, so that runs and resumes are reproducible.
+
+# torchvision's ImageFolder extensions, in case this Pillow lacks one of the formats (e.g. WebP)
+TORCHVISION_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_IDENTIFY_ONLY_FORMATS = {'MPEG'}  # Pillow reads their size but cannot decode their pixels
+
+
+def image_extensions():
+    """Lower-case extensions of the formats this Pillow can decode (plugins registered so far included)."""
+    Image.init()
+    decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _IDENTIFY_ONLY_FORMATS
+                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    pillow = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
+    return tuple(sorted(pillow.union(TORCHVISION_IMAGE_EXTENSIONS)))
+
+
+def _extension(name):
+    return name[name.rfind('.'):].lower()
+
+
+def scan_image_tree(root):
+    """Image files under `root` at any depth, as {folder relative to root: [file names]}.
+
+    One os.scandir per folder and no stat per file. Symbolic links are followed; a folder reached
+    again (through a link loop, or a second link to it) is listed once, under its own path where it
+    has one inside root. Unreadable folders are reported, not silently left out.
+    """
+    extensions = image_extensions()
+    found, seen, pending, linked = {}, set(), [('', root)], []
+    while pending or linked:  # depth first, sub-folders by name, so that the result never varies
+        if not pending:  # folders reached through links come after all the others
+            pending, linked = linked[::-1], []
+        relative, folder = pending.pop()
+        try:
+            identity = os.stat(folder)
+            if (identity.st_dev, identity.st_ino) in seen:
+                continue
+            seen.add((identity.st_dev, identity.st_ino))
+            names, subfolders, links = [], [], []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        (links if entry.is_symlink() else subfolders).append(
+                            (os.path.join(relative, entry.name), entry.path))
+                    elif entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
+        except OSError as exc:
+            print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
+            continue
+        if names:
+            found[relative] = names
+        pending.extend(sorted(subfolders, reverse=True))
+        linked.extend(sorted(links))
+    return found
+
+
+def _class_folder(relative):
+    return relative.split(os.sep, 1)[0]
+
+
+def imagefolder_order(root, found):
+    """Paths of scan_image_tree's images in ImageFolder's order: by class folder, then folder path, then
+    file name (images at the top level first)."""
+    paths = []
+    for relative in sorted(found, key=lambda relative: (_class_folder(relative), relative)):
+        prefix = os.path.join(root, relative, '')
+        paths.extend([prefix + name for name in sorted(found[relative])])
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images at the given paths, as (image, 0) pairs: training ignores labels."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = pil_loader(self.paths[index])
+        return (img if self.transform is None else self.transform(img)), 0
+
+
+def build_training_images(data_path, transform=None):
+    """ImageFiles of a folder of images (at any depth) or of a list file, and one line saying what was found."""
+    data_path = os.path.expanduser(data_path)
+    if os.path.isdir(data_path):
+        paths, description = _folder_images(data_path)
+    elif os.path.isfile(data_path):
+        paths, description = _listed_images(data_path)
+    else:
+        fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
+             "a text file listing image paths, or 'synthetic'")
+    return ImageFiles(paths, transform), description
+
+
+def _folder_images(root):
+    found = scan_image_tree(root)
+    paths = imagefolder_order(root, found)
+    if not paths:
+        fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
+             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+    classes = {_class_folder(relative) for relative in found if relative}
+    with os.scandir(root) as entries:
+        subfolders = sum(1 for entry in entries if entry.is_dir())
+    if '' in found or len(classes) < subfolders:
+        return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
+                       f"({len(found.get('', ()))} at its top level)")
+    description = f"ImageFolder {root}: {len(paths)} images in {len(classes)} class folders (labels unused)"
+    others = [name for names in found.values() for name in names
+              if not name.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
+    if others:  # earlier versions read the folder with torchvision's ImageFolder
+        kinds = ', '.join(sorted({_extension(name) for name in others}))
+        description += (f", {len(others)} of them of types torchvision's ImageFolder skips ({kinds}): runs begun "
+                        "before this version had fewer images and do not resume exactly")
+    return paths, description
+
+
+def _listed_images(list_path):
+    """Paths of a text file: one per line, absolute or relative to the file's folder; blank lines and #
+    comments skipped. Listed files that are missing are kept: they count as unreadable images."""
+    if list_path.lower().endswith(image_extensions()):
+        fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
+             "image paths, or 'synthetic'")
+    try:
+        with open(list_path, encoding='utf-8-sig') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        fail(f"--data_path {list_path} is a file but not a text list of image paths (not UTF-8 text); pass a "
+             "folder of images, a text file with one image path per line, or 'synthetic'")
+    except OSError as exc:
+        fail(f"--data_path {list_path}: cannot read it ({exc.strerror})")
+    folder = os.path.dirname(os.path.abspath(list_path))
+    paths = [os.path.join(folder, line) for line in map(str.strip, lines) if line and not line.startswith('#')]
+    if not paths:
+        fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
+             "folder or absolute)")
+    return paths, f"list file {list_path}: {len(paths)} images listed"
+
+
 def data_error_message(exc):
     """The one useful line of a DataError re-raised from a DataLoader worker."""
     lines = [line for line in str(exc).splitlines() if 'cannot read image' in line]
@@ -1457,7 +1670,7 @@ class SkippedImages:
             return
         mask = torch.zeros(dataset_size, dtype=torch.int32, device=device)
         mask[sorted(self.this_epoch)] = 1
-        dist.all_reduce(mask)
+        mask = all_reduce(mask)
         self.this_epoch = set(mask.nonzero().flatten().tolist())
         self.warned |= self.this_epoch
 
@@ -1574,20 +1787,9 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
             storage = device if store_on_device else 'cpu'
             features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
             print(f"Storing features into tensor of shape {tuple(features.shape)}")
-        feats, index = _gather_across_processes(feats, index)
+        feats, index = all_gather(feats), all_gather(index)
         features.index_copy_(0, index.to(features.device), feats.to(features.device))
     return features
-
-
-def _gather_across_processes(feats, index):
-    if not is_dist_avail_and_initialized():
-        return feats, index
-    world = get_world_size()
-    index_all = [torch.empty_like(index) for _ in range(world)]
-    feats_all = [torch.empty_like(feats) for _ in range(world)]
-    dist.all_gather(index_all, index.contiguous())
-    dist.all_gather(feats_all, feats.contiguous())
-    return torch.cat(feats_all), torch.cat(index_all)
 
 
 # =====================================================================================

@@ -46,6 +46,9 @@ PATHS = {
     '/path/to/imagenet/train': 'imagenet/train',
     '/path/to/imagenet': 'imagenet',
     '/path/to/images': 'imagenet/train',
+    '/data/imagenet/train': 'imagenet/train',
+    '/data/photos': 'imagenet',  # a folder of images at any depth
+    '/data/photos/train.txt': 'train.txt',  # a list file
     '/data/pytorch/copydays': 'copydays',  # original/ and strong/ only: the two archives Habana's README names
     '/data/pytorch/yfcc100m_20k': 'whitening',
     '/data/pytorch/yfcc100m_10k': 'distractors',
@@ -73,6 +76,7 @@ APPEND = {
 }
 LOADS_WEIGHTS = set(APPEND) - {'main_dino.py'}
 MULTI_PROCESS_SCRIPT = 'eval_knn.py'
+FRAGMENT_SCRIPT = 'main_dino.py'
 
 
 def readme_lines():
@@ -92,10 +96,15 @@ LINES = readme_lines()
 
 
 def parse_line(line):
-    """{'launcher': None|'torchrun'|'launch', 'launcher_args', 'script', 'args'}; None for setup commands."""
-    tokens = shlex.split(line.replace('$PYTHON', 'python'))
+    """{'launcher': None|'torchrun'|'launch', 'launcher_args', 'script', 'args'}; None for setup commands.
+
+    A line of flags alone (e.g. `--data_path /data/photos  # a folder`) shows FRAGMENT_SCRIPT's flags: it is parsed.
+    """
+    tokens = shlex.split(line.replace('$PYTHON', 'python'), comments=True)
     if line.replace('$PYTHON', 'python').startswith(SETUP_COMMANDS):
         return None
+    if tokens[0].startswith('--'):
+        return {'launcher': None, 'launcher_args': [], 'script': FRAGMENT_SCRIPT, 'args': tokens, 'fragment': True}
     if tokens[0] == 'torchrun':
         launcher, rest = 'torchrun', tokens[1:]
     elif tokens[:3] == ['python', '-m', 'torch.distributed.launch']:
@@ -193,6 +202,7 @@ def fixtures(tmp_path_factory):
     for dataset in ('roxford5k', 'rparis6k'):
         write_revisitop(root / 'revisitop', dataset)
     write_davis_video(root / 'davis-2017', 'disks', n_frames=3)
+    (root / 'train.txt').write_text(''.join(f'{p}\n' for p in sorted((root / 'imagenet' / 'train').rglob('*.png'))))
     Image.open(root / 'imagenet' / 'train' / 'class0' / os.listdir(root / 'imagenet' / 'train' / 'class0')[0]) \
         .resize((48, 40)).save(root / 'photo.jpg')
     write_test_video(root / 'video.mp4', n_frames=3, size=(48, 32))
@@ -277,7 +287,8 @@ def plan():
         # one process: the first line of each script in each README; launched: the first of MULTI_PROCESS_SCRIPT
         kind = (command['script'], readme) if not command['launcher'] else command['script']
         wanted = not command['launcher'] or command['script'] == MULTI_PROCESS_SCRIPT
-        if absent or '--help' in command['args'] or not (run_all or wanted and kind not in seen):
+        if absent or '--help' in command['args'] or command.get('fragment') or \
+                not (run_all or wanted and kind not in seen):
             decisions.append('parse')
         else:
             seen.add(kind)

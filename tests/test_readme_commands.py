@@ -75,7 +75,7 @@ APPEND = {
     'video_generation.py': [],
 }
 LOADS_WEIGHTS = set(APPEND) - {'main_dino.py'}
-MULTI_PROCESS_SCRIPT = 'eval_knn.py'
+MULTI_PROCESS_SCRIPT = 'eval_image_retrieval.py'  # leaves its process group at the end
 FRAGMENT_SCRIPT = 'main_dino.py'
 
 

@@ -30,7 +30,8 @@ def get_args_parser():
         YFCC100M images); none when the folder does not exist.""")
     parser.add_argument('--whitening_cov', default='uncentred', choices=['uncentred', 'centred'], help="""Fit the
         whitening PCA on the uncentred second moment F^T F / N of the whitening features (the original's
-        computation, default) or on their covariance (centred); their mean is subtracted before projecting either way.""")
+        computation, default) or on their covariance (centred); their mean is subtracted before projecting
+        either way.""")
     parser.add_argument('--imsize', default=320, type=int, help='Image size (square image)')
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=16, type=int, help='Images per device and batch.')

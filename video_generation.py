@@ -2,8 +2,9 @@
 
 From a video file: frames go to --output_path/frames, attention images (as the original: the [CLS] attention
 averaged over heads, in inferno colours; --outline adds the outline of the region holding --threshold of the
-attention mass) to --output_path/attention, and the assembled video to --output_path/video.<--video_format>. From a folder of frames, the frames are read
-there. With --video_only, --input_path is a folder of attention images and only the video is made.
+attention mass) to --output_path/attention, and the assembled video to --output_path/video.<--video_format>.
+From a folder of frames, the frames are read there. With --video_only, --input_path is a folder of attention
+images and only the video is made.
 """
 import argparse
 import os

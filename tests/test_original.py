@@ -52,14 +52,15 @@ def test_whitening_default_is_the_originals_and_centred_is_an_option():
     centred = eval_copy_detection.learn_whitening(features, centred=True).apply(rows.double()).numpy()
     covariance = np.cov(features.double().numpy().T, bias=True)
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-    by_covariance = (rows.double().numpy() - features.double().numpy().mean(axis=0)) @ (eigenvectors / np.sqrt(eigenvalues))
+    by_covariance = (rows.double().numpy() - features.double().numpy().mean(axis=0)) \
+        @ (eigenvectors / np.sqrt(eigenvalues))
     np.testing.assert_allclose(cosine_gram(centred), cosine_gram(by_covariance), atol=1e-8)
     assert np.abs(cosine_gram(centred) - expected).max() > 1e-3
 
 
 def holidays_ap(ranked, positives):
     """Average precision of one query as the Holidays/Copydays package defines it (trapezoids, all positives)."""
-    found, area, previous_recall, previous_precision = 0, 0., 0., 1.
+    found, area = 0, 0.
     for rank, item in enumerate(ranked):
         if item in positives:
             precision_before = found / rank if rank else 1.
@@ -115,7 +116,8 @@ def test_copy_detection_on_partial_copydays_with_the_originals_whitening(tmp_pat
 
 def test_partial_copydays_needs_the_originals_and_a_block_of_copies(tmp_path):
     (tmp_path / 'original').mkdir()
-    with pytest.raises(SystemExit, match=r'^error: .*needs original/ and at least one block of copies.*found original$'):
+    needs = r'^error: .*needs original/ and at least one block of copies.*found original$'
+    with pytest.raises(SystemExit, match=needs):
         eval_copy_detection.CopydaysDataset(str(tmp_path))
     os.rename(tmp_path / 'original', tmp_path / 'strong')
     with pytest.raises(SystemExit, match=r'needs original/.*found strong$'):

@@ -118,7 +118,8 @@ def parse_line(line):
     position = next((i for i, t in enumerate(rest) if t.endswith('.py')), None)
     if position is None or rest[position] not in APPEND:
         pytest.fail(f"README line `{line}` runs no script this test knows; add it to APPEND in {__file__}")
-    return {'launcher': launcher, 'launcher_args': rest[:position], 'script': rest[position], 'args': rest[position + 1:]}
+    return {'launcher': launcher, 'launcher_args': rest[:position], 'script': rest[position],
+            'args': rest[position + 1:]}
 
 
 def launcher_namespace(command):

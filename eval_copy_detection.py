@@ -28,6 +28,10 @@ def get_args_parser():
     parser.add_argument('--distractors_path', default='/path/to/distractors/', type=str,
                         help="""Folder of distractor images added to the database (the paper uses 10k random
         YFCC100M images); none when the folder does not exist.""")
+    parser.add_argument('--whitening_cov', default='uncentred', choices=['uncentred', 'centred'], help="""Fit the
+        whitening PCA on the uncentred second moment F^T F / N of the whitening features (the original's
+        computation, default) or on their covariance (centred); their mean is subtracted before projecting
+        either way.""")
     parser.add_argument('--imsize', default=320, type=int, help='Image size (square image)')
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=16, type=int, help='Images per device and batch.')
@@ -60,7 +64,7 @@ def eval_copy_detection(args):
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     model.to(device).eval()
     if whitening_set is not None:
-        warn_if_whitening_set_small(len(whitening_set), 2 * embed_dim)
+        warn_if_whitening_set_small(len(whitening_set), 2 * embed_dim, args.whitening_cov == 'centred')
 
     # ============ extracting features ... ============
     queries = extract(model, copydays.query_files(), device, args)
@@ -78,7 +82,7 @@ def eval_copy_detection(args):
     # ============ whitening and search (main process) ... ============
     if utils.is_main_process():
         if whitening_set is not None:
-            pca = learn_whitening(whitening_features)
+            pca = learn_whitening(whitening_features, centred=args.whitening_cov == 'centred')
             queries, database = pca.apply(queries), pca.apply(database)
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
@@ -109,35 +113,36 @@ def extract(model, paths, device, args):
                                   store_on_device=args.store_on_device, forward=cls_gem_features)
 
 
-def warn_if_whitening_set_small(num_images, feature_dim):
+def warn_if_whitening_set_small(num_images, feature_dim, centred=False):
     """Fewer images than dimensions cannot whiten every dimension: say so before the long extraction."""
     if num_images <= feature_dim:
         print(f"warning: --whitening_path holds {num_images} images, not more than the {feature_dim} feature "
               f"dimensions; falling back to whitening only the PCA dimensions these images span (at most "
-              f"{num_images - 1}), to which the features are reduced. Use more than {feature_dim} images for a "
-              "full whitening.", file=sys.stderr)
+              f"{num_images - 1 if centred else num_images}), to which the features are reduced. Use more than "
+              f"{feature_dim} images for a full whitening.", file=sys.stderr)
 
 
-def learn_whitening(features):
-    """PCA whitening fitted on the centred whitening-set features.
+def learn_whitening(features, centred=False):
+    """PCA whitening learned on the whitening-set features, whose mean it subtracts before projecting.
 
-    With more images than dimensions every dimension is kept (tiny eigenvalues floored, as the
-    original). With fewer, only the directions the images span are kept: the others would hold
-    arbitrary directions, blown up by the floored eigenvalue.
+    As the original, the PCA is fitted on their uncentred second moment F^T F / N; `centred` fits
+    their covariance instead. With more images than dimensions every dimension is kept (tiny
+    eigenvalues floored, as the original). With fewer, only the directions the images span are kept:
+    the others would hold arbitrary directions, blown up by the floored eigenvalue.
     """
     num_images, dim = features.shape
     features = features.double()
     mean = features.mean(dim=0)
-    centred = features - mean
-    cov = (centred.T @ centred / num_images).cpu().numpy()
+    fitted = features - mean if centred else features
+    moment = (fitted.T @ fitted / num_images).cpu().numpy()
     kept = dim
     if num_images <= dim:
-        eigenvalues = np.linalg.eigvalsh(cov)
+        eigenvalues = np.linalg.eigvalsh(moment)
         kept = int((eigenvalues > eigenvalues.max() * 1e-5).sum())
         print(f"Whitening keeps the {kept} of {dim} dimensions spanned by the whitening images.")
     pca = utils.PCA(dim=kept, whit=0.5)
     pca.mean = mean.cpu().numpy()
-    pca.train_pca(cov)
+    pca.train_pca(moment)
     return pca
 
 
@@ -150,25 +155,30 @@ def nearest_neighbours(queries, database, k):
 
 
 class CopydaysDataset:
-    """Copydays file lists and ground truth: every block is queried against the originals.
+    """Copydays file lists and ground truth: every block present is queried against the originals.
 
     As in the original evaluation, query i of a block is a copy of original i (blocks list the
     same names), except in `strong`, whose copies share the 4-character name prefix of their original.
+    Copydays is distributed in parts (e.g. copydays_original and copydays_strong alone): the blocks
+    present are evaluated, given original/ (the database) and at least one other block.
     """
 
     def __init__(self, root):
         if not os.path.isdir(root):
             utils.fail(f"--data_path {root} is not a folder; pass the Copydays folder "
                        "(original/, strong/, jpegqual/<q>/, crops/<c>/)")
-        missing = [block for block in BLOCKS if not os.path.isdir(os.path.join(root, block))]
+        self.blocks = [block for block in BLOCKS if os.path.isdir(os.path.join(root, block))]
+        if 'original' not in self.blocks or len(self.blocks) < 2:
+            utils.fail(f"--data_path {root} needs original/ and at least one block of copies (strong/, "
+                       f"jpegqual/<q>/ or crops/<c>/); found {', '.join(self.blocks) or 'none of them'}")
+        missing = [block for block in BLOCKS if block not in self.blocks]
         if missing:
-            utils.fail(f"--data_path {root} is not a complete Copydays folder: {', '.join(missing)} missing "
-                       "(expected original/, strong/, jpegqual/{3..75}/ and crops/{10..80}/)")
+            print(f"Copydays blocks not in {root}, not evaluated: {', '.join(missing)}")
         self.root = root
         self.files = {block: sorted(f for f in os.listdir(os.path.join(root, block)) if f.endswith('.jpg'))
-                      for block in BLOCKS}
+                      for block in self.blocks}
         self.num_originals = len(self.files['original'])
-        self.positives = {block: self._positives(block) for block in BLOCKS}
+        self.positives = {block: self._positives(block) for block in self.blocks}
 
     def _positives(self, block):
         originals, queries = self.files['original'], self.files[block]
@@ -186,19 +196,20 @@ class CopydaysDataset:
         return [[i] for i in range(len(queries))]
 
     def query_files(self):
-        return [os.path.join(self.root, block, name) for block in BLOCKS for name in self.files[block]]
+        return [os.path.join(self.root, block, name) for block in self.blocks for name in self.files[block]]
 
     def evaluate(self, ids):
         """Print the mAP of each block from the database ids retrieved for each query; return them."""
         maps, start = {}, 0
-        for block in BLOCKS:
+        for block in self.blocks:
             rows = ids[start:start + len(self.files[block])]
             start += len(rows)
             aps = [utils.compute_ap(np.flatnonzero(np.isin(row, pos)), len(pos))
                    for row, pos in zip(rows, self.positives[block])]
             maps[block] = float(np.mean(aps))
             print(f"eval on {block} mAP={maps[block]:.3f}")
-        print(f">> Copydays strong mAP={maps['strong']:.3f}")
+        if 'strong' in maps:
+            print(f">> Copydays strong mAP={maps['strong']:.3f}")
         return maps
 
 
@@ -245,6 +256,7 @@ def check_args(args):
 def main(argv=None):
     parser = argparse.ArgumentParser('Copy detection on Copydays', parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     try:
         eval_copy_detection(args)

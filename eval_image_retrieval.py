@@ -27,6 +27,9 @@ def get_args_parser():
                         help="Average the features of scales 1, 1/sqrt(2) and 1/2.")
     parser.add_argument('--imsize', default=224, type=int,
                         help="Images are shrunk so that their longer side is at most this many pixels.")
+    parser.add_argument('--crop_queries', default=False, type=utils.bool_flag, help="""Crop each query image to
+        its ground-truth bounding box before shrinking it (the revisited Oxford/Paris protocol); default false:
+        whole query images, as the original DINO script (the DINO paper's retrieval figures).""")
     parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
         evaluate; when empty, vit_small/16 gets DINO's Google Landmarks v2 weights, other models the
         released ImageNet DINO weights.""")
@@ -52,8 +55,9 @@ def eval_retrieval(args):
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
     dataset_db = OxfordParisDataset(cfg, split='database', transform=transform, imsize=args.imsize)
-    dataset_query = OxfordParisDataset(cfg, split='query', transform=transform, imsize=args.imsize)
-    print(f"database: {len(dataset_db)} imgs / query: {len(dataset_query)} imgs")
+    dataset_query = OxfordParisDataset(cfg, split='query', transform=transform, imsize=args.imsize,
+                                       crop=args.crop_queries)
+    print(f"train: {len(dataset_db)} imgs / query: {len(dataset_query)} imgs")
 
     # ============ building network ... ============
     model, _ = utils.build_backbone(args.arch, args.patch_size)
@@ -113,14 +117,14 @@ def load_weights(model, args):
 class OxfordParisDataset(torch.utils.data.Dataset):
     """Database or query images of a revisited dataset, as (image, index).
 
-    Queries are cropped to their bounding box; every image is then shrunk (aspect kept) so its
-    longer side is at most `imsize`.
+    With `crop`, queries are cropped to their bounding box; every image is then shrunk (aspect kept)
+    so its longer side is at most `imsize`.
     """
 
-    def __init__(self, cfg, split, transform=None, imsize=None):
+    def __init__(self, cfg, split, transform=None, imsize=None, crop=False):
         self.dir_images = cfg['dir_images']
         self.samples = cfg['qimlist'] if split == 'query' else cfg['imlist']
-        self.boxes = [g['bbx'] for g in cfg['gnd']] if split == 'query' else None
+        self.boxes = [g['bbx'] for g in cfg['gnd']] if split == 'query' and crop else None
         self.transform = transform
         self.imsize = imsize
 
@@ -214,6 +218,7 @@ def check_args(args):
 def main(argv=None):
     parser = argparse.ArgumentParser('Image Retrieval on revisited Paris and Oxford', parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     try:
         eval_retrieval(args)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torchvision import datasets
 
 import utils
 
@@ -220,6 +221,23 @@ def make_loader(dataset, args):
     )
 
 
+# ============ the original's importable names (for code written against it; these scripts do not use them) ============
+
+def extract_features(model, data_loader, use_cuda=True, multiscale=False):
+    """The original's signature: features of a loader of (images, indices), on the model's device (on the host
+    when use_cuda is false), in dataset order."""
+    device = next(model.parameters()).device
+    return utils.extract_features(model, data_loader, device, multiscale=multiscale, store_on_device=use_cuda)
+
+
+class ReturnIndexDataset(datasets.ImageFolder):
+    """The original's ImageFolder whose items are (image, index)."""
+
+    def __getitem__(self, idx):
+        img, _ = super().__getitem__(idx)
+        return img, idx
+
+
 def dump_features(folder, train_features, test_features, train_labels, test_labels):
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
@@ -268,6 +286,7 @@ def check_args(args):
 def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     utils.run_reporting_failures(eval_knn, args)
 

@@ -178,8 +178,8 @@ def validate_network(val_loader, model, linear_classifier, args):
             features = frozen_features(model, inp, args.n_last_blocks, args.avgpool_patchtokens)
         output = linear_classifier(features.float())
         metric_logger.update(loss=F.cross_entropy(output, target).item())
-        for k, acc in zip(topk, accuracy(output, target, topk)):
-            metric_logger.meters[f'acc{k}'].update(acc, n=inp.shape[0])
+        for k, acc in zip(topk, utils.accuracy(output, target, topk)):
+            metric_logger.meters[f'acc{k}'].update(acc.item(), n=inp.shape[0])
     metric_logger.synchronize_between_processes()
     top5 = f" Acc@5 {metric_logger.acc5.global_avg:.3f}" if 5 in topk else ''
     print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f}{top5} loss {metric_logger.loss.global_avg:.3f}")
@@ -214,13 +214,6 @@ def frozen_features(model, images, n_last_blocks, avgpool):
         return torch.cat(cls_tokens, dim=-1)
     # interleaved channel by channel: the layout the released ViT-B (n_last_blocks=1) linear heads expect
     return torch.stack(cls_tokens + [blocks[-1][:, 1:].mean(dim=1)], dim=-1).flatten(1)
-
-
-def accuracy(output, target, topk=(1,)):
-    """Percentage of samples whose label is among the k highest outputs, for each k."""
-    ranked = output.topk(max(topk), dim=1).indices
-    hits = ranked == target.view(-1, 1)
-    return [hits[:, :k].any(dim=1).float().mean().item() * 100. for k in topk]
 
 
 def make_val_loader(dataset, args):
@@ -259,11 +252,10 @@ def load_linear_head(linear_classifier, args):
 
 
 def download_linear_head(args):
-    key = (args.arch.replace('deit', 'vit'), None if 'resnet' in args.arch else args.patch_size)
-    if key not in utils.RELEASED_WEIGHTS:
+    url = utils.released_linear_weights_url(args.arch, args.patch_size)
+    if url is None:
         utils.fail(f"no linear head in {args.output_dir} and no released one for {args.arch}/{args.patch_size}; "
                    "train one first (without --evaluate)")
-    url = utils.RELEASED_WEIGHTS_URL + utils.RELEASED_WEIGHTS[key].replace('_pretrain.pth', '_linearweights.pth')
     try:
         return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
     except Exception as exc:
@@ -301,6 +293,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet',
                                      parents=[get_args_parser()])
     args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     utils.run_reporting_failures(eval_linear, args)
 

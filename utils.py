@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,11 +36,26 @@ from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, Unidentified
 import vision_transformer as vits
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+# safe_globals (restricted checkpoint loading) arrived in 2.5; scaled_dot_product_attention(scale=) in 2.1
+MIN_TORCH_VERSION = (2, 5)
 
 
 def fail(message):
     """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback)."""
     raise SystemExit(f"error: {message}")
+
+
+def check_torch_version(version=None):
+    """Stop with one line when the installed PyTorch is older than MIN_TORCH_VERSION."""
+    version = version or torch.__version__
+    found = tuple(int(part) for part in re.findall(r'\d+', version.split('+')[0])[:2])
+    if found < MIN_TORCH_VERSION:
+        wanted = '.'.join(map(str, MIN_TORCH_VERSION))
+        fail(f"PyTorch {version} is too old: this DINO port needs PyTorch {wanted} or newer (Habana's SynapseAI "
+             f"1.6.0 stack ships PyTorch 1.12, which cannot run it); use a newer Habana container or pip install torch")
+
+
+check_torch_version()
 
 
 # =====================================================================================
@@ -396,13 +412,14 @@ def device_for(args):
 
 
 def start_run(args, show_args=True):
-    """Resolve --device, join the launcher's process group (if any), print the arguments (main process).
+    """Resolve --device, join the launcher's process group (if any), print the git commit and the arguments.
 
     The start of every script that can run under torchrun; returns this process's torch.device.
     """
     setup_device(args)
     init_distributed_mode(args)
     if show_args:
+        print(f"git:\n  {get_sha()}\n")
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     return device_for(args)
 
@@ -509,6 +526,18 @@ def leave_process_group():
         dist.destroy_process_group()
 
 
+def reduce_dict(input_dict, average=True):
+    """The original's helper: every value (a tensor) summed, or averaged, over processes; keys in sorted order."""
+    if get_world_size() < 2:
+        return input_dict
+    names = sorted(input_dict)
+    with torch.no_grad():
+        values = all_reduce(torch.stack([input_dict[name] for name in names]))
+        if average:
+            values /= get_world_size()
+    return dict(zip(names, values))
+
+
 def save_on_master(*args, **kwargs):
     if is_main_process():
         save_checkpoint(*args, **kwargs)
@@ -519,6 +548,7 @@ def save_on_master(*args, **kwargs):
 # =====================================================================================
 
 VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'deit_tiny', 'deit_small']
+trunc_normal_ = vits.trunc_normal_  # the original kept it here; code written against it imports utils.trunc_normal_
 
 
 def torchvision_archs():
@@ -1017,13 +1047,46 @@ RELEASED_WEIGHTS = {
 RELEASED_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
 
 
-def download_released_weights(model_name, patch_size):
-    """State dict of the released DINO backbone for (arch, patch size); one clear line when offline."""
-    key = (model_name.replace('deit', 'vit'), None if 'resnet' in model_name else patch_size)
-    if key not in RELEASED_WEIGHTS:
+# the attention scripts' default, vit_small/8, shows the 300-epoch model of the paper's figures, as the original
+ATTENTION_WEIGHTS = {**RELEASED_WEIGHTS,
+                     ('vit_small', 8): 'dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth'}
+
+
+def _released_key(model_name, patch_size):
+    return model_name.replace('deit', 'vit'), None if 'resnet' in model_name else patch_size
+
+
+def released_linear_weights_url(model_name, patch_size):
+    """URL of the released linear head trained on the released backbone, or None when there is none."""
+    file = RELEASED_WEIGHTS.get(_released_key(model_name, patch_size))
+    return file and RELEASED_WEIGHTS_URL + file.replace('_pretrain.pth', '_linearweights.pth')
+
+
+def load_pretrained_linear_weights(linear_classifier, model_name, patch_size):
+    """The original's helper: load the released linear head of (arch, patch size), or keep random weights."""
+    url = released_linear_weights_url(model_name, patch_size)
+    if url is None:
+        print("We use random linear weights.")
+        return
+    print(f"We load the reference pretrained linear weights from {url}.")
+    try:
+        state_dict = torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
+    except Exception as exc:
+        fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}")
+    linear_classifier.load_state_dict(state_dict, strict=True)
+
+
+def download_released_weights(model_name, patch_size, released=None):
+    """State dict of the released DINO backbone for (arch, patch size); one clear line when offline.
+
+    `released`: the (arch, patch size) -> file table to take it from (default RELEASED_WEIGHTS).
+    """
+    released = released or RELEASED_WEIGHTS
+    key = _released_key(model_name, patch_size)
+    if key not in released:
         fail(f"no released DINO weights for {model_name} with patch size {patch_size}; "
              "pass your own with --pretrained_weights")
-    url = RELEASED_WEIGHTS_URL + RELEASED_WEIGHTS[key]
+    url = RELEASED_WEIGHTS_URL + released[key]
     try:
         return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
     except Exception as exc:
@@ -1031,11 +1094,12 @@ def download_released_weights(model_name, patch_size):
              "when offline, pass a local checkpoint with --pretrained_weights")
 
 
-def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name, patch_size):
+def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name, patch_size, released=None):
     """Load backbone weights from a released backbone file or a full DINO training checkpoint.
 
     `checkpoint_key` picks 'teacher' or 'student' in a training checkpoint; 'module.' and
-    'backbone.' prefixes are stripped. With no path, the released weights are downloaded.
+    'backbone.' prefixes are stripped. With no path, the released weights are downloaded
+    (from the `released` table, see download_released_weights).
     """
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):
@@ -1044,7 +1108,7 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
         source = pretrained_weights
     else:
         print("No --pretrained_weights given: using the released DINO weights for this architecture.")
-        state_dict = download_released_weights(model_name, patch_size)
+        state_dict = download_released_weights(model_name, patch_size, released)
         source = f'released {model_name}/{patch_size}'
     if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
         print(f"Take key {checkpoint_key} in provided checkpoint dict")
@@ -1070,9 +1134,71 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     return msg
 
 
+def take_model_from_checkpoint(parser, args, argv=None):
+    """--arch/--patch_size from a DINO training checkpoint given as --pretrained_weights (it holds its `args`).
+
+    Flags given on the command line (`argv`, default sys.argv[1:], parsed by `parser`) win, but must agree with
+    the checkpoint; released backbone files (no `args`) leave the flags as they are.
+    """
+    trained = _training_args(getattr(args, 'pretrained_weights', ''))
+    if not trained or 'arch' not in trained:
+        return
+    names = ['arch', 'patch_size'] if 'patch_size' in trained and trained['arch'] in VIT_ARCHS else ['arch']
+    probe = argparse.Namespace(**{name: _NOT_GIVEN for name in names})
+    parser.parse_known_args(argv, namespace=probe)
+    taken = []
+    for name in names:
+        if getattr(probe, name) is _NOT_GIVEN:
+            setattr(args, name, trained[name])
+            taken.append(f"--{name} {trained[name]}")
+        elif getattr(args, name) != trained[name]:
+            fail(f"--{name} {getattr(args, name)} contradicts {args.pretrained_weights}, a checkpoint trained with "
+                 f"--{name} {trained[name]}; drop --{name} to use the checkpoint's")
+    if taken:
+        print(f"Taking {' '.join(taken)} from the training arguments saved in {args.pretrained_weights}")
+
+
+_NOT_GIVEN = object()
+
+
+def _training_args(path):
+    """The `args` saved in a training checkpoint, as a dict; None for other files (their loader reports errors)."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # tensors left unread
+    except Exception:
+        return None
+    trained = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    return vars(trained) if isinstance(trained, argparse.Namespace) else trained if isinstance(trained, dict) else None
+
+
 # =====================================================================================
 # Logging
 # =====================================================================================
+
+def get_sha():
+    """The original's run header: 'sha: <commit>, status: clean|has uncommited changes, branch: <name>'."""
+    def git(*command):
+        return subprocess.check_output(['git', *command], cwd=REPO_DIR, stderr=subprocess.DEVNULL).decode().strip()
+    sha, status, branch = 'N/A', 'clean', 'N/A'
+    try:
+        sha = git('rev-parse', 'HEAD')
+        status = 'has uncommited changes' if git('diff-index', 'HEAD') else 'clean'
+        branch = git('rev-parse', '--abbrev-ref', 'HEAD')
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return f"sha: {sha}, status: {status}, branch: {branch}"
+
+
+def accuracy(output, target, topk=(1,)):
+    """Percentage (0-dim tensors) of samples whose label is among the k highest outputs, for each k."""
+    ranked = output.topk(max(topk), dim=1).indices
+    hits = ranked == target.view(-1, 1)
+    return [hits[:, :k].any(dim=1).float().mean() * 100. for k in topk]
+
 
 class SmoothedValue:
     """Window median/average of a series, plus its global average."""
@@ -2157,11 +2283,16 @@ class PCA:
 # Attention maps (visualize_attention.py, video_generation.py)
 # =====================================================================================
 
-def load_frozen_vit(args, device):
-    """The ViT of --arch/--patch_size with --pretrained_weights (--checkpoint_key), frozen, in eval mode."""
+def load_frozen_vit(args, device, attention_weights=False):
+    """The ViT of --arch/--patch_size with --pretrained_weights (--checkpoint_key), frozen, in eval mode.
+
+    `attention_weights`: without --pretrained_weights, download the released weights the original's attention
+    scripts show (ATTENTION_WEIGHTS) rather than those its evaluations use.
+    """
     model, _ = build_backbone(args.arch, args.patch_size)
     print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
-    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                            released=ATTENTION_WEIGHTS if attention_weights else None)
     for param in model.parameters():
         param.requires_grad = False
     return model.eval().to(device)
@@ -2200,11 +2331,12 @@ def crop_to_patch_multiple(images, patch_size):
 
 
 @torch.no_grad()
-def cls_attention_maps(model, images):
+def cls_attention_maps(model, images, renormalise=True):
     """Last-block attention of the [CLS] query to every patch: (batch, heads, h, w), each map summing to 1.
 
-    The same numbers as get_last_selfattention(images)[:, :, 0, 1:] renormalised over the patches, but only
-    the [CLS] row is computed, so memory grows linearly (not quadratically) with the number of patches.
+    The same numbers as get_last_selfattention(images)[:, :, 0, 1:] (renormalised over the patches unless
+    `renormalise` is false), but only the [CLS] row is computed, so memory grows linearly (not
+    quadratically) with the number of patches.
     """
     x = model.prepare_tokens(images)
     for blk in model.blocks[:-1]:
@@ -2216,7 +2348,8 @@ def cls_attention_maps(model, images):
     query_cls, keys = qkv[:, 0, 0], qkv[:, :, 1]  # (batch, heads, head_dim), (batch, tokens, heads, head_dim)
     attn = (torch.einsum('bhd,bnhd->bhn', query_cls, keys) * last.attn.scale).softmax(dim=-1)
     patches = attn[..., 1:]
-    patches = patches / patches.sum(dim=-1, keepdim=True)
+    if renormalise:
+        patches = patches / patches.sum(dim=-1, keepdim=True)
     patch_size = model.patch_embed.patch_size
     return patches.reshape(batch, heads, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
 

@@ -1,9 +1,10 @@
 """Self-attention videos: the last-block [CLS] attention of a DINO ViT for every frame of a video.
 
-From a video file: frames go to --output_path/frames, attention images (mean over heads, inferno colours,
-with the outline of the region holding --threshold of the attention mass) to --output_path/attention, and
-the assembled video to --output_path/video.<--video_format>. From a folder of frames, the frames are read
-there. With --video_only, --input_path is a folder of attention images and only the video is made.
+From a video file: frames go to --output_path/frames, attention images (as the original: the [CLS] attention
+averaged over heads, in inferno colours; --outline adds the outline of the region holding --threshold of the
+attention mass) to --output_path/attention, and the assembled video to --output_path/video.<--video_format>.
+From a folder of frames, the frames are read there. With --video_only, --input_path is a folder of attention
+images and only the video is made.
 """
 import argparse
 import os
@@ -34,8 +35,13 @@ def get_args_parser():
         a folder of frames, or with --video_only a folder of attention images.""")
     parser.add_argument('--output_path', default='./', type=str, help="""Where the folders of frames and
         attention images and the video go (default: the current folder).""")
-    parser.add_argument('--threshold', type=float, default=0.6, help="""Outline the region that keeps this
-        fraction of the attention mass (0 draws no outline).""")
+    parser.add_argument('--threshold', type=float, default=0.6, help="""With --outline, outline the region that
+        keeps this fraction of the attention mass (0 draws no outline).""")
+    parser.add_argument('--outline', default=False, type=utils.bool_flag, help="""Draw a white outline around the
+        --threshold mass region on every attention image (default false: the heat map alone, as the original).""")
+    parser.add_argument('--renormalise_heads', default=False, type=utils.bool_flag, help="""Average the heads'
+        maps after scaling each to sum 1, so every head weighs the same (default false: the raw attention
+        rows are averaged, as the original).""")
     parser.add_argument('--resize', default=None, type=int, nargs='+', help="""Resize the frames first:
         one value for the short side or H W, e.g. --resize 512 or --resize 720 1280 (use it if out of memory).""")
     parser.add_argument('--video_only', action='store_true', help="""Only assemble the video from a folder of
@@ -63,7 +69,7 @@ def generate(args):
 
     utils.setup_device(args)
     device = utils.device_for(args)
-    model = utils.load_frozen_vit(args, device)
+    model = utils.load_frozen_vit(args, device, attention_weights=True)
     attention_folder = os.path.join(args.output_path, 'attention')
     inference(model, frame_list, attention_folder, args, device)
     generate_video_from_images(attention_folder, args.output_path, args)
@@ -112,10 +118,10 @@ def inference(model, frame_list, out_folder, args, device):
 
 def write_attention_images(model, batch, names, out_folder, args, device):
     with utils.autocast_context(device.type, args.autocast):
-        attentions = utils.cls_attention_maps(model, torch.stack(batch).to(device))
+        attentions = utils.cls_attention_maps(model, torch.stack(batch).to(device), args.renormalise_heads)
     utils.mark_step()
     mean_maps = attentions.mean(dim=1).cpu()  # (batch, h, w): average over heads
-    masks = utils.attention_mass_masks(mean_maps, args.threshold) if args.threshold > 0 else None
+    masks = utils.attention_mass_masks(mean_maps, args.threshold) if args.outline and args.threshold > 0 else None
     for i, name in enumerate(names):
         image = utils.colorize(utils.upsample_patches(mean_maps[i], args.patch_size).numpy(), 'inferno')
         if masks is not None:
@@ -190,7 +196,9 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     generate(args)
 

@@ -39,7 +39,7 @@ def visualize(args):
     utils.setup_device(args)
     device = utils.device_for(args)
     img = load_image(args.image_path)
-    model = utils.load_frozen_vit(args, device)
+    model = utils.load_frozen_vit(args, device, attention_weights=True)
 
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     img = utils.attention_transform(size)(img)
@@ -98,7 +98,9 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    utils.take_model_from_checkpoint(parser, args, argv)
     check_args(args)
     visualize(args)
 

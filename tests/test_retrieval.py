@@ -276,7 +276,7 @@ def test_whitening_gives_identity_covariance_over_kept_dims(num_images, dim):
     generator = torch.Generator().manual_seed(0)
     mixing = torch.randn(dim, dim, generator=generator) * torch.logspace(0, -1, dim)
     features = torch.randn(num_images, dim, generator=generator) @ mixing + 3.
-    pca = eval_copy_detection.learn_whitening(features)
+    pca = eval_copy_detection.learn_whitening(features, centred=True)
     assert check_whitened(pca, features) == min(dim, num_images - 1)
 
 
@@ -288,10 +288,10 @@ def test_whitening_of_real_features_with_fewer_images_than_dims(copydays, random
     paths = sorted(str(p) for p in (root / 'whitening').iterdir())
     features = eval_copy_detection.extract(model, paths, torch.device('cpu'), args)
     assert features.shape == (len(paths), 2 * model.embed_dim) and len(paths) <= features.shape[1]
-    eval_copy_detection.warn_if_whitening_set_small(len(paths), features.shape[1])
+    eval_copy_detection.warn_if_whitening_set_small(len(paths), features.shape[1], centred=True)
     warning = capsys.readouterr().err
     assert f"falling back to whitening only the PCA dimensions these images span (at most {len(paths) - 1})" in warning
-    pca = eval_copy_detection.learn_whitening(features)
+    pca = eval_copy_detection.learn_whitening(features, centred=True)
     # n images span n - 1 directions, less one: the LayerNorm'ed [CLS] half always sums to the same value
     assert check_whitened(pca, features) == len(paths) - 2
 
@@ -309,8 +309,9 @@ def retrieval_metrics(stdout):
             'mP@k': tuple(tuple(float(v) for v in group.split()) for group in pr_line.groups())}
 
 
-def independent_retrieval(model, root, cfg):
-    """Rankings computed here from the published layout: crop queries, shrink to IMSIZE, [CLS], cosine."""
+def independent_retrieval(model, root, cfg, crop=False):
+    """Rankings computed here from the published layout: queries (cropped to their box with `crop`), shrunk to
+    IMSIZE, [CLS], cosine."""
     def features(names, boxes):
         feats = []
         for name, box in zip(names, boxes):
@@ -324,7 +325,7 @@ def independent_retrieval(model, root, cfg):
         return torch.stack(feats)
 
     db = features(cfg['imlist'], [None] * len(cfg['imlist']))
-    queries = features(cfg['qimlist'], [g['bbx'] for g in cfg['gnd']])
+    queries = features(cfg['qimlist'], [g['bbx'] if crop else None for g in cfg['gnd']])
     return np.argsort(-(db @ queries.T).numpy(), axis=0, kind='stable')
 
 
@@ -394,8 +395,8 @@ def test_copy_detection_end_to_end_one_and_two_processes(copydays, random_vit_we
     assert maps['original'] == 1. and maps['jpegqual/75'] == 1.  # exact and JPEG-recompressed copies at rank 1
     assert all(0. < v <= 1. for v in maps.values())
     assert 'Using 8 distractors' in single.out and 'Database (originals and distractors) shape: (13, 384)' in single.out
-    assert 'falling back to whitening only the PCA dimensions these images span (at most 47)' in single.err
-    assert 'Whitening keeps the 46 of 384 dimensions' in single.out
+    assert 'falling back to whitening only the PCA dimensions these images span (at most 48)' in single.err
+    assert 'Whitening keeps the 47 of 384 dimensions' in single.out
 
 
 def test_copydays_ground_truth_and_features(copydays, random_vit_weights):
@@ -428,7 +429,7 @@ def test_copy_detection_bad_input(copydays, tmp_path):
                                '--distractors_path', tmp_path / 'none', '--device', 'cpu'),
                '--whitening_path', 'at least 2')
     fails_with(run, parse_args(eval_copy_detection, '--data_path', tmp_path, *common),
-               'not a complete Copydays folder', 'original')
+               'needs original/ and at least one block of copies', 'found none of them')
     fails_with(run, parse_args(eval_copy_detection, '--data_path', data, '--arch', 'resnet50', '--device', 'cpu',
                                '--distractors_path', tmp_path / 'none', '--whitening_path', tmp_path / 'none'),
                '--arch resnet50')

@@ -358,14 +358,16 @@ def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights, m
     write_test_video(tmp_path / 'input.mp4')
     out = tmp_path / 'out'
     run_script('video_generation.py', *ARCH, '--pretrained_weights', weights, '--input_path',
-               tmp_path / 'input.mp4', '--output_path', out, '--batch_size', '3')
+               tmp_path / 'input.mp4', '--output_path', out, '--batch_size', '3', '--outline', 'true',
+               '--renormalise_heads', 'true')
     frames, fps = read_video(out / 'video.mp4')
     assert len(frames) == 8 and frames[0].shape == (64, 96, 3) and fps == pytest.approx(10)
     assert len(list((out / 'frames').iterdir())) == 8
     attention_images = sorted((out / 'attention').iterdir())
     assert [p.name for p in attention_images] == [f'attn-frame-{t:04}.jpg' for t in range(8)]
 
-    # an attention image is the inferno-coloured mean over heads of the extracted frame's maps
+    # with both options, an attention image is the inferno-coloured mean over heads of the renormalised maps,
+    # outlined (the original's frames, the default, are checked in test_original.py)
     frame = utils.attention_transform()(Image.open(out / 'frames' / 'frame-0003.jpg').convert('RGB'))
     mean_map = utils.cls_attention_maps(model, frame.unsqueeze(0))[0].mean(dim=0)
     expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)

@@ -70,7 +70,7 @@ def eval_knn(args):
             writer.add_scalar('top1', top1, 0)
             writer.add_scalar('top5', top5, 0)
             writer.close()
-    utils.barrier()
+    utils.leave_process_group()
 
 
 def extract_feature_pipeline(args, device):

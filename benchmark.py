@@ -82,20 +82,11 @@ def benchmark_step(args):
 
 
 def build_training_step(args, device):
-    """main_dino's networks, loss, optimizer and schedules, and step(it) running one train_step."""
+    """main_dino's training run (main_dino.build_training_run), and step(it, images) running one train_step."""
     # steady state: a single epoch, no warm-up, the head's last layer already trained
     args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs, args.freeze_last_layer = 1, 0, 0, 0
-    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(args, device)
-    dino_loss = main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    optimizer = main_dino.build_optimizer(args, student)
-    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
-    schedules = main_dino.build_schedules(args, args.warmup_steps + 1 + args.steps)
-
-    def step(it, images):
-        return main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, 0, it,
-                                    schedules, fp16_scaler, args)
-    return step
+    run = main_dino.build_training_run(args, device, iters_per_epoch=args.warmup_steps + 1 + args.steps)
+    return lambda it, images: main_dino.train_step(run, images, 0, it)
 
 
 def view_source(args, device):

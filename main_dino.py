@@ -1,5 +1,6 @@
 """DINO self-supervised training (Caron et al., 2021) on HPU, CUDA or CPU."""
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -123,28 +124,15 @@ def train_dino(args):
     iters_per_epoch = len(data_loader)
     print(f"Data loaded: there are {len(data_loader.dataset)} images.")
 
-    # ============ building student and teacher networks ... ============
-    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    # ============ building student and teacher networks, loss, optimizer and schedules ... ============
+    run = build_training_run(args, device, iters_per_epoch)
     print(f"Student and Teacher are built: they are both {args.arch} network.")
-
-    # ============ preparing loss, optimizer and schedules ... ============
-    dino_loss = DINOLoss(
-        args.out_dim,
-        args.local_crops_number + 2,  # 2 global crops + the local crops
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-    ).to(device)
-    optimizer = build_optimizer(args, student)
-    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
-    schedules = build_schedules(args, iters_per_epoch)
     print("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
     # checkpoints hold the random states, and the iteration reached when a signal stopped the run mid-epoch
-    stateful = dict(student=student, teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler,
-                    dino_loss=dino_loss)
+    stateful = dict(student=run.student, teacher=run.teacher, optimizer=run.optimizer, fp16_scaler=run.fp16_scaler,
+                    dino_loss=run.dino_loss)
     to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore,
@@ -163,9 +151,8 @@ def train_dino(args):
     for epoch in range(start_epoch, args.epochs):
         step = start_step if epoch == start_epoch else 0
         data_loader.sampler.set_epoch(epoch, start=step * args.batch_size_per_device)
-        metric_logger, step = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
-                                              optimizer, schedules, epoch, fp16_scaler, summary_writer, args,
-                                              step, to_restore["epoch_meters"] if step else None, skipped, stop,
+        metric_logger, step = train_one_epoch(run, data_loader, epoch, summary_writer, step,
+                                              to_restore["epoch_meters"] if step else None, skipped, stop,
                                               collapse_watch, save_mid_epoch)
         skipped.merge(len(data_loader.dataset), device)
         if step < iters_per_epoch:
@@ -185,8 +172,7 @@ def train_dino(args):
         sys.exit(stop.exit_code)
 
 
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
-                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop, collapse_watch,
+def train_one_epoch(run, data_loader, epoch, summary_writer, start_step, meters, skipped, stop, collapse_watch,
                     save_mid_epoch):
     """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
 
@@ -194,20 +180,20 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
 
     Returns the metric logger and the number of iterations of the epoch done so far.
     """
+    args, dino_loss, optimizer = run.args, run.dino_loss, run.optimizer
     metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
     restore_meters(metric_logger, meters)
-    iters_per_epoch = len(schedules[0]) // args.epochs
+    iters_per_epoch = run.iters_per_epoch
     header = f'Epoch: [{epoch}/{args.epochs}]'
     if start_step:
         print(f"Resuming epoch {epoch} at iteration {start_step}/{iters_per_epoch}")
-    device = utils.device_for(args)
+    device = run.device
     step = start_step
     for images, skipped_indices, notes in metric_logger.log_every(data_loader, 10, header, epoch):
         skipped.note(skipped_indices, notes)
         it = iters_per_epoch * epoch + step  # global training iteration
         images = views_on_device(images, args, device)
-        loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
-                          schedules, fp16_scaler, args)
+        loss = train_step(run, images, epoch, it)
         loss_value, *figures = torch.cat([loss.view(1), dino_loss.figures]).tolist()  # one read from the device
         if not math.isfinite(loss_value):
             print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
@@ -228,24 +214,24 @@ def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loade
     return metric_logger, step
 
 
-def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it, schedules,
-               fp16_scaler, args):
-    """One DINO iteration: schedules, forward passes, loss, student update, teacher EMA.
+def train_step(run, images, epoch, it):
+    """One DINO iteration (global iteration `it`): schedules, forward passes, loss, student update, teacher EMA.
 
     Returns the loss (a device tensor; the caller decides when to read it).
     """
-    lr_schedule, wd_schedule, momentum_schedule = schedules
+    args, student, optimizer, fp16_scaler = run.args, run.student, run.optimizer, run.fp16_scaler
+    lr_schedule, wd_schedule, momentum_schedule = run.schedules
     for i, param_group in enumerate(optimizer.param_groups):
         param_group["lr"] = float(lr_schedule[it])
         if i == 0:  # only the first group is regularized
             param_group["weight_decay"] = float(wd_schedule[it])
 
     with utils.autocast_context(args.device, args.autocast, args.use_fp16):
-        teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+        teacher_output = run.teacher(images[:2])  # only the 2 global views pass through the teacher
         utils.mark_step()
         student_output = student(images)
         utils.mark_step()
-        loss = dino_loss(student_output, teacher_output, epoch)
+        loss = run.dino_loss(student_output, teacher_output, epoch)
     utils.mark_step()
 
     optimizer.zero_grad(set_to_none=True)
@@ -266,7 +252,7 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
         fp16_scaler.update()
     utils.mark_step()
 
-    update_teacher(student, teacher_without_ddp, float(momentum_schedule[it]))
+    update_teacher(student, run.teacher_without_ddp, float(momentum_schedule[it]))
     utils.mark_step()
     return loss.detach()
 
@@ -468,6 +454,43 @@ def build_data_loader(args):
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn apart from the model's RNG
         collate_fn=utils.collate_hand_over if args.augment_on == 'device' else None,
     )
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What a DINO training run carries from step to step: what train_step reads and updates, and where.
+
+    student and teacher are the DDP-wrapped networks (utils.SingleProcess in one process; the teacher is
+    wrapped only with synchronised batch norms); schedules holds the lr, weight decay and teacher momentum
+    of every global iteration.
+    """
+    args: argparse.Namespace
+    device: torch.device
+    student: nn.Module
+    teacher: nn.Module
+    teacher_without_ddp: nn.Module
+    dino_loss: 'DINOLoss'
+    optimizer: torch.optim.Optimizer
+    fp16_scaler: 'torch.amp.GradScaler | None'
+    schedules: tuple
+    iters_per_epoch: int
+
+
+def build_training_run(args, device, iters_per_epoch):
+    """Student and teacher, DINO loss, optimizer, fp16 scaler and schedules, as main_dino trains them."""
+    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    dino_loss = DINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,  # 2 global crops + the local crops
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+    ).to(device)
+    optimizer = build_optimizer(args, student)
+    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
+    return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
+                       build_schedules(args, iters_per_epoch), iters_per_epoch)
 
 
 def build_student_teacher(args, device):

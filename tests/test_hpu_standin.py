@@ -24,6 +24,25 @@ STANDIN_FILES = {
 }
 
 
+def restore_environment(saved):
+    """os.environ exactly as `saved` (but for pytest's own PYTEST_CURRENT_TEST)."""
+    for name in set(os.environ) - set(saved) - {'PYTEST_CURRENT_TEST'}:
+        del os.environ[name]
+    os.environ.update({k: v for k, v in saved.items() if k != 'PYTEST_CURRENT_TEST'})
+
+
+def environment():
+    return {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST'}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def environment_is_left_as_found():
+    """Later tests and their script subprocesses must not inherit the HPU variables set here."""
+    before = environment()
+    yield
+    assert environment() == before, 'the HPU tests left environment variables behind'
+
+
 @pytest.fixture
 def fake_habana(tmp_path, monkeypatch):
     for rel, text in STANDIN_FILES.items():
@@ -34,10 +53,12 @@ def fake_habana(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.startswith('habana_frameworks'):
             monkeypatch.delitem(sys.modules, name)
+    saved = dict(os.environ)  # setup_device sets the HPU variables; monkeypatch would not undo new ones
     for name in HPU_ENV:
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
     monkeypatch.setattr(utils, '_mark_step_enabled', False)
     yield
+    restore_environment(saved)
     for name in list(sys.modules):
         if name.startswith('habana_frameworks'):
             del sys.modules[name]

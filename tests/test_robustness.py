@@ -6,10 +6,12 @@ import json
 import math
 import os
 import pickle
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -84,24 +86,51 @@ def test_sigkill_in_a_checkpoint_write_damaged_checkpoint_and_sigkill_mid_epoch_
     assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_path):
-    """SIGTERM to the whole process group, as SLURM sends it (DataLoader workers included)."""
-    cmd = [sys.executable, str(REPO / 'main_dino.py'), *RUN_ARGS, '--num_workers', '2', '--output_dir', tmp_path]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=script_env({**ONE_THREAD, 'PYTHONUNBUFFERED': '1'}),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ''
-    for line in proc.stdout:
+def read_until(proc, marker, timeout):
+    """proc's output up to and including the first line starting with `marker` (fails after `timeout` s)."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    output, deadline = '', time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            line = None
+        if line is None:
+            raise AssertionError(f"no line starting with {marker!r} within {timeout} s:\n{output[-3000:]}")
         output += line
-        if line.startswith('Epoch: [1/3]  [0/4]'):  # printed after the first iteration of epoch 1
-            os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, output[-3000:]
-    assert 'Stopped by SIGTERM at epoch 1' in output
+        if line.startswith(marker):
+            return output, lines
+
+
+def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_path):
+    """SIGTERM to the whole process group, as SLURM sends it (DataLoader workers included).
+
+    The run waits after its 6th iteration (the 2nd of epoch 1) until the signal arrives: the stop point
+    does not depend on how fast the machine is.
+    """
+    cmd = [sys.executable, str(REPO / 'main_dino.py'), *RUN_ARGS, '--num_workers', '2', '--output_dir', tmp_path]
+    env = script_env({**ONE_THREAD, 'PYTHONUNBUFFERED': '1', 'DINO_FAULT': 'step:6:wait'})
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, lines = read_until(proc, 'DINO_FAULT: wait at step 6', timeout=300)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    while (line := lines.get(timeout=60)) is not None:
+        output += line
+    assert 'Stopped by SIGTERM at epoch 1, iteration 2' in output, output[-3000:]
     checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert checkpoint['epoch'] == 1 and 0 < checkpoint['step'] < 4  # mid-epoch
+    assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2  # mid-epoch
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 1
 
     proc = train(tmp_path, '--num_workers', '2')
-    assert f"Resuming epoch 1 at iteration {checkpoint['step']}/4" in proc.stdout
+    assert "Resuming epoch 1 at iteration 2/4" in proc.stdout
     assert_same_run(tmp_path, reference)
 
 

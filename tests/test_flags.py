@@ -1,0 +1,226 @@
+"""Flags and branches a user can reach, each checked by its effect: tiny in-process runs of the scripts,
+several flags per run, with the pieces they should reach recorded on the way."""
+import argparse
+import math
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import main_dino
+import utils
+
+# 2 iterations per epoch of 4 images; 32/16-pixel crops
+FLAG_TRAIN_ARGS = ['--arch', 'vit_tiny', '--patch_size', '16', '--data_path', 'synthetic', '--global_crops_size', '32',
+                   '--local_crops_size', '16', '--local_crops_number', '2', '--out_dim', '64',
+                   '--batch_size_per_device', '4', '--data_limit', '8', '--num_workers', '0', '--warmup_epochs', '0',
+                   '--lr', '0.01', '--device', 'cpu']
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """main_dino installs its stop-signal handlers in this process: put pytest's back afterwards."""
+    saved = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def dino_args(out, *extra):
+    parser = argparse.ArgumentParser(parents=[main_dino.get_args_parser()])
+    args = parser.parse_args([str(a) for a in [*FLAG_TRAIN_ARGS, '--output_dir', out, *extra]])
+    main_dino.check_args(args)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def train(out, *extra):
+    main_dino.train_dino(dino_args(out, *extra))
+
+
+class Recorder:
+    """Records what main_dino builds and does: the objects made by some of its classes and functions,
+    the crops of every step, and the calls of clip_gradients; `on_step(n)` may act at the n-th step."""
+
+    def __init__(self, monkeypatch, on_step=None):
+        self.made, self.steps, self.clips, self.autocast = {}, [], 0, []
+        for name in ('DINOLoss', 'DataAugmentationDINO'):
+            self.made[name] = []
+            monkeypatch.setattr(main_dino, name, self.recording(getattr(main_dino, name), self.made[name]))
+        self.made['backbones'] = []
+        build_backbone, clip_gradients, train_step = utils.build_backbone, utils.clip_gradients, main_dino.train_step
+
+        def backbone(*args, **kwargs):
+            model, dim = build_backbone(*args, **kwargs)
+            self.made['backbones'].append(model)
+            return model, dim
+
+        def clip(*args):
+            self.clips += 1
+            return clip_gradients(*args)
+
+        def step(*args):
+            self.steps.append([tuple(im.shape) for im in args[5]])
+            return (on_step and on_step(len(self.steps))) or train_step(*args)
+
+        monkeypatch.setattr(utils, 'build_backbone', backbone)
+        monkeypatch.setattr(utils, 'clip_gradients', clip)
+        monkeypatch.setattr(main_dino, 'train_step', step)
+
+    def recording(self, cls, made):
+        recorder = self
+
+        class Recorded(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+            def forward(self, *args, **kwargs):  # DINOLoss: under which autocast the loss is computed
+                recorder.autocast.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu'))
+                return super().forward(*args, **kwargs)
+        return Recorded
+
+
+def test_training_flags_sgd_patch8_no_local_crops_and_head_options(tmp_path, monkeypatch):
+    """--optimizer sgd --patch_size 8 --local_crops_number 0 --global_crops_scale 0.14 1 --saveckp_freq 2
+    --clip_grad 0 --norm_last_layer false --use_bn_in_head true --drop_path_rate 0.3
+    --warmup_teacher_temp_epochs 2, in one 3-epoch run."""
+    record = Recorder(monkeypatch)
+    train(tmp_path, '--optimizer', 'sgd', '--patch_size', '8', '--local_crops_number', '0',
+          '--global_crops_scale', '0.14', '1', '--saveckp_freq', '2', '--epochs', '3', '--clip_grad', '0',
+          '--norm_last_layer', 'false', '--use_bn_in_head', 'true', '--drop_path_rate', '0.3',
+          '--warmup_teacher_temp', '0.04', '--teacher_temp', '0.07', '--warmup_teacher_temp_epochs', '2',
+          '--freeze_last_layer', '0')
+    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    student = checkpoint['student']
+    # --local_crops_number 0: two global views only, in the steps and in the loss; --global_crops_scale
+    assert record.steps == [[(4, 3, 32, 32)] * 2] * 6
+    loss, = record.made['DINOLoss']
+    assert loss.ncrops == 2 and record.made['DataAugmentationDINO'][0].global_transfo1.scale == (0.14, 1.)
+    # --warmup_teacher_temp_epochs 2: 0.04 then 0.07
+    assert list(loss.teacher_temp_schedule) == pytest.approx([0.04, 0.07, 0.07])
+    # --optimizer sgd: SGD with momentum 0.9 (momentum buffers, no Adam moments)
+    assert checkpoint['optimizer']['param_groups'][0]['momentum'] == 0.9
+    assert all(set(state) == {'momentum_buffer'} for state in checkpoint['optimizer']['state'].values())
+    # --patch_size 8
+    assert student['module.backbone.patch_embed.proj.weight'].shape == (192, 3, 8, 8)
+    # --saveckp_freq 2: checkpoint0000 and checkpoint0002 kept, not checkpoint0001
+    assert sorted(p.name for p in tmp_path.glob('checkpoint0*.pth')) == ['checkpoint0000.pth', 'checkpoint0002.pth']
+    # --clip_grad 0: no clipping at all
+    assert record.clips == 0
+    # --norm_last_layer false: the weight-norm scale g is trained (fixed to 1 otherwise)
+    assert not torch.all(student['module.head.last_layer.weight_g'] == 1)
+    # --use_bn_in_head true: batch norms in the head, updated once per step
+    assert student['module.head.mlp.1.num_batches_tracked'] == 6
+    assert student['module.head.mlp.1.running_mean'].abs().sum() > 0
+    # --drop_path_rate 0.3: in the student only, rising linearly over the blocks to 0.3
+    student_backbone, teacher_backbone = record.made['backbones']
+    assert [block.drop_path.drop_prob for block in student_backbone.blocks[1:]] == pytest.approx(
+        [0.3 * i / 11 for i in range(1, 12)])
+    assert all(isinstance(block.drop_path, nn.Identity) for block in teacher_backbone.blocks)
+
+
+def test_training_defaults_autocast_and_a_non_finite_loss_keep_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """--saveckp_freq 0, --clip_grad (3.0), --norm_last_layer (true), --autocast; a NaN loss at the first step
+    of epoch 1 stops the run with exit status 1, keeping the checkpoint and log of epoch 0."""
+    record = Recorder(monkeypatch, on_step=lambda n: torch.tensor(math.nan) if n == 3 else None)
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path, '--epochs', '2', '--saveckp_freq', '0', '--autocast', '--freeze_last_layer', '0')
+    assert stop.value.code == 1
+    assert 'Loss is nan at epoch 1, iteration 2: stopping training' in capsys.readouterr().out
+    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert checkpoint['epoch'] == 1 and len((tmp_path / 'log.txt').read_text().splitlines()) == 1
+    assert not list(tmp_path.glob('checkpoint0*.pth'))  # --saveckp_freq 0: no numbered checkpoints
+    assert record.clips == 2  # clipped at each of the two good steps
+    assert record.steps[0] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert record.autocast == [torch.bfloat16] * 2  # the loss of each step under bf16 autocast
+    assert torch.all(checkpoint['student']['module.head.last_layer.weight_g'] == 1)
+
+
+def test_training_resnet_with_lars_stops_on_sigusr1_and_resumes_without_random_states(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """A ResNet --arch with --optimizer lars; SIGUSR1 stops it mid-epoch with a checkpoint; a checkpoint
+    without random states (older format) still resumes, with a note."""
+    def signal_at_third_step(n):
+        if n == 3:
+            signal.raise_signal(signal.SIGUSR1)
+    Recorder(monkeypatch, on_step=signal_at_third_step)
+    args = ['--arch', 'resnet18', '--optimizer', 'lars', '--epochs', '2']
+    train(tmp_path, *args)
+    assert 'Stopped by SIGUSR1 at epoch 1, iteration 1' in capsys.readouterr().out
+    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    assert checkpoint['epoch'] == 1 and checkpoint['step'] == 1
+    assert 'module.backbone.layer4.1.bn2.running_var' in checkpoint['student']  # torchvision's ResNet
+    assert all(set(state) == {'mu'} for state in checkpoint['optimizer']['state'].values())  # LARS
+
+    del checkpoint['rng_state']
+    torch.save(checkpoint, tmp_path / 'checkpoint.pth')
+    train(tmp_path, *args)
+    out = capsys.readouterr().out
+    assert 'the checkpoint holds no random states' in out and 'Resuming epoch 1 at iteration 1/2' in out
+    assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 2
+    assert len((tmp_path / 'log.txt').read_text().splitlines()) == 2
+
+
+def test_seed_and_fewer_images_than_one_batch(tmp_path):
+    def first_batch(*extra):
+        loader = main_dino.build_data_loader(dino_args(tmp_path, *extra))
+        loader.sampler.set_epoch(0)
+        return next(iter(loader))[0][0]
+    same, again, other = first_batch('--seed', '5'), first_batch('--seed', '5'), first_batch('--seed', '6')
+    assert torch.equal(same, again) and not torch.equal(same, other)
+
+    with pytest.raises(SystemExit) as stop:
+        main_dino.build_data_loader(dino_args(tmp_path, '--data_limit', '3'))
+    assert str(stop.value) == ("error: 3 training images are fewer than one global batch (4); "
+                               "lower --batch_size_per_device or add images")
+
+
+def test_resuming_with_fewer_processes_merges_the_epoch_meters():
+    """A run stopped mid-epoch under 2 processes, resumed by 1: rank 0 takes the sums of both."""
+    logger = utils.MetricLogger()
+    main_dino.restore_meters(logger, [{'loss': (3, 6.)}, {'loss': (2, 5.)}])
+    assert (logger.meters['loss'].count, logger.meters['loss'].total) == (5, 11.)
+    assert logger.meters['loss'].global_avg == pytest.approx(11 / 5)
+
+
+def reference_lars(params, grads_per_step, lr, weight_decay, momentum, eta):
+    """LARS as the original DINO defines it, one parameter at a time, in float64."""
+    params = [p.double().clone() for p in params]
+    buffers = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, g, mu in zip(params, grads, buffers):
+            update = g.double()
+            if p.ndim != 1:
+                update = update + weight_decay * p
+                p_norm, u_norm = p.norm().item(), update.norm().item()
+                update = update * (eta * p_norm / u_norm if p_norm > 0 and u_norm > 0 else 1.)
+            mu.mul_(momentum).add_(update)
+            p.sub_(lr * mu)
+    return params
+
+
+def test_lars_over_several_steps_with_momentum_1d_and_zero_norm_parameters():
+    torch.manual_seed(0)
+    params = [torch.randn(4, 3), torch.randn(5), torch.zeros(2, 2), torch.randn(3, 3)]
+    # a 1-D parameter (no decay, no trust ratio); a zero matrix (norm 0 at the first step: trust 1); a matrix
+    # with zero gradients in a group without weight decay (update norm 0: trust 1, not 0/0)
+    grads_per_step = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    for grads in grads_per_step:
+        grads[3] = torch.zeros(3, 3)
+    model_params = [nn.Parameter(p.clone()) for p in params]
+    optimizer = utils.LARS([{'params': model_params[:3], 'weight_decay': 0.1}, {'params': model_params[3:]}],
+                           lr=0.5, momentum=0.9, eta=0.02)
+    for grads in grads_per_step:
+        for p, g in zip(model_params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+    expected = reference_lars(params[:3], [g[:3] for g in grads_per_step], 0.5, 0.1, 0.9, 0.02)
+    expected += reference_lars(params[3:], [g[3:] for g in grads_per_step], 0.5, 0., 0.9, 0.02)
+    for got, want in zip(model_params, expected):
+        torch.testing.assert_close(got.detach().double(), want, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(model_params[2].detach(), params[2])  # the zero matrix moved with trust 1
+    torch.testing.assert_close(model_params[3].detach(), params[3])  # no gradient, no decay: unchanged

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import eval_knn
+import eval_linear
 import main_dino
 import utils
+import vision_transformer as vits
+
+CPU = ['--device', 'cpu', '--num_workers', '0']
 
 # 2 iterations per epoch of 4 images; 32/16-pixel crops
 FLAG_TRAIN_ARGS = ['--arch', 'vit_tiny', '--patch_size', '16', '--data_path', 'synthetic', '--global_crops_size', '32',
@@ -224,3 +230,126 @@ def test_lars_over_several_steps_with_momentum_1d_and_zero_norm_parameters():
         torch.testing.assert_close(got.detach().double(), want, rtol=1e-6, atol=1e-7)
     assert not torch.equal(model_params[2].detach(), params[2])  # the zero matrix moved with trust 1
     torch.testing.assert_close(model_params[3].detach(), params[3])  # no gradient, no decay: unchanged
+
+
+# ----------------------------------------------------------------------------- eval_knn.py, eval_linear.py
+
+@pytest.fixture(scope='module')
+def two_class_folder(tmp_path_factory):
+    """train/ (3 images per class) and val/ (2 per class) of 2 classes of synthetic shapes."""
+    root = tmp_path_factory.mktemp('two_classes')
+    shapes = utils.SyntheticShapes('train', image_size=32)
+    for split, count in (('train', 6), ('val', 4)):
+        for i in range(count):
+            folder = root / split / f'class{i % 2}'
+            folder.mkdir(parents=True, exist_ok=True)
+            shapes.render(10 * (split == 'val') + i).save(folder / f'{i}.png')
+    return root
+
+
+def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypatch, two_class_folder):
+    """--checkpoint_key student takes the student's backbone; --store_on_device false keeps the features on
+    the host; --temperature decides a hand-worked vote; --load_features refuses features and labels that
+    do not fit together."""
+    torch.manual_seed(0)
+    teacher, student = vits.vit_tiny(patch_size=16).eval(), vits.vit_tiny(patch_size=16).eval()
+    checkpoint = tmp_path / 'checkpoint.pth'
+    torch.save({'teacher': {f'backbone.{k}': v for k, v in teacher.state_dict().items()},
+                'student': {f'module.backbone.{k}': v for k, v in student.state_dict().items()}}, checkpoint)
+    stored = []
+    extract_features = utils.extract_features
+    monkeypatch.setattr(utils, 'extract_features',
+                        lambda *a, **k: stored.append(k['store_on_device']) or extract_features(*a, **k))
+    eval_knn.main([str(a) for a in ['--arch', 'vit_tiny', '--pretrained_weights', checkpoint, '--checkpoint_key',
+                                    'student', '--store_on_device', 'false', '--data_path', two_class_folder,
+                                    '--nb_knn', '3', '--dump_features', tmp_path / 'feats', *CPU]])
+    assert stored == [False, False]
+    from torchvision import datasets
+    images = torch.stack([image for image, _ in datasets.ImageFolder(two_class_folder / 'val',
+                                                                     utils.center_crop_transform(224))])
+    with torch.no_grad():
+        expected, other = (F.normalize(model(images), dim=1) for model in (student, teacher))
+    features = utils.load_checkpoint(tmp_path / 'feats' / 'testfeat.pth')
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(features, other, atol=1e-3)
+
+    # the query's neighbours: one of class 0 at similarity 0.9, two of class 1 at 0.8. T = 0.07 weights
+    # them e^12.9 against 2 e^11.4 (class 0 wins); T = 1, e^0.9 against 2 e^0.8 (class 1 wins)
+    folder = tmp_path / 'hand'
+    train = torch.tensor([[0.9, math.sqrt(1 - 0.81), 0.], [0.8, 0., 0.6], [0.8, 0., -0.6]])
+    eval_knn.dump_features(folder, train, torch.tensor([[1., 0., 0.]]), torch.tensor([0, 1, 1]), torch.tensor([0]))
+    for temperature, top1 in (('0.07', 100.), ('1', 0.)):
+        capsys.readouterr()
+        eval_knn.main(['--load_features', str(folder), '--nb_knn', '3', '--temperature', temperature, *CPU])
+        assert f'3-NN classifier result: Top1: {top1}, Top5: 100.0' in capsys.readouterr().out
+
+    utils.save_checkpoint(torch.tensor([0, 1]), folder / 'trainlabels.pth')  # 3 features, 2 labels
+    with pytest.raises(SystemExit, match='the features and labels do not fit together'):
+        eval_knn.main(['--load_features', str(folder), '--nb_knn', '1', *CPU])
+
+
+def test_linear_block_count_and_released_head_offline(tmp_path, monkeypatch):
+    """--n_last_blocks larger than the network, and --evaluate with no local head while offline: one line each."""
+    weights = tmp_path / 'vit_tiny.pth'
+    torch.save(vits.vit_tiny(patch_size=16).state_dict(), weights)
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', str(weights), '--data_path', 'synthetic',
+              '--data_limit', '4', '--output_dir', str(tmp_path / 'out'), *CPU]
+    with pytest.raises(SystemExit, match='^error: --n_last_blocks 13: vit_tiny has only 12 blocks$'):
+        eval_linear.main([*common, '--n_last_blocks', '13'])
+
+    def offline(url, **kwargs):
+        raise OSError('<urlopen error [Errno -3] Temporary failure in name resolution>')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    with pytest.raises(SystemExit, match='no linear head in .* and no released one for vit_tiny/16'):
+        eval_linear.main([*common, '--evaluate'])
+    small = tmp_path / 'vit_small8.pth'
+    torch.save(vits.vit_small(patch_size=8).state_dict(), small)
+    with pytest.raises(SystemExit) as stop:
+        eval_linear.main([*common, '--evaluate', '--arch', 'vit_small', '--patch_size', '8',
+                          '--pretrained_weights', str(small)])
+    assert 'could not download the released linear head (https://dl.fbaipublicfiles.com/dino/' \
+           'dino_deitsmall8_pretrain/dino_deitsmall8_linearweights.pth)' in str(stop.value)
+    assert 'train a head first' in str(stop.value)
+
+
+# ----------------------------------------------------------------------------- hubconf.py, utils
+
+def test_hub_entry_points_build_their_networks_and_name_the_released_files(monkeypatch):
+    import hubconf
+    released = {'dino_vits16': ('dino_deitsmall16_pretrain', 384, 16), 'dino_vits8': ('dino_deitsmall8_pretrain', 384, 8),
+                'dino_vitb16': ('dino_vitbase16_pretrain', 768, 16), 'dino_vitb8': ('dino_vitbase8_pretrain', 768, 8),
+                'dino_resnet50': ('dino_resnet50_pretrain', 2048, None)}
+    assert {name for name in dir(hubconf) if name.startswith('dino_')} == set(released)
+    urls = []
+
+    def offline(url, **kwargs):
+        urls.append(url)
+        raise OSError('offline')
+    monkeypatch.setattr(torch.hub, 'load_state_dict_from_url', offline)
+    for name, (file, dim, patch) in released.items():
+        with pytest.raises(RuntimeError, match=name):
+            getattr(hubconf, name)(pretrained=True)
+        assert urls.pop() == f'https://dl.fbaipublicfiles.com/dino/{file}/{file}.pth'
+        model = getattr(hubconf, name)(pretrained=False).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, 32, 32)).shape == (1, dim)
+        if patch is None:
+            assert isinstance(model.fc, nn.Identity)
+        else:
+            assert model.patch_embed.patch_size == patch and len(model.blocks) == 12
+
+
+def test_init_distributed_mode_reads_slurm_variables(monkeypatch):
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr('builtins.print', print)  # setup_for_distributed replaces it
+    joined = []
+    monkeypatch.setattr(torch.distributed, 'init_process_group', lambda **kwargs: joined.append(kwargs))
+    monkeypatch.setattr(torch.distributed, 'barrier', lambda *a, **k: None)
+    monkeypatch.setenv('SLURM_PROCID', '3')
+    monkeypatch.setenv('SLURM_NTASKS', '4')
+    monkeypatch.setenv('SLURM_LOCALID', '1')
+    args = argparse.Namespace(device='cpu', dist_url='env://', dist_timeout=60, local_rank=0)
+    utils.init_distributed_mode(args)
+    assert (args.rank, args.world_size, args.gpu, args.distributed) == (3, 4, 1, True)
+    assert [(j['rank'], j['world_size'], j['backend']) for j in joined] == [(3, 4, 'gloo')]

@@ -5,6 +5,8 @@ import math
 import signal
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ import eval_linear
 import main_dino
 import utils
 import vision_transformer as vits
+from PIL import Image
 
 CPU = ['--device', 'cpu', '--num_workers', '0']
 
@@ -353,3 +356,77 @@ def test_init_distributed_mode_reads_slurm_variables(monkeypatch):
     utils.init_distributed_mode(args)
     assert (args.rank, args.world_size, args.gpu, args.distributed) == (3, 4, 1, True)
     assert [(j['rank'], j['world_size'], j['backend']) for j in joined] == [(3, 4, 'gloo')]
+
+
+# ----------------------------------------------------------------------------- attention images and videos
+
+@pytest.fixture(scope='module')
+def tiny_vit_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16).eval()
+    path = tmp_path_factory.mktemp('vit') / 'vit_tiny16.pth'
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+def test_visualize_attention_of_an_image_file_with_one_size_and_no_threshold(tmp_path, tiny_vit_weights):
+    import visualize_attention
+    weights, model = tiny_vit_weights
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((60, 100, 3)) * 255).astype(np.uint8)).save(tmp_path / 'photo.png')
+    args = visualize_attention.get_args_parser().parse_args(
+        ['--arch', 'vit_tiny', '--patch_size', '16', '--pretrained_weights', str(weights), '--device', 'cpu',
+         '--image_path', str(tmp_path / 'photo.png'), '--image_size', '48', '--output_dir', str(tmp_path / 'out')])
+    visualize_attention.check_args(args)
+    visualize_attention.visualize(args)
+    # no --threshold: no masks; one --image_size value: the short side, 60x100 -> 48x80 (whole patches)
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['attn-head0.png', 'attn-head1.png',
+                                                                   'attn-head2.png', 'img.png']
+    from torchvision import transforms
+    image = transforms.Resize(48, interpolation=transforms.InterpolationMode.BILINEAR)(
+        Image.open(tmp_path / 'photo.png'))
+    assert image.size == (80, 48)
+    x = transforms.functional.normalize(transforms.functional.to_tensor(image), utils.IMAGENET_MEAN, utils.IMAGENET_STD)
+    with torch.no_grad():
+        maps = utils.cls_attention_maps(model, x[None])[0]
+    for head in range(3):
+        saved = np.asarray(Image.open(tmp_path / 'out' / f'attn-head{head}.png'))
+        assert saved.shape == (48, 80, 3)
+        np.testing.assert_array_equal(saved, utils.colorize(utils.upsample_patches(maps[head], 16).numpy()))
+
+
+def test_video_generation_from_a_folder_of_frames_resized_without_outline(tmp_path, tiny_vit_weights):
+    import video_generation
+    weights, model = tiny_vit_weights
+    frames = tmp_path / 'frames'
+    frames.mkdir()
+    for t in range(11):  # frame-2 comes before frame-10 (natural order)
+        frame = np.full((64, 96, 3), 20 + 20 * t, np.uint8)
+        frame[20:40, 5 + 7 * t:25 + 7 * t] = (230, 40, 40)
+        Image.fromarray(frame).save(frames / f'frame-{t}.png')
+    args = video_generation.get_args_parser().parse_args(
+        ['--arch', 'vit_tiny', '--patch_size', '16', '--pretrained_weights', str(weights), '--device', 'cpu',
+         '--input_path', str(frames), '--output_path', str(tmp_path / 'out'), '--resize', '32',
+         '--threshold', '0', '--batch_size', '4', '--fps', '5'])
+    video_generation.check_args(args)
+    video_generation.generate(args)
+    assert not (tmp_path / 'out' / 'frames').exists()  # read in place
+    attention = tmp_path / 'out' / 'attention'
+    assert sorted(p.name for p in attention.iterdir()) == sorted(f'attn-frame-{t}.jpg' for t in range(11))
+    from torchvision import transforms
+    video = cv2.VideoCapture(str(tmp_path / 'out' / 'video.mp4'))
+    for t in range(11):
+        # --resize 32: the short side, 64x96 -> 32x48; --threshold 0: the map alone, no outline
+        image = transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR)(
+            Image.open(frames / f'frame-{t}.png'))
+        x = transforms.functional.normalize(transforms.functional.to_tensor(image), utils.IMAGENET_MEAN,
+                                            utils.IMAGENET_STD)
+        with torch.no_grad():
+            mean_map = utils.cls_attention_maps(model, x[None])[0].mean(0)
+        expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
+        saved = np.asarray(Image.open(attention / f'attn-frame-{t}.jpg')).astype(np.float32)
+        assert saved.shape == (32, 48, 3) and np.abs(saved - expected).mean() < 4  # JPEG noise only
+        ok, frame = video.read()  # the video holds the frames in natural order
+        assert ok and np.abs(frame[..., ::-1].astype(np.float32) - saved).mean() < 8
+    assert not video.read()[0]
+    video.release()

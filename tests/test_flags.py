@@ -430,3 +430,64 @@ def test_video_generation_from_a_folder_of_frames_resized_without_outline(tmp_pa
         assert ok and np.abs(frame[..., ::-1].astype(np.float32) - saved).mean() < 8
     assert not video.read()[0]
     video.release()
+
+
+# ----------------------------------------------------------------------------- eval_video_segmentation.py
+
+class PatchColours(nn.Module):
+    """Stand-in ViT for label propagation: each 16-pixel patch's feature is its mean colour."""
+
+    def get_intermediate_layers(self, x, n=1):
+        patches = F.avg_pool2d(x, 16).flatten(2).transpose(1, 2)
+        return [torch.cat([patches.mean(1, keepdim=True), patches], dim=1)]
+
+
+def write_video(folder, sizes):
+    """Frames 00000.jpg... of the given (height, width): a red square moving right over a grey gradient."""
+    folder.mkdir(parents=True)
+    for t, (height, width) in enumerate(sizes):
+        frame = np.tile(np.linspace(60, 160, width, dtype=np.uint8)[None, :, None], (height, 1, 3))
+        frame[16:40, 8 + 6 * t:32 + 6 * t] = (40, 40, 220)  # BGR
+        cv2.imwrite(str(folder / f'{t:05d}.jpg'), frame)
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_video_segmentation_context_queue_neighbourhood_batches_and_frame_sizes(tmp_path, monkeypatch):
+    """--n_last_frames 2 (the queue drops older frames), --size_mask_neighborhood 0 (no restriction), --bs 2
+    (batches smaller than the video give the same masks); frames or annotations of another size stop with
+    one line."""
+    import eval_video_segmentation as evs
+    frames = write_video(tmp_path / 'video', [(64, 96)] * 6)
+    labels = np.zeros((64, 96), np.uint8)
+    labels[16:40, 8:32] = 1
+    evs.imwrite_indexed(tmp_path / 'first.png', labels, evs.davis_palette())
+    first_seg, seg_ori = evs.read_seg(str(tmp_path / 'first.png'), 16)
+    contexts, masks = [], []
+    propagate = evs.label_propagation
+
+    def recorded(args, feat_tar, feats, segs, mask=None):
+        contexts.append(len(feats))
+        masks.append(mask)
+        return propagate(args, feat_tar, feats, segs, mask)
+    monkeypatch.setattr(evs, 'label_propagation', recorded)
+
+    def track(frame_list, bs, seg=(first_seg, seg_ori), **flags):
+        args = argparse.Namespace(patch_size=16, n_last_frames=2, size_mask_neighborhood=0, topk=5, bs=bs,
+                                  autocast=False, **flags)
+        return evs.eval_video_tracking_davis(args, PatchColours(), frame_list, str(tmp_path / f'out{bs}'), *seg,
+                                             evs.davis_palette(), torch.device('cpu'))
+
+    in_batches, at_once = track(frames, bs=2), track(frames, bs=6)
+    assert contexts[:5] == [1, 2, 3, 3, 3]  # the first frame and at most 2 preceding ones
+    assert all(mask is None for mask in masks)
+    for a, b in zip(in_batches, at_once):
+        np.testing.assert_array_equal(a, b)
+    assert (in_batches[-1] == 1).any()  # the square is followed
+
+    odd = write_video(tmp_path / 'odd', [(64, 96)] * 3 + [(64, 128)] * 3)  # the size changes in the 2nd batch
+    with pytest.raises(SystemExit, match='^error: frames of one video differ in size'):
+        track(odd, bs=3)
+    small_labels = np.zeros((32, 48), np.uint8)
+    evs.imwrite_indexed(tmp_path / 'small.png', small_labels, evs.davis_palette())
+    with pytest.raises(SystemExit, match='annotations must match the frames'):
+        track(frames, bs=2, seg=evs.read_seg(str(tmp_path / 'small.png'), 16))

@@ -491,3 +491,35 @@ def test_video_segmentation_context_queue_neighbourhood_batches_and_frame_sizes(
     evs.imwrite_indexed(tmp_path / 'small.png', small_labels, evs.davis_palette())
     with pytest.raises(SystemExit, match='annotations must match the frames'):
         track(frames, bs=2, seg=evs.read_seg(str(tmp_path / 'small.png'), 16))
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+def test_benchmark_text_reports_and_data_mode_with_workers(capsys):
+    import benchmark
+    threads = torch.get_num_threads()
+    parser = benchmark.get_args_parser()
+    try:
+        step_args = parser.parse_args(['--arch', 'vit_tiny', '--device', 'cpu', '--batch_size_per_device', '2',
+                                       '--global_crops_size', '32', '--local_crops_size', '16', '--local_crops_number',
+                                       '1', '--out_dim', '64', '--steps', '1', '--warmup_steps', '0'])
+        data_args = parser.parse_args(['--mode', 'data', '--num_workers', '2', '--batch_size_per_device', '2',
+                                       '--steps', '2', '--warmup_steps', '1', '--local_crops_number', '1',
+                                       '--image_width', '80', '--image_height', '60'])
+        results = [benchmark.benchmark_step(step_args), benchmark.benchmark_data(data_args)]
+    finally:
+        torch.set_num_threads(threads)
+    capsys.readouterr()
+    for result in results:
+        benchmark.print_report(result)
+    report = capsys.readouterr().out
+    step, data = results
+    assert f"vit_tiny/16 on cpu (float32, {step['threads']} threads), 2 images/step" in report
+    assert f"images/s (median of 1 steps): {step['images_per_s']:.2f}" in report
+    assert f"model GFLOP/image: {step['flops_per_image'] / 1e9:.2f}" in report
+    assert f"MFU {100 * step['mfu']:.1f}%" in report
+    # data mode: two DataLoader workers, and the per-worker figure is the total over 2
+    assert data['num_workers'] == 2 and data['images_per_s_per_worker'] == pytest.approx(data['images_per_s'] / 2)
+    assert "data pipeline, 2x224 + 1x96 crops of 80x60 JPEGs" in report
+    assert (f"DataLoader, 2 worker(s): {data['images_per_s']:.1f} images/s "
+            f"({data['images_per_s_per_worker']:.1f} per worker)") in report

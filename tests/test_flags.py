@@ -523,3 +523,50 @@ def test_benchmark_text_reports_and_data_mode_with_workers(capsys):
     assert "data pipeline, 2x224 + 1x96 crops of 80x60 JPEGs" in report
     assert (f"DataLoader, 2 worker(s): {data['images_per_s']:.1f} images/s "
             f"({data['images_per_s_per_worker']:.1f} per worker)") in report
+
+
+# ----------------------------------------------------------------------------- eval_image_retrieval.py
+
+def test_retrieval_on_rparis6k_multiscale_with_the_default_imsize(tmp_path, monkeypatch, tiny_vit_weights):
+    """--dataset rparis6k reads rparis6k/; --multiscale true averages scales 1, 1/sqrt(2), 1/2; without --imsize
+    the longer side is shrunk to 224 (smaller images are kept)."""
+    import pickle
+    import eval_image_retrieval
+    weights, model = tiny_vit_weights
+    folder = tmp_path / 'rparis6k' / 'jpg'
+    folder.mkdir(parents=True)
+    shapes = utils.SyntheticShapes('train', image_size=64)
+    sizes = [(300, 200), (64, 48), (48, 64), (80, 80), (64, 64), (96, 64)]
+    names = [f'paris_{i}' for i in range(len(sizes))]
+    for i, (name, size) in enumerate(zip(names, sizes)):
+        shapes.render(i).resize(size, Image.BICUBIC).save(folder / f'{name}.jpg', quality=95)
+    gnd = [{'bbx': [0, 0, w, h], 'easy': [k], 'hard': [], 'junk': []} for k, (w, h) in enumerate(sizes[:2])]
+    with open(tmp_path / 'rparis6k' / 'gnd_rparis6k.pkl', 'wb') as f:
+        pickle.dump({'imlist': names, 'qimlist': names[:2], 'gnd': gnd}, f)
+    extracted, reported = [], []
+    extract_features = utils.extract_features
+    monkeypatch.setattr(utils, 'extract_features', lambda *a, **k: extracted.append(extract_features(*a, **k))
+                        or extracted[-1])
+    monkeypatch.setattr(eval_image_retrieval, 'report', lambda ranks, gnd, dataset: reported.append(dataset))
+    parser = argparse.ArgumentParser(parents=[eval_image_retrieval.get_args_parser()])
+    eval_image_retrieval.eval_retrieval(parser.parse_args(
+        ['--data_path', str(tmp_path), '--dataset', 'rparis6k', '--multiscale', 'true', '--arch', 'vit_tiny',
+         '--patch_size', '16', '--pretrained_weights', str(weights), '--num_workers', '0', '--device', 'cpu']))
+    assert reported == ['rparis6k']
+
+    def expected_features(image):
+        if max(image.size) > 224:
+            image = image.resize((224, round(224 * image.size[1] / image.size[0])), Image.LANCZOS)
+        x = transforms.functional.normalize(transforms.functional.to_tensor(image), utils.IMAGENET_MEAN,
+                                            utils.IMAGENET_STD)[None]
+        with torch.no_grad():
+            single = model(x)
+            scaled = [model(F.interpolate(x, scale_factor=s, mode='bilinear', align_corners=False))
+                      for s in (2 ** -0.5, 0.5)]
+        return F.normalize((single + sum(scaled)) / 3, dim=1)[0], F.normalize(single, dim=1)[0]
+    from torchvision import transforms
+    expected, single_scale = zip(*(expected_features(Image.open(folder / f'{n}.jpg').convert('RGB')) for n in names))
+    db, queries = extracted
+    torch.testing.assert_close(db, torch.stack(expected), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(queries, torch.stack(expected[:2]), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(db, torch.stack(single_scale), atol=1e-3)

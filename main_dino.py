@@ -348,7 +348,11 @@ def build_student_teacher(args, device):
     teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
     student, teacher = student.to(device), teacher.to(device)
 
-    if utils.has_batchnorms(student) and args.distributed:
+    sync_batchnorms = utils.has_batchnorms(student) and args.distributed
+    if sync_batchnorms and args.device == 'cpu':  # torch's SyncBatchNorm (DDP refuses it on CPU) needs an accelerator
+        print("Note: batch norms are not synchronised between CPU processes: each normalises over its own batch.")
+        sync_batchnorms = False
+    if sync_batchnorms:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper

@@ -746,7 +746,7 @@ def fault_point(name):
     if _fault_counts[name] != int(spec[1]):
         return
     if spec[2] == 'wait':
-        _wait_for_stop_signal(f"DINO_FAULT: {spec[2]} at {name} {spec[1]}")
+        _wait_for_stop_signal(f"DINO_FAULT: {spec[2]} at {name} {spec[1]} (pid {os.getpid()})")
         return
     _builtin_print(f"DINO_FAULT: {spec[2]} at {name} {spec[1]}", flush=True)
     if spec[2] == 'kill':

@@ -1,7 +1,10 @@
 """Shared test helpers: run the repository's scripts as a user would, and a tiny trained checkpoint."""
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,24 @@ def run_torchrun(script, nproc, *args, env=None, timeout=300, check=True):
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
+
+
+def read_until(proc, marker, timeout):
+    """proc's output up to and including the first line starting with `marker` (fails after `timeout` s)."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    output, deadline = '', time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            line = None
+        if line is None:
+            raise AssertionError(f"no line starting with {marker!r} within {timeout} s:\n{output[-3000:]}")
+        output += line
+        if line.startswith(marker):
+            return output, lines
 
 
 @pytest.fixture(scope='session')

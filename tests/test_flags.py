@@ -1,8 +1,13 @@
 """Flags and branches a user can reach, each checked by its effect: tiny in-process runs of the scripts,
 several flags per run, with the pieces they should reach recorded on the way."""
 import argparse
+import json
 import math
+import os
+import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -18,6 +23,7 @@ import main_dino
 import utils
 import vision_transformer as vits
 from PIL import Image
+from conftest import REPO, read_until, script_env
 
 CPU = ['--device', 'cpu', '--num_workers', '0']
 
@@ -54,7 +60,7 @@ class Recorder:
     the crops of every step, and the calls of clip_gradients; `on_step(n)` may act at the n-th step."""
 
     def __init__(self, monkeypatch, on_step=None):
-        self.made, self.steps, self.clips, self.autocast = {}, [], 0, []
+        self.made, self.steps, self.losses, self.clips, self.autocast = {}, [], [], 0, []
         for name in ('DINOLoss', 'DataAugmentationDINO'):
             self.made[name] = []
             monkeypatch.setattr(main_dino, name, self.recording(getattr(main_dino, name), self.made[name]))
@@ -72,7 +78,9 @@ class Recorder:
 
         def step(*args):
             self.steps.append([tuple(im.shape) for im in args[5]])
-            return (on_step and on_step(len(self.steps))) or train_step(*args)
+            loss = (on_step and on_step(len(self.steps))) or train_step(*args)
+            self.losses.append(loss.item())
+            return loss
 
         monkeypatch.setattr(utils, 'build_backbone', backbone)
         monkeypatch.setattr(utils, 'clip_gradients', clip)
@@ -172,6 +180,41 @@ def test_training_resnet_with_lars_stops_on_sigusr1_and_resumes_without_random_s
     assert 'the checkpoint holds no random states' in out and 'Resuming epoch 1 at iteration 1/2' in out
     assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 2
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 2
+
+
+def test_two_processes_batch_norm_head_stop_signal_to_one_rank_then_resume_with_one(tmp_path, monkeypatch, capsys):
+    """--use_bn_in_head true under 2 CPU processes runs (torch synchronises batch norms on accelerators only,
+    which is said); SIGUSR1 to rank 1 alone stops both after their first step; the run then resumes in 1
+    process, with the epoch's meters of both ranks merged."""
+    flags = ['--use_bn_in_head', 'true', '--data_limit', '16', '--epochs', '1']
+    two = tmp_path / 'two'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           str(REPO / 'main_dino.py'), *FLAG_TRAIN_ARGS, *flags, '--output_dir', two]
+    env = script_env({'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1', 'DINO_FAULT': 'step:1:wait:1'})
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, lines = read_until(proc, 'DINO_FAULT: wait at step 1', timeout=300)
+        os.kill(int(re.search(r'\(pid (\d+)\)', output.splitlines()[-1]).group(1)), signal.SIGUSR1)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    while (line := lines.get(timeout=60)) is not None:
+        output += line
+    assert 'batch norms are not synchronised between CPU processes' in output
+    assert 'Stopped by a signal to another process at epoch 0, iteration 1' in output, output[-3000:]
+    stopped = utils.load_checkpoint(two / 'checkpoint.pth')
+    assert stopped['step'] == 1 and len(stopped['epoch_meters']) == 2
+    assert stopped['student']['module.head.mlp.1.num_batches_tracked'] == 1
+
+    record = Recorder(monkeypatch)
+    train(two, *flags, '--batch_size_per_device', '8')
+    assert 'Resuming epoch 0 at iteration 1/2' in capsys.readouterr().out
+    (count0, total0), (count1, total1) = (state['loss'] for state in stopped['epoch_meters'])
+    log = [json.loads(line) for line in (two / 'log.txt').read_text().splitlines()]
+    assert log[0]['train_loss'] == pytest.approx((total0 + total1 + record.losses[0]) / (count0 + count1 + 1))
 
 
 def test_seed_and_fewer_images_than_one_batch(tmp_path):

@@ -6,12 +6,10 @@ import json
 import math
 import os
 import pickle
-import queue
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ from PIL import Image
 import main_dino
 import utils
 import vision_transformer as vits
-from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env
+from conftest import REPO, TINY_TRAIN_ARGS, read_until, run_script, run_torchrun, script_env
 
 # 3 epochs of 4 iterations. One thread: every run must do the very same float arithmetic.
 RUN_ARGS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16',
@@ -84,24 +82,6 @@ def test_sigkill_in_a_checkpoint_write_damaged_checkpoint_and_sigkill_mid_epoch_
 
     train(tmp_path, '--num_workers', '0')  # falls back to checkpoint0000.pth again, then trains to the end
     assert_same_run(tmp_path, reference)
-
-
-def read_until(proc, marker, timeout):
-    """proc's output up to and including the first line starting with `marker` (fails after `timeout` s)."""
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    output, deadline = '', time.monotonic() + timeout
-    while True:
-        try:
-            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
-        except queue.Empty:
-            line = None
-        if line is None:
-            raise AssertionError(f"no line starting with {marker!r} within {timeout} s:\n{output[-3000:]}")
-        output += line
-        if line.startswith(marker):
-            return output, lines
 
 
 def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_path):

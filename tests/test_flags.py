@@ -6,7 +6,6 @@ import math
 import os
 import re
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import main_dino
 import utils
 import vision_transformer as vits
 from PIL import Image
-from conftest import REPO, read_until, script_env
+from conftest import REPO, script_env, signal_when_waiting
 
 CPU = ['--device', 'cpu', '--num_workers', '0']
 
@@ -191,18 +190,8 @@ def test_two_processes_batch_norm_head_stop_signal_to_one_rank_then_resume_with_
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            str(REPO / 'main_dino.py'), *FLAG_TRAIN_ARGS, *flags, '--output_dir', two]
     env = script_env({'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1', 'DINO_FAULT': 'step:1:wait:1'})
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, lines = read_until(proc, 'DINO_FAULT: wait at step 1', timeout=300)
-        os.kill(int(re.search(r'\(pid (\d+)\)', output.splitlines()[-1]).group(1)), signal.SIGUSR1)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    while (line := lines.get(timeout=60)) is not None:
-        output += line
+    output = signal_when_waiting(cmd, env, 'DINO_FAULT: wait at step 1', lambda proc, line: os.kill(
+        int(re.search(r'\(pid (\d+)\)', line).group(1)), signal.SIGUSR1))  # rank 1 only
     assert 'batch norms are not synchronised between CPU processes' in output
     assert 'Stopped by a signal to another process at epoch 0, iteration 1' in output, output[-3000:]
     stopped = utils.load_checkpoint(two / 'checkpoint.pth')
@@ -280,20 +269,7 @@ def test_lars_over_several_steps_with_momentum_1d_and_zero_norm_parameters():
 
 # ----------------------------------------------------------------------------- eval_knn.py, eval_linear.py
 
-@pytest.fixture(scope='module')
-def two_class_folder(tmp_path_factory):
-    """train/ (3 images per class) and val/ (2 per class) of 2 classes of synthetic shapes."""
-    root = tmp_path_factory.mktemp('two_classes')
-    shapes = utils.SyntheticShapes('train', image_size=32)
-    for split, count in (('train', 6), ('val', 4)):
-        for i in range(count):
-            folder = root / split / f'class{i % 2}'
-            folder.mkdir(parents=True, exist_ok=True)
-            shapes.render(10 * (split == 'val') + i).save(folder / f'{i}.png')
-    return root
-
-
-def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypatch, two_class_folder):
+def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypatch, small_image_folder):
     """--checkpoint_key student takes the student's backbone; --store_on_device false keeps the features on
     the host; --temperature decides a hand-worked vote; --load_features refuses features and labels that
     do not fit together."""
@@ -307,11 +283,11 @@ def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypa
     monkeypatch.setattr(utils, 'extract_features',
                         lambda *a, **k: stored.append(k['store_on_device']) or extract_features(*a, **k))
     eval_knn.main([str(a) for a in ['--arch', 'vit_tiny', '--pretrained_weights', checkpoint, '--checkpoint_key',
-                                    'student', '--store_on_device', 'false', '--data_path', two_class_folder,
+                                    'student', '--store_on_device', 'false', '--data_path', small_image_folder,
                                     '--nb_knn', '3', '--dump_features', tmp_path / 'feats', *CPU]])
     assert stored == [False, False]
     from torchvision import datasets
-    images = torch.stack([image for image, _ in datasets.ImageFolder(two_class_folder / 'val',
+    images = torch.stack([image for image, _ in datasets.ImageFolder(small_image_folder / 'val',
                                                                      utils.center_crop_transform(224))])
     with torch.no_grad():
         expected, other = (F.normalize(model(images), dim=1) for model in (student, teacher))

@@ -133,20 +133,6 @@ def random_vit_tiny(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope='module')
-def small_image_folder(tmp_path_factory):
-    """train/ (11 images) and val/ (7 images) ImageFolders of 2 classes: odd sizes on purpose."""
-    root = tmp_path_factory.mktemp('folder')
-    shapes = utils.SyntheticShapes('train', image_size=48)
-    for split, count in (('train', 11), ('val', 7)):
-        for i in range(count):
-            label = i % 2
-            folder = root / split / f'class{label}'
-            folder.mkdir(parents=True, exist_ok=True)
-            shapes.render(100 * (split == 'val') + i).save(folder / f'{i:03d}.png')
-    return root
-
-
 def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, capsys, random_vit_tiny,
                                                                      small_image_folder):
     common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder,

@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -20,7 +19,7 @@ from PIL import Image
 import main_dino
 import utils
 import vision_transformer as vits
-from conftest import REPO, TINY_TRAIN_ARGS, read_until, run_script, run_torchrun, script_env
+from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env, signal_when_waiting
 
 # 3 epochs of 4 iterations. One thread: every run must do the very same float arithmetic.
 RUN_ARGS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16',
@@ -92,18 +91,8 @@ def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_pat
     """
     cmd = [sys.executable, str(REPO / 'main_dino.py'), *RUN_ARGS, '--num_workers', '2', '--output_dir', tmp_path]
     env = script_env({**ONE_THREAD, 'PYTHONUNBUFFERED': '1', 'DINO_FAULT': 'step:6:wait'})
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, lines = read_until(proc, 'DINO_FAULT: wait at step 6', timeout=300)
-        os.killpg(proc.pid, signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    while (line := lines.get(timeout=60)) is not None:
-        output += line
+    output = signal_when_waiting(cmd, env, 'DINO_FAULT: wait at step 6',
+                                 lambda proc, line: os.killpg(proc.pid, signal.SIGTERM))
     assert 'Stopped by SIGTERM at epoch 1, iteration 2' in output, output[-3000:]
     checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2  # mid-epoch

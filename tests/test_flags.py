@@ -22,7 +22,7 @@ import main_dino
 import utils
 import vision_transformer as vits
 from PIL import Image
-from conftest import REPO, script_env, signal_when_waiting
+from conftest import REPO, run_torchrun, script_env, signal_when_waiting
 
 CPU = ['--device', 'cpu', '--num_workers', '0']
 
@@ -589,3 +589,22 @@ def test_retrieval_on_rparis6k_multiscale_with_the_default_imsize(tmp_path, monk
     torch.testing.assert_close(db, torch.stack(expected), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(queries, torch.stack(expected[:2]), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(db, torch.stack(single_scale), atol=1e-3)
+
+
+def test_linear_two_processes_with_a_rank_without_validation_images_match_one(tmp_path, tiny_vit_weights):
+    """The 2-process path (DDP head, gathered meters): one image in each split, so rank 1 validates nothing;
+    both processes train on that same image (the sampler pads), so the head and the log equal 1 process's."""
+    weights, _ = tiny_vit_weights
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', weights, '--data_path', 'synthetic', '--data_limit', '1',
+              '--num_labels', '10', '--epochs', '2', '--lr', '1', *CPU]
+    # the same global batch (it scales the learning rate)
+    eval_linear.main([str(a) for a in [*common, '--batch_size_per_device', 4, '--output_dir', tmp_path / 'one']])
+    run_torchrun('eval_linear.py', 2, *common, '--batch_size_per_device', 2, '--output_dir', tmp_path / 'two')
+    logs = [[json.loads(line) for line in (tmp_path / name / 'log.txt').read_text().splitlines()]
+            for name in ('one', 'two')]
+    assert len(logs[0]) == len(logs[1]) == 2
+    for one, two in zip(*logs):
+        assert one.keys() == two.keys() and all(two[k] == pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in one.items())
+    heads = [utils.load_checkpoint(tmp_path / name / 'checkpoint.pth.tar')['state_dict'] for name in ('one', 'two')]
+    for name, value in heads[0].items():
+        torch.testing.assert_close(heads[1][name], value, rtol=1e-4, atol=1e-6)

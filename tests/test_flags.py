@@ -473,8 +473,8 @@ def write_video(folder, sizes):
 
 def test_video_segmentation_context_queue_neighbourhood_batches_and_frame_sizes(tmp_path, monkeypatch):
     """--n_last_frames 2 (the queue drops older frames), --size_mask_neighborhood 0 (no restriction), --bs 2
-    (batches smaller than the video give the same masks); frames or annotations of another size stop with
-    one line."""
+    (batches smaller than the video give the same masks), --topk 1; frames or annotations of another size
+    stop with one line."""
     import eval_video_segmentation as evs
     frames = write_video(tmp_path / 'video', [(64, 96)] * 6)
     labels = np.zeros((64, 96), np.uint8)
@@ -502,6 +502,13 @@ def test_video_segmentation_context_queue_neighbourhood_batches_and_frame_sizes(
     for a, b in zip(in_batches, at_once):
         np.testing.assert_array_equal(a, b)
     assert (in_batches[-1] == 1).any()  # the square is followed
+
+    # --topk 1: every patch takes the labels of its single most similar context patch
+    feats = [F.normalize(torch.randn(6, 8), dim=1) for _ in range(2)]
+    target, segs = F.normalize(torch.randn(6, 8), dim=1), [torch.rand(1, 3, 2, 3) for _ in range(2)]
+    nearest = (target @ torch.cat(feats).T).argmax(dim=1)
+    expected = torch.cat([seg.flatten(2)[0].T for seg in segs])[nearest].T.reshape(1, 3, 2, 3)
+    torch.testing.assert_close(propagate(argparse.Namespace(topk=1), target, feats, segs), expected)
 
     odd = write_video(tmp_path / 'odd', [(64, 96)] * 3 + [(64, 128)] * 3)  # the size changes in the 2nd batch
     with pytest.raises(SystemExit, match='^error: frames of one video differ in size'):

@@ -2,8 +2,11 @@
 
 --mode step (default) times main_dino.train_step, the very function main_dino.py trains with, on
 synthetic crops: images/s, s/step, model FLOPs per image, the device's matmul peak measured here
-for the active dtype, MFU and peak memory. --mode data times main_dino's data pipeline (JPEG
-decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a temporary folder.
+for the active dtype, MFU and peak memory; with --augment_on device each timed step also renders its
+views on the device from handed-over images. --mode data times main_dino's data pipeline (JPEG
+decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a temporary folder: its
+DataLoader, and side by side on one thread the CPU share per image of the original's PIL pipeline,
+of --augment_on cpu and of --augment_on device, and the device share (the batched render) of the latter.
 """
 import argparse
 import json
@@ -43,21 +46,24 @@ def benchmark_step(args):
     dtype = active_dtype(args)
     peak, peak_per_cpu_second = matmul_peak_flops(args, device)
     step = build_training_step(args, device)
+    main_dino.resolve_augment_on(args)
+    views = view_source(args, device)
 
     for it in range(args.warmup_steps):
-        step(it)
+        step(it, views())
     reset_peak_memory(args.device)
+    images = views()
     with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter:
-        step(args.warmup_steps)  # counted, not timed
+        step(args.warmup_steps, images)  # counted (the model only), not timed
     flops_per_image = counter.get_total_flops() / args.batch_size_per_device
     timer = StepTimer(args.device)
     for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
         with timer:
-            loss = step(it)
+            loss = step(it, views())
     seconds = statistics.median(timer.seconds())
     images_per_s = args.batch_size_per_device / seconds
     result = {
-        'mode': 'step', 'device': args.device, 'arch': args.arch, 'patch_size': args.patch_size,
+        'mode': 'step', 'device': args.device, 'augment_on': args.augment_on, 'arch': args.arch, 'patch_size': args.patch_size,
         'dtype': str(dtype).replace('torch.', ''), 'batch_size_per_device': args.batch_size_per_device,
         'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
         'out_dim': args.out_dim, 'threads': torch.get_num_threads(), 'steps': args.steps,
@@ -85,12 +91,29 @@ def build_training_step(args, device):
     optimizer = main_dino.build_optimizer(args, student)
     fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
     schedules = main_dino.build_schedules(args, args.warmup_steps + 1 + args.steps)
-    images = synthetic_crops(args, device)
 
-    def step(it):
+    def step(it, images):
         return main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, 0, it,
                                     schedules, fp16_scaler, args)
     return step
+
+
+def view_source(args, device):
+    """views() -> the step's list of view batches: fixed synthetic crops (--augment_on cpu: the loader's
+    work is not timed here), or rendered on the device from one handed-over batch of 500x375 images."""
+    if args.augment_on == 'cpu':
+        images = synthetic_crops(args, device)
+        return lambda: images
+    augmentation = augmentation_for(args, 'device')
+    shapes = utils.SyntheticShapes('train', length=args.batch_size_per_device, image_size=500, seed=args.seed)
+    batch, _, _ = utils.collate_hand_over([(augmentation(shapes.render(i).resize((500, 375))), -1, '')
+                                           for i in range(args.batch_size_per_device)])
+    return lambda: main_dino.views_on_device(batch, args, device)
+
+
+def augmentation_for(args, augment_on):
+    return main_dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                          args.global_crops_size, args.local_crops_size, augment_on)
 
 
 def active_dtype(args):
@@ -205,37 +228,120 @@ def memory_measure(device_type):
 
 def benchmark_data(args):
     """Images/s of main_dino's data pipeline (JPEG decoding, multi-crop augmentation): through its
-    DataLoader, and image by image in this process on one thread (as in a DataLoader worker)."""
-    args.device = 'cpu'  # the pipeline runs on the host; keeps pin_memory off
+    DataLoader (--augment_on's path), and image by image on one thread, as in a DataLoader worker, for
+    the original's PIL pipeline and both paths; then the device share of --augment_on device."""
+    utils.setup_device(args)
+    device = utils.device_for(args)
+    main_dino.resolve_augment_on(args)
     with tempfile.TemporaryDirectory() as root:
         paths = write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)
-        args.data_path, args.data_limit = root, None
-        loader = main_dino.build_data_loader(args)
-        iterator = iter(loader)
-        for _ in range(args.warmup_steps):  # also starts the workers
-            next(iterator)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            next(iterator)
-        seconds = time.perf_counter() - start
-        del iterator  # stops the workers
+        loader_images_per_s = time_data_loader(args, root)
         torch.set_num_threads(1)
-        transform = main_dino.DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale,
-                                                   args.local_crops_number, args.global_crops_size,
-                                                   args.local_crops_size)
-        timer = StepTimer('cpu')
-        for path in paths:
-            with timer:
-                transform(utils.pil_loader(path))
-    images_per_s = args.steps * args.batch_size_per_device / seconds
+        original = original_augmentation(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                         args.global_crops_size, args.local_crops_size)
+        cpu, on_device = augmentation_for(args, 'cpu'), augmentation_for(args, 'device')
+        shares = {
+            'decode_only': time_per_image(paths, lambda image: image),
+            'original': time_per_image(paths, lambda image: [t(image) for t in original]),
+            'cpu': time_per_image(paths, cpu),
+            'device': time_per_image(paths, on_device, collate=utils.collate_hand_over),
+        }
+        device_share, cpu_render_images_per_s = time_renders(args, device, paths, cpu, on_device)
+    chosen = shares[args.augment_on]
     return {
-        'mode': 'data', 'num_workers': args.num_workers, 'image_size': [args.image_width, args.image_height],
+        'mode': 'data', 'augment_on': args.augment_on, 'num_workers': args.num_workers,
+        'image_size': [args.image_width, args.image_height],
         'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
-        'images_per_s': images_per_s, 'images_per_s_per_worker': images_per_s / max(args.num_workers, 1),
-        'one_thread_images_per_s': 1 / statistics.median(timer.seconds()),
+        'images_per_s': loader_images_per_s, 'images_per_s_per_worker': loader_images_per_s / max(args.num_workers, 1),
+        'one_thread_images_per_s': chosen['images_per_s'],
         # CPU seconds do not count time lost to other processes on a shared machine
-        'one_thread_images_per_cpu_second': 1 / statistics.median(timer.cpu_seconds()),
+        'one_thread_images_per_cpu_second': chosen['images_per_cpu_second'],
+        'cpu_share': shares,
+        'device': args.device, 'device_share': device_share,
+        'cpu_render_only_images_per_cpu_second': cpu_render_images_per_s,
     }
+
+
+def time_data_loader(args, root):
+    """Images/s of main_dino's DataLoader (the CPU share of --augment_on's path)."""
+    args.data_path, args.data_limit = root, None
+    loader = main_dino.build_data_loader(args)
+    iterator = iter(loader)
+    for _ in range(args.warmup_steps):  # also starts the workers
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    del iterator  # stops the workers
+    return args.steps * args.batch_size_per_device / seconds
+
+
+def time_per_image(paths, transform, collate=None):
+    """Median images/s (wall and CPU time) of decoding and transforming one image; with `collate`, the
+    batching of the results counts too, shared out over its images."""
+    timer, outputs = StepTimer('cpu'), []
+    for path in paths:
+        with timer:
+            outputs.append(transform(utils.pil_loader(path)))
+    seconds, cpu_seconds = statistics.median(timer.seconds()), statistics.median(timer.cpu_seconds())
+    if collate is not None:
+        timer = StepTimer('cpu')
+        with timer:
+            collate([(out, -1, '') for out in outputs])
+        seconds += timer.seconds()[0] / len(outputs)
+        cpu_seconds += timer.cpu_seconds()[0] / len(outputs)
+    return {'images_per_s': 1 / seconds, 'images_per_cpu_second': 1 / max(cpu_seconds, 1e-9)}
+
+
+def time_renders(args, device, paths, cpu, on_device):
+    """Images/s of the batched device render (median over batches, on `device`; also per CPU second on a
+    CPU), and of today's per-image CPU render of the same views (CPU time, one thread; parameters drawn
+    beforehand)."""
+    images = [utils.pil_loader(path) for path in paths]
+    handed = [(on_device(image), -1, '') for image in images]
+    sizes = [t.size for t in on_device.transforms()]
+    timer = StepTimer(device.type)
+    batch = args.batch_size_per_device
+    for i in range(args.warmup_steps + args.steps):
+        pixels, params = utils.collate_hand_over(handed[i * batch:(i + 1) * batch])[0]
+        pixels = pixels.to(device)
+        if i < args.warmup_steps:
+            utils.render_views(pixels, params, sizes)
+            continue
+        with timer:
+            utils.render_views(pixels, params, sizes)
+    render = {'images_per_s': batch / statistics.median(timer.seconds())}
+    if device.type == 'cpu':
+        render['images_per_cpu_second'] = batch / statistics.median(timer.cpu_seconds())
+    timer = StepTimer('cpu')
+    transforms = cpu.transforms()
+    for image in images:
+        views = [t.sample(image) for t in transforms]
+        with timer:
+            for t, view in zip(transforms, views):
+                t.render(image, view)
+    return render, 1 / statistics.median(timer.cpu_seconds())
+
+
+def original_augmentation(global_crops_scale, local_crops_scale, local_crops_number, global_crops_size=224,
+                          local_crops_size=96):
+    """The original DINO's torchvision/PIL multi-crop pipeline, as a list of per-view transforms."""
+    from torchvision import transforms
+    flip_and_color_jitter = transforms.Compose([
+        transforms.RandomHorizontalFlip(p=0.5),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+    ])
+    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(utils.IMAGENET_MEAN,
+                                                                                utils.IMAGENET_STD)])
+
+    def view(size, scale, *extra):
+        crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC)
+        return transforms.Compose([crop, flip_and_color_jitter, *extra, normalize])
+    return ([view(global_crops_size, global_crops_scale, utils.GaussianBlur(1.0)),
+             view(global_crops_size, global_crops_scale, utils.GaussianBlur(0.1), utils.Solarization(0.2))]
+            + [view(local_crops_size, local_crops_scale, utils.GaussianBlur(p=0.5))] * local_crops_number)
 
 
 def write_test_jpegs(root, count, args):
@@ -253,12 +359,21 @@ def write_test_jpegs(root, count, args):
 def print_report(result):
     if result['mode'] == 'data':
         print(f"data pipeline, {result['crops']} crops of {result['image_size'][0]}x{result['image_size'][1]} JPEGs")
-        print(f"  DataLoader, {result['num_workers']} worker(s): {result['images_per_s']:.1f} images/s "
-              f"({result['images_per_s_per_worker']:.1f} per worker)")
-        print(f"  one process, one thread: {result['one_thread_images_per_s']:.1f} images/s, "
-              f"{result['one_thread_images_per_cpu_second']:.1f} per CPU second")
+        print(f"  DataLoader (--augment_on {result['augment_on']}), {result['num_workers']} worker(s): "
+              f"{result['images_per_s']:.1f} images/s ({result['images_per_s_per_worker']:.1f} per worker)")
+        print("  CPU share per image, one thread (decode included):")
+        for name, share in result['cpu_share'].items():
+            print(f"    {name:12s}: {share['images_per_s']:7.1f} images/s, {share['images_per_cpu_second']:7.1f} "
+                  "per CPU second")
+        share = result['device_share']
+        print(f"  device share of --augment_on device (batched render on {result['device']}): "
+              f"{share['images_per_s']:.1f} images/s" + (f", {share['images_per_cpu_second']:.1f} per CPU second"
+                                                         if 'images_per_cpu_second' in share else ''))
+        print(f"  today's per-image CPU render alone (draws and decode excluded): "
+              f"{result['cpu_render_only_images_per_cpu_second']:.1f} images per CPU second")
         return
     print(f"{result['arch']}/{result['patch_size']} on {result['device']} ({result['dtype']}, "
+          f"views rendered on {result['augment_on']}, "
           f"{result['threads']} threads), {result['batch_size_per_device']} images/step, crops {result['crops']}, "
           f"out_dim {result['out_dim']}")
     print(f"  images/s (median of {result['steps']} steps): {result['images_per_s']:.2f}")

@@ -6,7 +6,6 @@ import sys
 import faiss
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision import transforms
 
@@ -84,9 +83,7 @@ def eval_copy_detection(args):
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
         copydays.evaluate(nearest_neighbours(queries, database, TOP_K))
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    utils.leave_process_group()
 
 
 def cls_gem_features(model, images):

@@ -5,7 +5,6 @@ import pickle
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torchvision import transforms
@@ -72,9 +71,7 @@ def eval_retrieval(args):
         similarity = db_features @ query_features.T
         ranks = torch.argsort(-similarity.cpu(), dim=0, stable=True).numpy()
         report(ranks, cfg['gnd'], args.dataset)
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    utils.leave_process_group()
 
 
 def report(ranks, gnd, dataset):

@@ -5,7 +5,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import utils
@@ -62,7 +61,7 @@ def eval_knn(args):
 
     print("Features are ready!\nStart the k-NN classification.")
     results = knn_evaluate(train_features, train_labels, test_features, test_labels, args.nb_knn,
-                           args.temperature, num_classes, device=device)
+                           args.temperature, num_classes)
     for k, (top1, top5) in results.items():
         print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
         writer = make_summary_writer(args, f'{k}-NN')
@@ -70,8 +69,7 @@ def eval_knn(args):
             writer.add_scalar('top1', top1, 0)
             writer.add_scalar('top5', top5, 0)
             writer.close()
-    if utils.is_dist_avail_and_initialized():
-        dist.barrier()
+    utils.barrier()
 
 
 def extract_feature_pipeline(args, device):
@@ -120,12 +118,11 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
 
 @torch.no_grad()
 def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T, num_classes=1000,
-                 chunk_size=None, device=None):
+                 chunk_size=None):
     """{k: (top1, top5)} for every k in ks, from one neighbour search for the largest k.
 
     The test samples are processed in chunks (bounded memory), shared out among processes.
     Ties in similarity go to the lower training index, ties in votes to the lower class.
-    `device` is where counts are summed across processes (default: the features' device).
     """
     ks, k_max = list(ks), max(ks)
     world = utils.get_world_size()
@@ -144,7 +141,7 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
             hits = ranked[:, :min(5, k)] == targets  # top-5 is only meaningful when k >= 5
             correct[i, 0] += hits[:, 0].sum().item()
             correct[i, 1] += hits.sum().item()
-    correct = sum_across_processes(correct, device or test_features.device)
+    correct = utils.all_reduce(correct)
     total = len(test_labels)
     return {k: (correct[i, 0].item() * 100.0 / total, correct[i, 1].item() * 100.0 / total)
             for i, k in enumerate(ks)}
@@ -185,15 +182,6 @@ def rank_classes(similarities, labels, T, num_classes):
     one_hot.scatter_(2, labels.unsqueeze(-1), weights.unsqueeze(-1))
     votes = one_hot.sum(1)
     return votes.sort(dim=1, descending=True, stable=True).indices
-
-
-def sum_across_processes(tensor, device):
-    if not utils.is_dist_avail_and_initialized():
-        return tensor
-    dtype = torch.float32 if device.type == 'hpu' else tensor.dtype
-    reduced = tensor.to(device=device, dtype=dtype)
-    dist.all_reduce(reduced)
-    return reduced.cpu().double()
 
 
 def check_nb_knn(nb_knn, num_train):

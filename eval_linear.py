@@ -153,7 +153,7 @@ def train(model, linear_classifier, optimizer, loader, epoch, args, summary_writ
         utils.mark_step()
         metric_logger.update(loss=loss.item())
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
-    metric_logger.synchronize_between_processes(args.device)
+    metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
@@ -176,7 +176,7 @@ def validate_network(val_loader, model, linear_classifier, args):
         metric_logger.update(loss=F.cross_entropy(output, target).item())
         for k, acc in zip(topk, accuracy(output, target, topk)):
             metric_logger.meters[f'acc{k}'].update(acc, n=inp.shape[0])
-    metric_logger.synchronize_between_processes(args.device)
+    metric_logger.synchronize_between_processes()
     top5 = f" Acc@5 {metric_logger.acc5.global_avg:.3f}" if 5 in topk else ''
     print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f}{top5} loss {metric_logger.loss.global_avg:.3f}")
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}

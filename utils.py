@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
 import vision_transformer as vits
 
@@ -189,14 +189,16 @@ def _backend_for(device_type):
 def init_distributed_mode(args):
     """Join the process group set up by torchrun / torch.distributed.launch / SLURM.
 
-    A lone process (no launcher variables) runs with no process group at all.
-    Sets args.rank, args.world_size, args.gpu (local device index) and args.distributed.
+    A launched process joins even when it is the only one (as in the original), so that a one-device
+    torchrun exercises the real collectives; a lone process (no launcher variables) runs with no
+    process group at all. Sets args.rank, args.world_size, args.gpu (local device index) and
+    args.distributed (whether a process group was joined).
     """
     if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
         args.rank = int(os.environ['RANK'])
         args.world_size = int(os.environ['WORLD_SIZE'])
         args.gpu = int(os.environ.get('LOCAL_RANK', getattr(args, 'local_rank', 0)))
-    elif 'SLURM_PROCID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    elif 'SLURM_PROCID' in os.environ and 'SLURM_NTASKS' in os.environ:
         args.rank = int(os.environ['SLURM_PROCID'])
         args.world_size = int(os.environ['SLURM_NTASKS'])
         args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
@@ -206,17 +208,17 @@ def init_distributed_mode(args):
             torch.cuda.set_device(0)
         setup_for_distributed(True)
         return
-    args.distributed = args.world_size > 1
+    args.distributed = True
     if args.device == 'cuda':
         torch.cuda.set_device(args.gpu % torch.cuda.device_count())
-    if not args.distributed:
-        setup_for_distributed(True)
-        return
     # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
-    dist.init_process_group(backend=_backend_for(args.device), init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank, timeout=timeout)
-    dist.barrier()
+    rendezvous = dict(init_method=args.dist_url)
+    if args.world_size == 1 and args.dist_url == 'env://' and 'MASTER_ADDR' not in os.environ:
+        rendezvous = dict(store=dist.HashStore())  # a one-task SLURM job: nobody to meet
+    dist.init_process_group(backend=_backend_for(args.device), world_size=args.world_size, rank=args.rank,
+                            timeout=timeout, **rendezvous)
+    barrier()
     setup_for_distributed(args.rank == 0)
 
 
@@ -305,13 +307,86 @@ def wrap_ddp(model, args):
     return nn.parallel.DistributedDataParallel(model)
 
 
+# Every collective of the scripts goes through the helpers below. Each hands the backend a copy of its
+# tensor on the device the backend works on (nccl: this process's GPU, hccl: the Gaudi, gloo: the CPU), in
+# a dtype the backend takes, and returns the result on the caller's tensor's device and in its dtype.
+
+BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
+
+
+def backend_device(backend):
+    """torch.device on which collectives of `backend` ('nccl', 'hccl', 'gloo') take their tensors."""
+    device_type = BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')
+    if device_type == 'cuda':
+        return torch.device('cuda', torch.cuda.current_device())
+    return torch.device(device_type)
+
+
+def backend_dtype(dtype, backend):
+    """The dtype a tensor of `dtype` travels in: HCCL takes 32-bit and 16-bit floats and 32-bit integers only."""
+    if str(backend).lower() != 'hccl':
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32 if dtype == torch.float64 else dtype
+    return torch.int32
+
+
+def _to_backend(tensor, copy=False):
+    backend = dist.get_backend()
+    return tensor.to(device=backend_device(backend), dtype=backend_dtype(tensor.dtype, backend), copy=copy)
+
+
+def all_reduce(tensor):
+    """Sum of `tensor` over processes, as a new tensor where `tensor` is (`tensor` itself in a lone process)."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor, copy=True)
+    dist.all_reduce(staged)
+    return staged.to(device=tensor.device, dtype=tensor.dtype)
+
+
 def all_reduce_mean(tensor):
     """Average a tensor over processes (identity in a lone process)."""
+    return all_reduce(tensor) / get_world_size() if is_dist_avail_and_initialized() else tensor
+
+
+def all_gather(tensor):
+    """The `tensor`s of all processes (same shape everywhere), concatenated along dim 0 in rank order."""
+    if not is_dist_avail_and_initialized():
+        return tensor
+    staged = _to_backend(tensor).contiguous()
+    gathered = [torch.empty_like(staged) for _ in range(get_world_size())]
+    dist.all_gather(gathered, staged)
+    return torch.cat(gathered).to(device=tensor.device, dtype=tensor.dtype)
+
+
+def all_gather_object(obj):
+    """List of the picklable `obj` of every process, in rank order ([obj] in a lone process).
+
+    torch serialises the objects into byte tensors on the device of the process group's backend.
+    """
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier():
+    """Wait for every process (no-op in a lone process); NCCL is told which GPU is this process's."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == 'nccl':
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def leave_process_group():
+    """At the end of a script: wait for every process, then leave the process group (if any)."""
     if is_dist_avail_and_initialized():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-        tensor /= get_world_size()
-    return tensor
+        barrier()
+        dist.destroy_process_group()
 
 
 def save_on_master(*args, **kwargs):
@@ -710,8 +785,7 @@ class StopSignal:
         if not is_dist_avail_and_initialized():
             return self.received is not None
         flag = torch.tensor([0. if self.received is None else 1.], device=device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return all_reduce(flag).item() > 0
 
     @staticmethod
     def ignore_in_worker(worker_id=None):
@@ -851,14 +925,12 @@ class SmoothedValue:
         self.count += n
         self.total += value * n
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         """Sum count and total over processes (window values stay local)."""
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64 if device != 'hpu' else torch.float32,
-                         device=device)
-        dist.barrier()
-        dist.all_reduce(t)
+        barrier()
+        t = all_reduce(torch.tensor([self.count, self.total], dtype=torch.float64))
         self.count = int(t[0].item())
         self.total = t[1].item()
 
@@ -911,9 +983,9 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def synchronize_between_processes(self, device='cpu'):
+    def synchronize_between_processes(self):
         for meter in self.meters.values():
-            meter.synchronize_between_processes(device)
+            meter.synchronize_between_processes()
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
@@ -1099,6 +1171,223 @@ class DinoCropTransform:
         return out
 
 
+# Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
+# exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
+# packed in one float64 row per view; render_views then renders all views of one size at once with
+# plain batched tensor ops (embedding_bag, index_select, grouped convolutions, elementwise ops), the
+# same steps as DinoCropTransform.render. The parameters stay on the CPU too, so that what decides
+# shapes (tap counts, which views take which operation) is known without waiting for the device.
+VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
+               'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
+               'grayscale', 'blur_radius', 'solarize')
+_F = {name: i for i, name in enumerate(VIEW_FIELDS)}
+_IDENTITY_FACTORS = (1., 1., 1., 0.)
+_GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
+
+
+def hand_over(image, views, max_short_side):
+    """What the loader passes on for the device render: (uint8 (3, H, W) tensor, float64 (views, fields)).
+
+    `views` are CropParams drawn on the PIL `image`. An image whose short side exceeds `max_short_side`
+    is first shrunk to it (PIL bicubic, antialiased), and the boxes are scaled with it.
+    """
+    width, height = image.size
+    shrink = max_short_side / min(width, height)
+    if shrink < 1:
+        image = image.resize((max(1, round(width * shrink)), max(1, round(height * shrink))), Image.BICUBIC)
+    scale_x, scale_y = image.size[0] / width, image.size[1] / height
+    rows = []
+    for view in views:
+        top, left, box_height, box_width = view.box
+        order = [DinoCropTransform.JITTER_OPS.index(op) for op, _ in view.jitter] or [-1] * 4
+        factors = list(_IDENTITY_FACTORS)
+        for op, factor in view.jitter:
+            factors[DinoCropTransform.JITTER_OPS.index(op)] = factor
+        rows.append([top * scale_y, left * scale_x, box_height * scale_y, box_width * scale_x,
+                     image.size[1], image.size[0], view.flip, *order, *factors, view.grayscale,
+                     view.blur_radius, view.solarize])
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+    return pixels, torch.tensor(rows, dtype=torch.float64)
+
+
+def collate_hand_over(samples):
+    """Batch (hand_over result, skipped_index, note) items: images zero-padded to the largest one."""
+    height = max(pixels.shape[1] for (pixels, _), _, _ in samples)
+    width = max(pixels.shape[2] for (pixels, _), _, _ in samples)
+    batch = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    for out, ((pixels, _), _, _) in zip(batch, samples):
+        out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+    params = torch.stack([views for (_, views), _, _ in samples])
+    skipped = torch.tensor([index for _, index, _ in samples])
+    return (batch, params), skipped, [note for _, _, note in samples]
+
+
+def render_views(pixels, params, sizes):
+    """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
+
+    pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
+    the output side of each view. Consecutive views of the same size are rendered together.
+    """
+    batch, channels, height, width = pixels.shape
+    columns = pixels.permute(0, 3, 1, 2).reshape(batch * width, channels * height).float()  # see _resize_views
+    views, start = [], 0
+    while start < len(sizes):
+        end = start
+        while end < len(sizes) and sizes[end] == sizes[start]:
+            end += 1
+        group = params[:, start:end].reshape(-1, params.shape[-1])
+        out = _render_group(columns, pixels.shape, group, sizes[start], end - start)
+        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
+        start = end
+    return views
+
+
+def _render_group(columns, shape, params, size, per_image):
+    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
+    device = columns.device
+    host = params
+    params = params.to(device=device, dtype=torch.float32)
+    image_of_view = torch.arange(shape[0], device=device).repeat_interleave(per_image)
+    x = _resize_views(columns, shape, image_of_view, host, params, size)
+    x = _jitter(x, host, params)
+    gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
+    if len(gray):
+        x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1).contiguous())
+    x = _blur(x, host, params)
+    solarize = host[:, _F['solarize']].nonzero().flatten().to(device)
+    if len(solarize):
+        views = x.index_select(0, solarize)
+        x.index_copy_(0, solarize, torch.where(views >= 128, 255. - views, views))
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+    return x.mul_(1. / (255. * std)).sub_(mean / std)
+
+
+# --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
+# at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
+# is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
+# read, each a contiguous vector of all the pixels of that column (row).
+
+def _resize_views(columns, shape, image_of_view, host, params, size):
+    """columns: the images' columns, (B * W, C * H) floats; returns the resized views (V, C, size, size)."""
+    f = _F
+    _, channels, height, width = shape
+    views = len(params)
+    flip = params[:, f['flip']] > 0
+    out = _resample(columns, image_of_view * width, host[:, f['width']],
+                    params[:, [f['left'], f['width'], f['image_width']]], size, flip)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * H): the views' columns
+    rows = out.view(views, size, channels, height).permute(0, 3, 2, 1).reshape(views * height, channels * size)
+    out = _resample(rows, torch.arange(views, device=columns.device) * height, host[:, f['height']],
+                    params[:, [f['top'], f['height'], f['image_height']]], size, None)
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * size): the views' rows
+    return out.view(views, size, channels, size).transpose(1, 2).contiguous()
+
+
+def _resample(lines, first_line, host_length, box, size, flip):
+    """Resample box v = (start, length, valid length) of the lines from first_line[v] on to `size` outputs."""
+    taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
+    index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
+    index = index + first_line[:, None, None]
+    return F.embedding_bag(index.view(-1, taps), lines, per_sample_weights=weight.view(-1, taps), mode='sum')
+
+
+def _bicubic_taps(start, length, valid, size, taps, flip=None):
+    """Input indices and normalised weights (V, size, taps) of PIL's bicubic resampling of [start, start+length)."""
+    device = start.device
+    scale = length / size
+    stretch = scale.clamp(min=1.)
+    support = 2. * stretch
+    center = start[:, None] + (torch.arange(size, device=device) + 0.5) * scale[:, None]
+    first = (center - support[:, None] + 0.5).trunc().clamp(min=0)
+    end = torch.minimum((center + support[:, None] + 0.5).trunc(), valid[:, None])
+    position = first[..., None] + torch.arange(taps, device=device)
+    t = ((position - center[..., None] + 0.5) / stretch[:, None, None]).abs()
+    a = -0.5
+    weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                         torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.))
+    weight = torch.where(position < end[..., None], weight, 0.)
+    weight = weight / weight.sum(-1, keepdim=True)
+    index = torch.minimum(position, valid[:, None, None] - 1).long()
+    if flip is not None:  # a mirrored view reads its outputs in reverse order
+        index = torch.where(flip[:, None, None], index.flip(1), index)
+        weight = torch.where(flip[:, None, None], weight.flip(1), weight)
+    return index, weight
+
+
+# --- colour: DinoCropTransform's operations on (V, 3, H, W) batches of values in [0, 255]
+
+def _gray(x):
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
+
+
+def _jitter(x, host, params):
+    """The four jitter operations in each view's own order (positions 0..3; views without jitter skip)."""
+    f = _F
+    for position in range(4):
+        order = host[:, f[f'order{position}']]
+        for op, name in enumerate(DinoCropTransform.JITTER_OPS):
+            chosen = (order == op).nonzero().flatten().to(x.device)
+            if len(chosen):
+                factor = params.index_select(0, chosen)[:, f[name], None, None, None]
+                x.index_copy_(0, chosen, _JITTER[name](x.index_select(0, chosen), factor))
+    return x
+
+
+def _brightness(x, factor):
+    return (x * factor).clamp_(max=255.).floor_()
+
+
+def _contrast(x, factor):
+    mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
+    return (x * factor + mean * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _saturation(x, factor):
+    return (x * factor + _gray(x) * (1. - factor)).clamp_(0., 255.).floor_()
+
+
+def _hue(x, factor):
+    """Shift the hue by factor turns through HSV, as OpenCV's float conversions do (not rounded)."""
+    r, g, b = x.unbind(1)
+    value = x.amax(1)
+    spread = value - x.amin(1)
+    safe = torch.where(spread > 0, spread, 1.)
+    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
+    hue = torch.where(spread > 0, hue, 0.)
+    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)[:, None]  # in sixths of a turn
+    # HSV to RGB without branches: channel n (R, G, B: 5, 3, 1) falls by the spread where k = (n + hue)
+    # mod 6 is within one sixth of the hue's sector
+    k = torch.remainder(torch.tensor([5., 3., 1.], device=x.device)[:, None, None] + hue, 6.)
+    return value[:, None] - spread[:, None] * torch.minimum(k, 4. - k).clamp_(0., 1.)
+
+
+_JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}
+
+
+def _blur(x, host, params):
+    """Gaussian blur of the views with a radius, as OpenCV's on float images: 4 sigma each side, edges
+    replicated; one grouped convolution per axis with each view's kernel zero-padded to the largest."""
+    chosen = (host[:, _F['blur_radius']] > 0).nonzero().flatten()
+    if not len(chosen):
+        return x
+    sigma_host = host[chosen, _F['blur_radius']]
+    half = int(((sigma_host * 8 + 1 + 0.5).floor().long() | 1).max()) // 2
+    chosen = chosen.to(x.device)
+    sigma = params.index_select(0, chosen)[:, _F['blur_radius'], None]
+    own_half = (torch.floor(sigma * 8 + 1 + 0.5).long() | 1) // 2
+    offsets = torch.arange(-half, half + 1, device=x.device)
+    kernel = torch.where(offsets.abs() <= own_half, torch.exp(-offsets ** 2 / (2 * sigma ** 2)), 0.)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(3, dim=0)  # (views*3, taps)
+    views = x.index_select(0, chosen)
+    n, c, height, width = views.shape
+    planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
+    planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
+    planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
+    return x.index_copy(0, chosen, planes.view(n, c, height, width))
+
+
 def limit_dataset(dataset, limit):
     """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
     if limit is None or limit >= len(dataset):
@@ -1245,6 +1534,148 @@ def build_image_folder(root, transform=None):
         fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
 
 
+# Training images come from an ImageFolder, a folder of images at any depth, or a text file listing
+# image paths. All three become ImageFiles in one fixed order, so that runs and resumes are reproducible.
+
+# torchvision's ImageFolder extensions, in case this Pillow lacks one of the formats (e.g. WebP)
+TORCHVISION_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_IDENTIFY_ONLY_FORMATS = {'MPEG'}  # Pillow reads their size but cannot decode their pixels
+
+
+def image_extensions():
+    """Lower-case extensions of the formats this Pillow can decode (plugins registered so far included)."""
+    Image.init()
+    decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _IDENTIFY_ONLY_FORMATS
+                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    pillow = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
+    return tuple(sorted(pillow.union(TORCHVISION_IMAGE_EXTENSIONS)))
+
+
+def _extension(name):
+    return name[name.rfind('.'):].lower()
+
+
+def scan_image_tree(root):
+    """Image files under `root` at any depth, as {folder relative to root: [file names]}.
+
+    One os.scandir per folder and no stat per file. Symbolic links are followed; a folder reached
+    again (through a link loop, or a second link to it) is listed once, under its own path where it
+    has one inside root. Unreadable folders are reported, not silently left out.
+    """
+    extensions = image_extensions()
+    found, seen, pending, linked = {}, set(), [('', root)], []
+    while pending or linked:  # depth first, sub-folders by name, so that the result never varies
+        if not pending:  # folders reached through links come after all the others
+            pending, linked = linked[::-1], []
+        relative, folder = pending.pop()
+        try:
+            identity = os.stat(folder)
+            if (identity.st_dev, identity.st_ino) in seen:
+                continue
+            seen.add((identity.st_dev, identity.st_ino))
+            names, subfolders, links = [], [], []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        (links if entry.is_symlink() else subfolders).append(
+                            (os.path.join(relative, entry.name), entry.path))
+                    elif entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
+        except OSError as exc:
+            print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
+            continue
+        if names:
+            found[relative] = names
+        pending.extend(sorted(subfolders, reverse=True))
+        linked.extend(sorted(links))
+    return found
+
+
+def _class_folder(relative):
+    return relative.split(os.sep, 1)[0]
+
+
+def imagefolder_order(root, found):
+    """Paths of scan_image_tree's images in ImageFolder's order: by class folder, then folder path, then
+    file name (images at the top level first)."""
+    paths = []
+    for relative in sorted(found, key=lambda relative: (_class_folder(relative), relative)):
+        prefix = os.path.join(root, relative, '')
+        paths.extend([prefix + name for name in sorted(found[relative])])
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images at the given paths, as (image, 0) pairs: training ignores labels."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = pil_loader(self.paths[index])
+        return (img if self.transform is None else self.transform(img)), 0
+
+
+def build_training_images(data_path, transform=None):
+    """ImageFiles of a folder of images (at any depth) or of a list file, and one line saying what was found."""
+    data_path = os.path.expanduser(data_path)
+    if os.path.isdir(data_path):
+        paths, description = _folder_images(data_path)
+    elif os.path.isfile(data_path):
+        paths, description = _listed_images(data_path)
+    else:
+        fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
+             "a text file listing image paths, or 'synthetic'")
+    return ImageFiles(paths, transform), description
+
+
+def _folder_images(root):
+    found = scan_image_tree(root)
+    paths = imagefolder_order(root, found)
+    if not paths:
+        fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
+             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+    classes = {_class_folder(relative) for relative in found if relative}
+    with os.scandir(root) as entries:
+        subfolders = sum(1 for entry in entries if entry.is_dir())
+    if '' in found or len(classes) < subfolders:
+        return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
+                       f"({len(found.get('', ()))} at its top level)")
+    description = f"ImageFolder {root}: {len(paths)} images in {len(classes)} class folders (labels unused)"
+    others = [name for names in found.values() for name in names
+              if not name.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
+    if others:  # earlier versions read the folder with torchvision's ImageFolder
+        kinds = ', '.join(sorted({_extension(name) for name in others}))
+        description += (f", {len(others)} of them of types torchvision's ImageFolder skips ({kinds}): runs begun "
+                        "before this version had fewer images and do not resume exactly")
+    return paths, description
+
+
+def _listed_images(list_path):
+    """Paths of a text file: one per line, absolute or relative to the file's folder; blank lines and #
+    comments skipped. Listed files that are missing are kept: they count as unreadable images."""
+    if list_path.lower().endswith(image_extensions()):
+        fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
+             "image paths, or 'synthetic'")
+    try:
+        with open(list_path, encoding='utf-8-sig') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        fail(f"--data_path {list_path} is a file but not a text list of image paths (not UTF-8 text); pass a "
+             "folder of images, a text file with one image path per line, or 'synthetic'")
+    except OSError as exc:
+        fail(f"--data_path {list_path}: cannot read it ({exc.strerror})")
+    folder = os.path.dirname(os.path.abspath(list_path))
+    paths = [os.path.join(folder, line) for line in map(str.strip, lines) if line and not line.startswith('#')]
+    if not paths:
+        fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
+             "folder or absolute)")
+    return paths, f"list file {list_path}: {len(paths)} images listed"
+
+
 def data_error_message(exc):
     """The one useful line of a DataError re-raised from a DataLoader worker."""
     lines = [line for line in str(exc).splitlines() if 'cannot read image' in line]
@@ -1352,7 +1783,7 @@ class SkippedImages:
             return
         mask = torch.zeros(dataset_size, dtype=torch.int32, device=device)
         mask[sorted(self.this_epoch)] = 1
-        dist.all_reduce(mask)
+        mask = all_reduce(mask)
         self.this_epoch = set(mask.nonzero().flatten().tolist())
         self.warned |= self.this_epoch
 
@@ -1469,20 +1900,9 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
             storage = device if store_on_device else 'cpu'
             features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
             print(f"Storing features into tensor of shape {tuple(features.shape)}")
-        feats, index = _gather_across_processes(feats, index)
+        feats, index = all_gather(feats), all_gather(index)
         features.index_copy_(0, index.to(features.device), feats.to(features.device))
     return features
-
-
-def _gather_across_processes(feats, index):
-    if not is_dist_avail_and_initialized():
-        return feats, index
-    world = get_world_size()
-    index_all = [torch.empty_like(index) for _ in range(world)]
-    feats_all = [torch.empty_like(feats) for _ in range(world)]
-    dist.all_gather(index_all, index.contiguous())
-    dist.all_gather(feats_all, feats.contiguous())
-    return torch.cat(feats_all), torch.cat(index_all)
 
 
 # =====================================================================================

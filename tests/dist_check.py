@@ -1,6 +1,6 @@
 """Run under `torchrun --nproc_per_node 2`: DDP with half batches must equal one process on the full batch.
 
-Checks the DINO loss value, the all-reduced centre and the student gradients, then writes
+Checks the DINO loss value, its collapse figures, the all-reduced centre and the student gradients, then writes
 {'ok': bool, 'details': str} to the path given as the only argument (rank 0).
 """
 import argparse
@@ -48,6 +48,10 @@ def main(result_path):
     problems = []
     if not torch.allclose(mean_loss, reference_loss.detach(), atol=1e-5):
         problems.append(f'loss {mean_loss.item()} != {reference_loss.item()}')
+    # entropy and KL are means over equal halves; the top dimension's mass is summed over the global batch
+    figures = torch.cat([utils.all_reduce_mean(loss_fn.figures[:2]), loss_fn.figures[2:]])
+    if not torch.allclose(figures, reference_loss_fn.figures, atol=1e-5):
+        problems.append(f'collapse figures {figures.tolist()} != {reference_loss_fn.figures.tolist()}')
     if not torch.allclose(loss_fn.center, 0.1 * teacher_full.mean(0, keepdim=True), atol=1e-6):
         problems.append('centre differs from the EMA of the global batch mean')
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):

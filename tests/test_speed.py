@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
-from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 import main_dino
 import utils
 import vision_transformer as vits
+from benchmark import original_augmentation
 from conftest import run_script
 
 
@@ -180,24 +180,6 @@ def photo():
     return utils.SyntheticShapes('train', image_size=500, seed=3).render(7).resize((500, 375), Image.BILINEAR)
 
 
-def original_augmentation(global_crops_scale, local_crops_scale, local_crops_number):
-    """The original DINO multi-crop pipeline in torchvision/PIL, as a list of per-view transforms."""
-    flip_and_color_jitter = transforms.Compose([
-        transforms.RandomHorizontalFlip(p=0.5),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-    ])
-    normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(utils.IMAGENET_MEAN,
-                                                                                utils.IMAGENET_STD)])
-
-    def view(size, scale, *extra):
-        crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC)
-        return transforms.Compose([crop, flip_and_color_jitter, *extra, normalize])
-    return ([view(224, global_crops_scale, utils.GaussianBlur(1.0)),
-             view(224, global_crops_scale, utils.GaussianBlur(0.1), utils.Solarization(0.2))]
-            + [view(96, local_crops_scale, utils.GaussianBlur(p=0.5))] * local_crops_number)
-
-
 def test_views_match_original_pipeline_for_the_same_seed(photo):
     """Same seed, same views: the random choices coincide and the pixels agree to about a grey level."""
     fast = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 4)
@@ -271,28 +253,33 @@ def test_augmentation_statistics(photo):
     n = 2000
     area = photo.size[0] * photo.size[1]
     for name, (transform, blur_p, solarize_p) in views.items():
-        draws = [transform.sample(photo) for _ in range(n)]
-        scales = np.array([p.box[2] * p.box[3] / area for p in draws])
-        ratios = np.array([p.box[3] / p.box[2] for p in draws])
-        low, high = transform.scale
-        assert scales.min() >= low * 0.97 and scales.max() <= high * 1.01, name
-        assert ratios.min() >= 0.74 and ratios.max() <= 1.35, name
-        if name == 'local':  # no rejected draws: area uniform in the scale range, log-ratio symmetric
-            assert uniform_in(scales, low, high, slack=0.01)
-            assert uniform_in(np.log(ratios), np.log(3 / 4), np.log(4 / 3), slack=0.01)
-        assert rate_is([p.flip for p in draws], 0.5), name
-        assert rate_is([bool(p.jitter) for p in draws], 0.8), name
-        assert rate_is([p.grayscale for p in draws], 0.2), name
-        assert rate_is([p.blur_radius > 0 for p in draws], blur_p), name
-        assert rate_is([p.solarize for p in draws], solarize_p), name
-        assert uniform_in([p.blur_radius for p in draws if p.blur_radius > 0], 0.1, 2.0), name
-        factors = {op: [f for p in draws for o, f in p.jitter if o == op] for op in utils.DinoCropTransform.JITTER_OPS}
-        for op, (lo, hi) in {'brightness': (0.6, 1.4), 'contrast': (0.6, 1.4), 'saturation': (0.8, 1.2),
-                             'hue': (-0.1, 0.1)}.items():
-            assert len(factors[op]) == sum(bool(p.jitter) for p in draws)  # all four, when jitter applies
-            assert uniform_in(factors[op], lo, hi), (name, op)
-        orders = Counter(tuple(o for o, _ in p.jitter) for p in draws if p.jitter)
-        assert len(orders) == 24 and min(orders.values()) > 0.5 * len(draws) * 0.8 / 24  # random order
+        assert_view_statistics(name, [transform.sample(photo) for _ in range(n)], area, transform.scale, blur_p,
+                               solarize_p)
+
+
+def assert_view_statistics(name, draws, area, scale, blur_p, solarize_p):
+    """The CropParams `draws` of one view of DINO's multi-crop have the rates and ranges DINO specifies."""
+    scales = np.array([p.box[2] * p.box[3] / area for p in draws])
+    ratios = np.array([p.box[3] / p.box[2] for p in draws])
+    low, high = scale
+    assert scales.min() >= low * 0.97 and scales.max() <= high * 1.01, name
+    assert ratios.min() >= 0.74 and ratios.max() <= 1.35, name
+    if name == 'local':  # no rejected draws: area uniform in the scale range, log-ratio symmetric
+        assert uniform_in(scales, low, high, slack=0.01)
+        assert uniform_in(np.log(ratios), np.log(3 / 4), np.log(4 / 3), slack=0.01)
+    assert rate_is([p.flip for p in draws], 0.5), name
+    assert rate_is([bool(p.jitter) for p in draws], 0.8), name
+    assert rate_is([p.grayscale for p in draws], 0.2), name
+    assert rate_is([p.blur_radius > 0 for p in draws], blur_p), name
+    assert rate_is([p.solarize for p in draws], solarize_p), name
+    assert uniform_in([p.blur_radius for p in draws if p.blur_radius > 0], 0.1, 2.0), name
+    factors = {op: [f for p in draws for o, f in p.jitter if o == op] for op in utils.DinoCropTransform.JITTER_OPS}
+    for op, (lo, hi) in {'brightness': (0.6, 1.4), 'contrast': (0.6, 1.4), 'saturation': (0.8, 1.2),
+                         'hue': (-0.1, 0.1)}.items():
+        assert len(factors[op]) == sum(bool(p.jitter) for p in draws)  # all four, when jitter applies
+        assert uniform_in(factors[op], lo, hi), (name, op)
+    orders = Counter(tuple(o for o, _ in p.jitter) for p in draws if p.jitter)
+    assert len(orders) == 24 and min(orders.values()) > 0.5 * len(draws) * 0.8 / 24  # random order
 
 
 def test_rendered_views_apply_their_parameters(photo):

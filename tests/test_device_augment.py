@@ -1,0 +1,159 @@
+"""--augment_on device: views drawn in the loader as before, rendered in batches by utils.render_views
+(on CPU tensors here), equal to today's per-image CPU render."""
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import benchmark
+import main_dino
+import utils
+from conftest import TINY_TRAIN_ARGS, run_script
+from test_speed import assert_view_statistics, vit_tiny_training_flops_per_image
+
+STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
+
+
+@pytest.fixture(scope='module')
+def photos():
+    """Two photograph-like images of different sizes and shapes (the batch pads them to a common size)."""
+    shapes = utils.SyntheticShapes('train', image_size=500, seed=3)
+    return [shapes.render(7).resize((500, 375), Image.BILINEAR), shapes.render(2).resize((300, 420), Image.BILINEAR)]
+
+
+def both_paths(images, seed, local_crops_number=8, global_crops_size=224, local_crops_size=96):
+    """Today's CPU views and the device render of the same draws (same seed per image), in grey levels."""
+    cpu = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), local_crops_number, global_crops_size,
+                                         local_crops_size)
+    device = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), local_crops_number, global_crops_size,
+                                            local_crops_size, augment_on='device')
+    expected, handed = [], []
+    for i, image in enumerate(images):
+        for augmentation, out in ((cpu, expected), (device, handed)):
+            torch.manual_seed(seed + i)
+            random.seed(seed + i)
+            out.append(augmentation(image))
+    batch, skipped, notes = utils.collate_hand_over([(h, -1, '') for h in handed])
+    got = utils.render_views(*batch, [t.size for t in device.transforms()])
+    assert len(got) == 2 + local_crops_number and skipped.tolist() == [-1] * len(images)
+    diffs = []
+    for view, rendered in enumerate(got):
+        for i in range(len(images)):
+            assert rendered[i].shape == expected[i][view].shape
+            diffs.append(((rendered[i] - expected[i][view]) * STD * 255).abs())
+    return diffs, [p for _, p in handed]
+
+
+def test_device_render_equals_cpu_render(photos):
+    """Every view of several draws (all flips, jitter orders, grey, blur, solarisation are met): the
+    tolerances used against PIL for the resize (mean below 1.5 grey levels, each view below 6)."""
+    diffs, params = both_paths(photos * 3, seed=10)
+    per_view = [d.mean().item() for d in diffs]
+    assert np.mean(per_view) < 1.5 and max(per_view) < 6
+    # the device resize follows PIL's own resampling, so the views are much closer than that (what
+    # differs: a whole level here and there where a float lands on the other side of a rounding step)
+    assert np.mean(per_view) < 0.05 and max(per_view) < 0.5
+    rows = torch.cat(params)
+    f = utils.VIEW_FIELDS.index
+    for field in ('flip', 'grayscale', 'solarize'):
+        assert 0 < rows[:, f(field)].sum() < len(rows), field
+    assert 0 < (rows[:, f('blur_radius')] > 0).sum() < len(rows)
+    assert len(set(map(tuple, rows[:, f('order0'):f('order3') + 1].tolist()))) > 10
+
+
+def test_large_images_are_handed_over_shrunk(photos):
+    """An image above the cap (short side 2x the global size) travels shrunk, its boxes scaled with it;
+    the views stay within the tolerances of the direct render."""
+    big = photos[0].resize((1000, 750), Image.BICUBIC)
+    diffs, params = both_paths([big], seed=3, local_crops_number=2, global_crops_size=96, local_crops_size=48)
+    per_view = [d.mean().item() for d in diffs]
+    assert np.mean(per_view) < 1.5 and max(per_view) < 6
+    f = utils.VIEW_FIELDS.index
+    assert params[0][0, f('image_height')] == 192 and params[0][0, f('image_width')] == 256
+
+
+def unpack(rows):
+    """CropParams back from the packed rows render_views reads."""
+    f = utils.VIEW_FIELDS.index
+    views = []
+    for row in rows.tolist():
+        order = [int(i) for i in row[f('order0'):f('order3') + 1] if i >= 0]
+        factors = row[f('brightness'):f('hue') + 1]
+        jitter = tuple((utils.DinoCropTransform.JITTER_OPS[i], factors[i]) for i in order)
+        views.append(utils.CropParams(tuple(row[:4]), bool(row[f('flip')]), jitter, bool(row[f('grayscale')]),
+                                      row[f('blur_radius')], bool(row[f('solarize')])))
+    return views
+
+
+def test_device_path_statistics(photos):
+    """The parameters the device render reads, unpacked, over 2000 images: the statistics test's checks."""
+    photo = photos[0]
+    torch.manual_seed(0)
+    random.seed(0)
+    augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1, augment_on='device')
+    draws = [unpack(augmentation(photo)[1]) for _ in range(2000)]
+    area = photo.size[0] * photo.size[1]
+    views = {'global1': (0, (0.4, 1.), 1.0, 0.), 'global2': (1, (0.4, 1.), 0.1, 0.2), 'local': (2, (0.05, 0.4), 0.5, 0.)}
+    for name, (position, scale, blur_p, solarize_p) in views.items():
+        assert_view_statistics(name, [d[position] for d in draws], area, scale, blur_p, solarize_p)
+
+
+# ----------------------------------------------------------------------------- training with --augment_on device
+
+RUN_ARGS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16', '--batch_size_per_device', '8',
+            '--data_limit', '16', '--epochs', '2', '--augment_on', 'device']
+
+
+def train(out, *extra, fault=None, check=True):
+    env = {'OMP_NUM_THREADS': '1', 'DINO_FAULT': fault or ''}
+    return run_script('main_dino.py', *RUN_ARGS, '--output_dir', out, *extra, env=env, check=check, timeout=300)
+
+
+def test_device_augmented_training_resumes_exactly_after_a_kill(tmp_path):
+    """Killed in epoch 1 (2 iterations per epoch), then run again: the same weights, bit for bit, as an
+    uninterrupted run; the loader's workers hand over images and parameters, the step renders them."""
+    reference, resumed = tmp_path / 'reference', tmp_path / 'resumed'
+    proc = train(reference, '--num_workers', '1')
+    assert 'Multi-crop views rendered on: device' in proc.stdout
+    proc = train(resumed, '--num_workers', '0', fault='step:3:kill', check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert utils.load_checkpoint(resumed / 'checkpoint.pth')['epoch'] == 1
+    train(resumed, '--num_workers', '0')
+    assert (resumed / 'log.txt').read_text() == (reference / 'log.txt').read_text()
+    got, want = utils.load_checkpoint(resumed / 'checkpoint.pth'), utils.load_checkpoint(reference / 'checkpoint.pth')
+    for key in ('student', 'teacher', 'dino_loss'):
+        for name in want[key]:
+            assert torch.equal(got[key][name], want[key][name]), f'{key}.{name} differs'
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+def test_benchmark_reports_both_paths_side_by_side():
+    """--mode data: the original, cpu and device CPU shares and the device share; --mode step
+    --augment_on device: the step with its render (the model FLOPs are those of the plain step)."""
+    threads = torch.get_num_threads()
+    try:
+        args = benchmark.get_args_parser().parse_args(
+            ['--mode', 'data', '--num_workers', '0', '--batch_size_per_device', '2', '--steps', '1',
+             '--warmup_steps', '1', '--local_crops_number', '1', '--global_crops_size', '64', '--local_crops_size',
+             '32', '--image_width', '120', '--image_height', '90', '--augment_on', 'device', '--device', 'cpu'])
+        result = benchmark.benchmark_data(args)
+        assert result['augment_on'] == 'device' and result['images_per_s'] > 0
+        assert set(result['cpu_share']) == {'decode_only', 'original', 'cpu', 'device'}
+        for share in [*result['cpu_share'].values(), result['device_share']]:
+            assert share['images_per_s'] > 0 and share['images_per_cpu_second'] > 0
+        assert result['one_thread_images_per_s'] == result['cpu_share']['device']['images_per_s']
+        assert result['cpu_render_only_images_per_cpu_second'] > 0
+        args = benchmark.get_args_parser().parse_args(
+            ['--arch', 'vit_tiny', '--device', 'cpu', '--batch_size_per_device', '2', '--global_crops_size', '32',
+             '--local_crops_size', '16', '--local_crops_number', '2', '--out_dim', '256', '--steps', '1',
+             '--warmup_steps', '1', '--augment_on', 'device'])
+        result = benchmark.benchmark_step(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert result['augment_on'] == 'device' and result['images_per_s'] > 0
+    assert result['flops_per_image'] == vit_tiny_training_flops_per_image(32, 16, 2, 256)
+    assert np.isfinite(result['final_loss'])

@@ -539,14 +539,14 @@ def test_benchmark_text_reports_and_data_mode_with_workers(capsys):
         benchmark.print_report(result)
     report = capsys.readouterr().out
     step, data = results
-    assert f"vit_tiny/16 on cpu (float32, {step['threads']} threads), 2 images/step" in report
+    assert f"vit_tiny/16 on cpu (float32, views rendered on cpu, {step['threads']} threads), 2 images/step" in report
     assert f"images/s (median of 1 steps): {step['images_per_s']:.2f}" in report
     assert f"model GFLOP/image: {step['flops_per_image'] / 1e9:.2f}" in report
     assert f"MFU {100 * step['mfu']:.1f}%" in report
     # data mode: two DataLoader workers, and the per-worker figure is the total over 2
     assert data['num_workers'] == 2 and data['images_per_s_per_worker'] == pytest.approx(data['images_per_s'] / 2)
     assert "data pipeline, 2x224 + 1x96 crops of 80x60 JPEGs" in report
-    assert (f"DataLoader, 2 worker(s): {data['images_per_s']:.1f} images/s "
+    assert (f"DataLoader (--augment_on cpu), 2 worker(s): {data['images_per_s']:.1f} images/s "
             f"({data['images_per_s_per_worker']:.1f} per worker)") in report
 
 

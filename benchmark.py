@@ -388,19 +388,20 @@ def print_report(result):
 
 
 def check_args(args):
-    if args.steps < 1 or args.warmup_steps < 0:
-        utils.fail("--steps must be at least 1 and --warmup_steps at least 0")
-    if args.batch_size_per_device < 1:
-        utils.fail("--batch_size_per_device must be at least 1")
-    if args.mode == 'data' and args.num_workers < 0:
-        utils.fail("--num_workers must be 0 (main process) or more")
+    main_dino.check_numbers(args)
+    utils.check_at_least(args, 1, 'steps', 'image_width', 'image_height')
+    utils.check_at_least(args, 0, 'warmup_steps')
 
 
-if __name__ == '__main__':
-    args = get_args_parser().parse_args()
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     check_args(args)
     result = benchmark_step(args) if args.mode == 'step' else benchmark_data(args)
     if args.json:
         print(json.dumps(result))
     else:
         print_report(result)
+
+
+if __name__ == '__main__':
+    main()

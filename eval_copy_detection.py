@@ -225,16 +225,32 @@ def list_images(folder, flag, minimum):
     images = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
     if len(images) < minimum:
         utils.fail(f"{flag} {folder} holds {len(images)} image(s) directly inside it, at least {minimum} needed; "
-                   f"add images (not in sub-folders) or pass a path that does not exist to go without")
+                   "add images (not in sub-folders) or pass '' to go without")
     return images
 
 
-if __name__ == '__main__':
+def check_args(args):
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'imsize')
+    if args.arch in utils.VIT_ARCHS:
+        utils.check_image_size(args.imsize, args.patch_size, '--imsize')
+    utils.check_input_folder(args.data_path, '--data_path')
+    defaults = get_args_parser()
+    for flag in ('whitening_path', 'distractors_path'):
+        path = getattr(args, flag)
+        if path and path != defaults.get_default(flag):  # only the default may be absent ('' for none)
+            utils.check_input_folder(path, f'--{flag}')
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser('Copy detection on Copydays', parents=[get_args_parser()])
-    args = parser.parse_args()
-    if args.imsize < 1 or args.batch_size_per_device < 1:
-        utils.fail("--imsize and --batch_size_per_device must be positive")
+    args = parser.parse_args(argv)
+    check_args(args)
     try:
         eval_copy_detection(args)
     except utils.DataError as exc:
         utils.fail(f"{utils.data_error_message(exc)}; restore or replace the file and run again")
+
+
+if __name__ == '__main__':
+    main()

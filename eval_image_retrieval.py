@@ -160,7 +160,9 @@ def load_ground_truth(data_path, dataset):
         with open(gnd_path, 'rb') as f:
             cfg = _GroundTruthUnpickler(f).load()
     except Exception as exc:
-        utils.fail(f"cannot read {gnd_path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+        utils.fail(f"cannot read {gnd_path} ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}); "
+                   f"it must be the pickled ground truth gnd_{dataset}.pkl (a dict of imlist, qimlist, gnd) as "
+                   "published by the revisited Oxford/Paris authors; download it again")
     check_ground_truth(cfg, gnd_path)
     cfg['dir_images'] = os.path.join(data_path, dataset, 'jpg')
     for split, names in (('query', cfg['qimlist']), ('database', cfg['imlist'])):
@@ -176,18 +178,48 @@ def check_ground_truth(cfg, gnd_path):
         utils.fail(f"{gnd_path} is not a revisited Oxford/Paris ground truth (expected keys imlist, qimlist, gnd)")
     if len(cfg['gnd']) != len(cfg['qimlist']):
         utils.fail(f"{gnd_path}: gnd has {len(cfg['gnd'])} entries but qimlist has {len(cfg['qimlist'])} queries")
+    num_images = len(cfg['imlist'])
     for i, g in enumerate(cfg['gnd']):
         absent = [key for key in ('bbx', 'easy', 'hard', 'junk') if key not in g]
         if absent:
             utils.fail(f"{gnd_path}: ground truth of query {i} lacks {', '.join(absent)}")
+        try:
+            box = np.asarray(g['bbx'], dtype=float).ravel()
+        except (TypeError, ValueError):
+            box = np.zeros(0)
+        if len(box) != 4 or not (np.isfinite(box).all() and box[0] < box[2] and box[1] < box[3]):
+            utils.fail(f"{gnd_path}: bounding box of query {i} is {np.asarray(g['bbx']).tolist()}; expected "
+                       "[left, top, right, bottom] with left < right and top < bottom")
+        for key in ('easy', 'hard', 'junk'):
+            indices = np.asarray(g[key]).ravel()
+            if len(indices) and (indices.min() < 0 or indices.max() >= num_images):
+                utils.fail(f"{gnd_path}: '{key}' images of query {i} include index {int(indices.max())} but "
+                           f"imlist holds {num_images} database images (indices 0 to {num_images - 1}); "
+                           "the ground truth does not belong to this image list")
 
 
-if __name__ == '__main__':
+def check_args(args):
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'imsize')
+    if args.arch in utils.VIT_ARCHS:
+        # --multiscale also runs the model on the images shrunk to half their size
+        smallest = args.imsize // 2 if args.multiscale else args.imsize
+        if smallest < args.patch_size:
+            utils.fail(f"--imsize {args.imsize}{' with --multiscale (scales down to 1/2)' if args.multiscale else ''} "
+                       f"makes images smaller than one {args.patch_size}-pixel patch (--patch_size "
+                       f"{args.patch_size}); use at least {args.patch_size * (2 if args.multiscale else 1)}")
+    utils.check_input_folder(args.data_path, '--data_path')
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser('Image Retrieval on revisited Paris and Oxford', parents=[get_args_parser()])
-    args = parser.parse_args()
-    if args.imsize < 1:
-        utils.fail("--imsize must be a positive number of pixels")
+    args = parser.parse_args(argv)
+    check_args(args)
     try:
         eval_retrieval(args)
     except utils.DataError as exc:
         utils.fail(f"{utils.data_error_message(exc)}; restore or replace the file and run again")
+
+
+if __name__ == '__main__':
+    main()

@@ -252,14 +252,17 @@ def make_summary_writer(args, subdir):
 
 
 def check_args(args):
-    if args.batch_size_per_device < 1:
-        utils.fail("--batch_size_per_device must be at least 1")
-    if args.temperature <= 0:
-        utils.fail("--temperature must be positive")
-    if args.max_batches is not None and args.max_batches < 1:
-        utils.fail("--max_batches must be at least 1")
-    if args.dump_features and os.path.isfile(args.dump_features):
-        utils.fail(f"--dump_features {args.dump_features} is a file; pass a folder")
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'max_batches', 'nb_knn')
+    if not 0 < args.temperature < float('inf'):
+        utils.fail(f"--temperature must be positive, got {args.temperature}")
+    if args.load_features:
+        utils.check_input_folder(args.load_features, '--load_features')
+    elif not utils.is_synthetic(args.data_path):
+        utils.check_input_folder(args.data_path, '--data_path')
+    for flag in ('dump_features', 'dump_tb_events'):
+        if getattr(args, flag):
+            utils.check_output_dir(getattr(args, flag), f'--{flag}')
 
 
 def main(argv=None):

@@ -11,6 +11,9 @@ from torchvision import transforms
 
 import utils
 
+HEAD_FLAGS_HINT = ("was it trained with another --arch, --patch_size, --n_last_blocks, --avgpool_patchtokens or "
+                   "--num_labels?")
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet', add_help=False)
@@ -100,8 +103,9 @@ def eval_linear(args):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     to_restore = {'epoch': 0, 'best_acc': 0.}
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
-                                  optimizer=optimizer, scheduler=scheduler)
+                                  optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
 
     # ============ training ... ============
@@ -249,8 +253,8 @@ def load_linear_head(linear_classifier, args):
     except RuntimeError as exc:
         detail = next((line.strip() for line in str(exc).splitlines() if 'size mismatch' in line),
                       str(exc).splitlines()[0])
-        utils.fail(f"{source} does not fit this linear classifier ({detail[:200]}); use the --arch, --patch_size, "
-                   "--n_last_blocks, --avgpool_patchtokens and --num_labels it was trained with")
+        utils.fail(f"{source} does not fit this linear classifier ({detail[:200]}); {HEAD_FLAGS_HINT} "
+                   "Use the ones it was trained with")
     print(f"Linear head loaded from {source}")
 
 
@@ -284,13 +288,13 @@ def make_summary_writer(args):
 
 
 def check_args(args):
-    for name in ('epochs', 'batch_size_per_device', 'n_last_blocks', 'val_freq', 'num_labels'):
-        if getattr(args, name) < 1:
-            utils.fail(f"--{name} must be at least 1")
-    if args.lr <= 0:
-        utils.fail("--lr must be positive")
-    if args.data_limit is not None and args.data_limit < 1:
-        utils.fail("--data_limit must be at least 1")
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'epochs', 'n_last_blocks', 'val_freq', 'num_labels', 'data_limit')
+    if not 0 < args.lr < float('inf'):
+        utils.fail(f"--lr must be positive, got {args.lr}")
+    if not utils.is_synthetic(args.data_path):
+        utils.check_input_folder(args.data_path, '--data_path')
+    utils.check_output_dir(args.output_dir)
 
 
 def main(argv=None):
@@ -298,7 +302,6 @@ def main(argv=None):
                                      parents=[get_args_parser()])
     args = parser.parse_args(argv)
     check_args(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     utils.run_reporting_failures(eval_linear, args)
 
 

@@ -2,10 +2,13 @@
 
 Writes each video's masks as DAVIS palette PNGs to --output_dir/<video>/, and, where the ground truth covers
 the frames, DAVIS's J (region IoU), F (boundary F-measure) and J&F means to --output_dir/metrics.json.
+Results are written to --output_dir/.incomplete/ and moved into place when every video is done, so a run that
+stops leaves the previous complete results as they were.
 """
 import argparse
 import json
 import os
+import shutil
 from collections import deque
 
 import cv2
@@ -23,6 +26,7 @@ FRAME_MEAN, FRAME_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)
 SHORT_SIDE = 480
 AFFINITY_TEMPERATURE = 0.1
 TARGET_CHUNK = 1024  # target patches whose affinities are held in memory at once
+STAGING = '.incomplete'  # the folder inside --output_dir where a run writes until it completes
 
 
 def get_args_parser():
@@ -53,21 +57,23 @@ def eval_davis(args):
     videos = list_videos(args.data_path)
     model = utils.load_frozen_vit(args, device)
     color_palette = davis_palette()
-    os.makedirs(args.output_dir, exist_ok=True)
+    staging = start_staging(args.output_dir)
 
     scores = {}
     for name, frame_list, annotation_dir in tqdm(videos, desc='Videos', unit='video'):
         first_seg, seg_ori = read_seg(annotation_path(annotation_dir, frame_list[0]), args.patch_size)
-        video_folder = os.path.join(args.output_dir, name)
+        video_folder = os.path.join(staging, name)
         predictions = eval_video_tracking_davis(args, model, frame_list, video_folder, first_seg, seg_ori,
                                                 color_palette, device)
         gt_paths = [annotation_path(annotation_dir, frame) for frame in frame_list[1:-1]]
         if not gt_paths or not all(os.path.isfile(p) for p in gt_paths):
-            tqdm.write(f"{name}: masks written to {video_folder} (no ground truth for every frame: not scored)")
+            tqdm.write(f"{name}: masks done (no ground truth for every frame: not scored)")
             continue
         scores[name] = evaluate_video(gt_paths, predictions[1:-1], n_objects=int(seg_ori.max()))
         tqdm.write(f"{name}: {format_scores(scores[name])}")
-        write_metrics(scores, os.path.join(args.output_dir, 'metrics.json'))
+        write_metrics(scores, os.path.join(staging, 'metrics.json'))
+    publish(staging, args.output_dir, [name for name, _, _ in videos])
+    print(f"Masks written to {args.output_dir}")
     if scores:
         print(f"DAVIS 2017 over {len(scores)} videos: {format_scores(overall_scores(scores))}")
         print(f"Scores written to {os.path.join(args.output_dir, 'metrics.json')}")
@@ -197,8 +203,40 @@ def list_videos(data_path):
         if not os.path.isfile(first_annotation):
             utils.fail(f"video '{name}' has no first-frame annotation {first_annotation}; add it (an indexed PNG) "
                        "or remove the video from val.txt; nothing was processed")
+        check_sizes(name, frame_list, annotation_dir)
         videos.append((name, frame_list, annotation_dir))
     return videos
+
+
+def check_sizes(name, frame_list, annotation_dir):
+    """Every frame of a video has one size, and so has each of its annotations; the first annotation is an
+    indexed PNG (only that one is decoded: of the others, only the headers are read)."""
+    frame_size = image_size(frame_list[0], 'frame')
+    read_annotation(annotation_path(annotation_dir, frame_list[0]))  # an indexed PNG
+    for frame in frame_list:
+        if image_size(frame, 'frame') != frame_size:
+            utils.fail(f"frames of video '{name}' differ in size ({frame} is {size_text(image_size(frame, 'frame'))}, "
+                       f"{frame_list[0]} {size_text(frame_size)}); DAVIS videos have one frame size; "
+                       "nothing was processed")
+        annotation = annotation_path(annotation_dir, frame)
+        if os.path.isfile(annotation) and image_size(annotation, 'annotation') != frame_size:
+            utils.fail(f"annotation {annotation} is {size_text(image_size(annotation, 'annotation'))} but the frames "
+                       f"of video '{name}' are {size_text(frame_size)}; annotations must match the frames; "
+                       "nothing was processed")
+
+
+def image_size(path, what):
+    """(width, height) from the file's header."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError):
+        utils.fail(f"cannot read {what} {path} (empty, cut short or not an image); replace the file and run again; "
+                   "nothing was processed")
+
+
+def size_text(size):
+    return f"{size[0]}x{size[1]}"
 
 
 def read_frame_list(video_dir):
@@ -365,8 +403,47 @@ def write_metrics(scores, path):
     os.replace(tmp_path, path)
 
 
-if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    if args.topk < 1 or args.bs < 1 or args.n_last_frames < 0:
-        utils.fail("--topk and --bs must be at least 1 and --n_last_frames at least 0")
+# ============ results folder: nothing of a run replaces earlier results until it completes ============
+
+def start_staging(output_dir):
+    """An empty output_dir/.incomplete/ (what an earlier stopped run left there is removed)."""
+    staging = os.path.join(output_dir, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def publish(staging, output_dir, names):
+    """Move each video's folder and metrics.json from staging into output_dir, replacing the previous ones.
+
+    A metrics.json of an earlier run is removed when this run scored no video: it would describe other masks.
+    """
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            os.replace(target, os.path.join(staging, f'{name}.replaced'))
+        os.replace(os.path.join(staging, name), target)
+    metrics, target = os.path.join(staging, 'metrics.json'), os.path.join(output_dir, 'metrics.json')
+    if os.path.isfile(metrics):
+        os.replace(metrics, target)
+    elif os.path.isfile(target):
+        os.remove(target)
+    shutil.rmtree(staging)
+
+
+def check_args(args):
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'topk', 'bs')
+    utils.check_at_least(args, 0, 'n_last_frames', 'size_mask_neighborhood')
+    utils.check_input_folder(args.data_path, '--data_path')
+    utils.check_output_dir(args.output_dir)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
     eval_davis(args)
+
+
+if __name__ == '__main__':
+    main()

@@ -111,7 +111,7 @@ def train_dino(args):
     device = utils.start_run(args)
     resolve_augment_on(args)
     utils.fix_random_seeds(args.seed)
-    stop = utils.StopSignal()  # SIGTERM/SIGUSR1: finish the step, write a checkpoint, exit 0
+    stop = utils.StopSignal()  # SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 0 (130 on SIGINT)
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
@@ -141,6 +141,7 @@ def train_dino(args):
     stateful = dict(student=student, teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler,
                     dino_loss=dino_loss)
     to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore,
                                   **stateful)
     start_epoch, start_step = to_restore["epoch"], to_restore["step"]
@@ -172,6 +173,8 @@ def train_dino(args):
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
     if summary_writer is not None:
         summary_writer.close()
+    if stop.exit_code:
+        sys.exit(stop.exit_code)
 
 
 def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
@@ -403,7 +406,6 @@ class DataAugmentationDINO(object):
         return [t(image) for t in self.transforms()]
 
 
-
 def resolve_augment_on(args):
     if args.augment_on == 'auto':
         args.augment_on = 'cpu' if args.device == 'cpu' else 'device'
@@ -437,6 +439,7 @@ def build_data_loader(args):
     # augmentations are seeded per (seed, epoch, image): results do not depend on --num_workers and a run
     # resumes exactly, even mid-epoch; unreadable images are replaced unless --strict_data
     dataset = utils.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
+    dataset[(0, 0)]  # a dataset of unreadable files fails here, before any output is written
     sampler = utils.ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
                                      shuffle=True, seed=args.seed)
     return torch.utils.data.DataLoader(
@@ -514,18 +517,55 @@ def make_summary_writer(args):
 
 
 def check_args(args):
-    if args.epochs < 1:
-        utils.fail("--epochs must be at least 1")
+    """Every flag against its meaningful range and every path against what it must be, before any work."""
+    check_numbers(args)
+    utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
+
+
+def check_numbers(args):
+    utils.check_common_args(args)
+    utils.check_at_least(args, 1, 'epochs', 'out_dim', 'data_limit')
+    utils.check_at_least(args, 0, 'local_crops_number', 'warmup_epochs', 'warmup_teacher_temp_epochs',
+                         'freeze_last_layer', 'saveckp_freq')
+    for name in ('lr', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad', 'momentum_teacher', 'teacher_temp',
+                 'warmup_teacher_temp', 'drop_path_rate'):
+        if not math.isfinite(getattr(args, name)):
+            utils.fail(f"--{name} must be a finite number, got {getattr(args, name)}")
     if args.warmup_teacher_temp_epochs > args.epochs:
         utils.fail("--warmup_teacher_temp_epochs cannot exceed --epochs")
     if args.warmup_epochs > args.epochs:
         utils.fail("--warmup_epochs cannot exceed --epochs")
-    if args.batch_size_per_device < 1:
-        utils.fail("--batch_size_per_device must be at least 1")
-    if args.dist_timeout < 1:
-        utils.fail("--dist_timeout must be at least 1 second")
+    for name in ('lr', 'teacher_temp', 'warmup_teacher_temp'):
+        if not getattr(args, name) > 0:
+            utils.fail(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in ('min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad'):
+        if not getattr(args, name) >= 0:
+            utils.fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not 0 <= args.momentum_teacher <= 1:
+        utils.fail(f"--momentum_teacher is an EMA factor in [0, 1] (e.g. 0.996), got {args.momentum_teacher}")
+    if not 0 <= args.drop_path_rate < 1:
+        utils.fail(f"--drop_path_rate is a probability in [0, 1), got {args.drop_path_rate}")
+    for name in ('global_crops_scale', 'local_crops_scale'):
+        scale = getattr(args, name)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            utils.fail(f"--{name} takes two fractions of the image area, 0 < min <= max <= 1 (e.g. 0.4 1), "
+                       f"got {' '.join(map(str, scale))}")
     if args.collapse_window < 0 or not 0 < args.collapse_margin < 0.5:
         utils.fail("--collapse_window must be 0 (off) or more and --collapse_margin between 0 and 0.5")
+    check_crop_sizes(args)
+
+
+def check_crop_sizes(args):
+    """A ViT cuts crops into patches: each crop must hold one; the pixels past the last whole patch are ignored."""
+    crops = [('--global_crops_size', args.global_crops_size)]
+    if args.local_crops_number:
+        crops.append(('--local_crops_size', args.local_crops_size))
+    vit = args.arch in utils.VIT_ARCHS
+    for flag, size in crops:
+        utils.check_image_size(size, args.patch_size if vit else 1, flag)
+        if vit and size % args.patch_size:
+            print(f"warning: {flag} {size} is not a multiple of --patch_size {args.patch_size}: the ViT ignores "
+                  f"the last {size % args.patch_size} pixel rows and columns of every such crop", file=sys.stderr)
 
 
 def end_epoch(stateful, args, epoch, metric_logger, skipped):
@@ -609,13 +649,18 @@ def trim_log(path, start_epoch):
         os.replace(tmp, path)
 
 
-if __name__ == '__main__':
+def main(argv=None):
     parser = argparse.ArgumentParser('DINO', parents=[get_args_parser()], epilog="""Preemption: SIGTERM or
         SIGUSR1 makes training finish the current iteration, write checkpoint.pth and exit 0; running the
-        same command resumes at that iteration, with the same results as an uninterrupted run.""")
-    args = parser.parse_args()
+        same command resumes at that iteration, with the same results as an uninterrupted run. Ctrl-C
+        (SIGINT) does the same and exits 130; a second Ctrl-C stops at once.""")
+    args = parser.parse_args(argv)
     check_args(args)
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    utils.run_reporting_failures(train_dino, args,
-                                 "remove or fix the file and run again (training resumes from the last checkpoint), "
-                                 "or leave out --strict_data to skip such files")
+    hint = ("remove or fix the file and run again (training resumes from the last checkpoint), "
+            "or leave out --strict_data to skip such files") if args.strict_data else \
+        "remove or fix the file and run again (training resumes from the last checkpoint)"
+    utils.run_reporting_failures(train_dino, args, hint)
+
+
+if __name__ == '__main__':
+    main()

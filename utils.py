@@ -15,6 +15,8 @@ import os
 import random
 import re
 import signal
+import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict, deque
@@ -36,6 +38,71 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 def fail(message):
     """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback)."""
     raise SystemExit(f"error: {message}")
+
+
+# =====================================================================================
+# Argument checking (each script's check_args runs these before any work or output)
+# =====================================================================================
+
+def check_output_dir(path, flag='--output_dir'):
+    """Stop unless `path` is a folder this process can write in, or one it can create; creates nothing."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"{flag} {path} is a file, not a folder; pass a folder (it is created if missing)")
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        fail(f"{flag} {path} cannot be created: {existing} is a file, not a folder; pass another path")
+    try:  # an unnamed file (O_TMPFILE on Linux): nothing appears in the folder
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        fail(f"{flag} {path}: cannot write in {existing} ({exc.strerror}); pass a folder you can write to")
+
+
+def check_input_file(path, flag):
+    """Stop unless `path` is a readable file."""
+    if not os.path.isfile(path):
+        what = 'a folder' if os.path.isdir(path) else 'not found'
+        fail(f"{flag} {path}: {what}; pass an existing file")
+    if not os.access(path, os.R_OK):
+        fail(f"{flag} {path} cannot be read (permission denied)")
+
+
+def check_input_folder(path, flag):
+    """Stop unless `path` is a readable folder."""
+    if not os.path.isdir(path):
+        what = 'a file' if os.path.exists(path) else 'not found'
+        fail(f"{flag} {path}: {what}; pass an existing folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        fail(f"{flag} {path} cannot be read (permission denied)")
+
+
+def check_at_least(args, minimum, *names):
+    """Stop unless every named number argument (when given; each value of a list) is at least `minimum`."""
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value is not None and value < minimum:
+                fail(f"--{name} must be at least {minimum}, got {value}")
+
+
+def check_image_size(size, patch_size, flag):
+    """A side the ViT cuts into patch_size patches must hold at least one patch."""
+    if size < patch_size:
+        fail(f"{flag} {size} is smaller than one {patch_size}-pixel patch (--patch_size {patch_size}); "
+             f"use at least {patch_size}")
+
+
+def check_common_args(args):
+    """Checks of the flags most scripts share (each only where the script has it)."""
+    check_at_least(args, 1, 'patch_size', 'batch_size_per_device', 'batch_size', 'dist_timeout')
+    check_at_least(args, 0, 'num_workers')
+    if not 0 <= getattr(args, 'seed', 0) < 2 ** 32:  # NumPy's range
+        fail(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if getattr(args, 'pretrained_weights', ''):
+        check_input_file(args.pretrained_weights, '--pretrained_weights')
 
 
 # =====================================================================================
@@ -257,9 +324,13 @@ def peer_failure_message(exc, args):
 
 
 def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and run again"):
-    """pipeline(args), with an unreadable image or a lost peer process reported as one error line."""
+    """pipeline(args), with an unreadable image or a lost peer process reported as one error line, and
+    Ctrl-C (where the pipeline does not handle it) as one line and exit status 130."""
     try:
         return pipeline(args)
+    except KeyboardInterrupt:
+        _builtin_print("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
+        raise SystemExit(130) from None
     except DataError as exc:
         fail(f"{data_error_message(exc)}; {data_hint}")
     except RuntimeError as exc:
@@ -600,9 +671,19 @@ def read_checkpoint(path):
                 f"refusing to load {path}: it refers to {refused.group(1) or refused.group(2)}, which could run "
                 "code when unpickled; only checkpoints of tensors and plain values are accepted "
                 "(if you trust its source, re-save its state dicts alone)", unsafe=True) from None
-        detail = text.split('WeightsUnpickler error:')[-1].strip().splitlines()
-        detail = detail[0].strip() if detail else type(exc).__name__
-        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({detail[:150]})") from None
+        raise CheckpointError(f"{path} is damaged or not a PyTorch checkpoint ({_damage(path, exc)})") from None
+
+
+def _damage(path, exc):
+    """What is wrong with a checkpoint file torch.load could not read, in words (not torch's internals)."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "the file is empty"
+    text = str(exc)
+    if isinstance(exc, EOFError) or 'EOF' in text or 'central directory' in text:
+        return "the file is cut short: an interrupted write or copy?"
+    if isinstance(exc, IsADirectoryError):
+        return "it is a folder"
+    return "in neither of PyTorch's file formats, zip archive or pickle"
 
 
 def load_checkpoint(path):
@@ -655,7 +736,10 @@ def to_cpu(obj):
     return obj
 
 
-def _load_state_dict_or_fail(module, state_dict, what, path):
+DEFAULT_MISMATCH_HINT = "was it written with another --arch, --patch_size, --out_dim or optimizer?"
+
+
+def _load_state_dict_or_fail(module, state_dict, what, path, hint=DEFAULT_MISMATCH_HINT):
     try:
         return module.load_state_dict(state_dict, strict=False)
     except TypeError:
@@ -663,16 +747,16 @@ def _load_state_dict_or_fail(module, state_dict, what, path):
     except (RuntimeError, ValueError, KeyError) as exc:
         detail = str(exc).strip().splitlines()
         detail = next((line.strip() for line in detail if 'size mismatch' in line), detail[0] if detail else '')
-        fail(f"{path} does not fit this run's {what} ({detail[:200]}); "
-             "was it written with another --arch, --patch_size, --out_dim or optimizer? "
+        fail(f"{path} does not fit this run's {what} ({detail[:200]}); {hint} "
              "Use a matching setting or another --output_dir")
 
 
-def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
+def restart_from_checkpoint(ckp_path, run_variables=None, mismatch_hint=DEFAULT_MISMATCH_HINT, **kwargs):
     """Load each named object (model, optimizer, ...) from the checkpoint if present, and run_variables.
 
     A damaged checkpoint is reported and the newest intact numbered one beside it (checkpoint0042.pth
     for checkpoint.pth) is used instead; without one the run stops. Unsafe files are always refused.
+    `mismatch_hint` names the flags that could make a state dict not fit (in the error line).
     Returns the path actually loaded, or None when there is no checkpoint.
     """
     if is_main_process():
@@ -685,7 +769,7 @@ def restart_from_checkpoint(ckp_path, run_variables=None, **kwargs):
         if value is None:
             continue
         if key in checkpoint:
-            msg = _load_state_dict_or_fail(value, checkpoint[key], key, ckp_path)
+            msg = _load_state_dict_or_fail(value, checkpoint[key], key, ckp_path, mismatch_hint)
             print(f"=> loaded '{key}' from checkpoint '{ckp_path}' with msg {msg}")
         else:
             print(f"=> key '{key}' not found in checkpoint: '{ckp_path}'")
@@ -761,12 +845,14 @@ def set_rng_state(state):
 
 
 class StopSignal:
-    """Turns SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting) into a stop request.
+    """Turns SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting) and SIGINT (Ctrl-C)
+    into a stop request.
 
     The training loop asks `requested(device)` at step boundaries, so it can finish the step, write a
-    checkpoint and exit 0 instead of dying mid-step or mid-write.
+    checkpoint and exit (0, or 130 after Ctrl-C) instead of dying mid-step or mid-write. A second Ctrl-C
+    stops at once (exit 130); a checkpoint write it cuts short leaves the previous checkpoint intact.
     """
-    SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1') if hasattr(signal, name))
+    SIGNALS = tuple(getattr(signal, name) for name in ('SIGTERM', 'SIGUSR1', 'SIGINT') if hasattr(signal, name))
 
     def __init__(self):
         self.received = None
@@ -775,7 +861,16 @@ class StopSignal:
         atexit.register(_kill_data_workers)
 
     def _remember(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            _builtin_print("Interrupted again: stopping now, without a new checkpoint; the last one written is "
+                           "kept. Run the same command to resume from it.", file=sys.stderr, flush=True)
+            raise SystemExit(130)
         self.received = signum
+
+    @property
+    def exit_code(self):
+        """What the process should exit with once it stopped: 130 after Ctrl-C (as shells do), else 0."""
+        return 130 if self.received == signal.SIGINT else 0
 
     def __str__(self):
         return signal.Signals(self.received).name if self.received else 'a signal to another process'
@@ -890,6 +985,10 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
         print(f"Take key {checkpoint_key} in provided checkpoint dict")
         state_dict = state_dict[checkpoint_key]
+    elif isinstance(state_dict, dict) and any(isinstance(v, dict) for v in state_dict.values()):
+        networks = [k for k, v in state_dict.items() if isinstance(v, dict) and v and all(map(torch.is_tensor, v.values()))]
+        fail(f"{source} has no '{checkpoint_key}' network (it holds {', '.join(networks) or 'none'}); "
+             "pass --checkpoint_key with one of them")
     if not isinstance(state_dict, dict):
         fail(f"{source} holds a {type(state_dict).__name__}, not a state dict of weights")
     state_dict = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in state_dict.items()}
@@ -1735,7 +1834,8 @@ class ReproducibleSamples(torch.utils.data.Dataset):
                     if self.strict:
                         raise
                     note = note or str(exc)
-        raise DataError(f"no image of the dataset can be read ({note})")
+        raise DataError(f"none of the {len(self.dataset)} images of the dataset can be read (the first: {note}); "
+                        "check --data_path")
 
 
 @contextlib.contextmanager

@@ -50,12 +50,7 @@ def get_args_parser():
 
 
 def generate(args):
-    if not os.path.exists(args.input_path):
-        utils.fail(f"--input_path {args.input_path} does not exist; pass a video file or a folder of frames")
-    os.makedirs(args.output_path, exist_ok=True)
     if args.video_only:
-        if not os.path.isdir(args.input_path):
-            utils.fail("--video_only needs --input_path to be a folder of attention images (attn-*.jpg)")
         generate_video_from_images(args.input_path, args.output_path, args)
         return
     frames_folder = args.input_path
@@ -137,6 +132,7 @@ def generate_video_from_images(attention_folder, out_folder, args):
     first = read_bgr(images[0])
     size = (first.shape[1], first.shape[0])
     video_path = os.path.join(out_folder, f'video.{args.video_format}')
+    os.makedirs(out_folder, exist_ok=True)
     print(f"Generating video {size} at {args.fps} fps to {video_path}")
     writer = cv2.VideoWriter(video_path, cv2.VideoWriter_fourcc(*FOURCC[args.video_format]), args.fps, size)
     if not writer.isOpened():
@@ -176,15 +172,28 @@ def read_bgr(path):
 
 
 def check_args(args):
-    if args.resize is not None and len(args.resize) not in (1, 2):
-        utils.fail("--resize takes one value (short side) or two (height width)")
+    utils.check_common_args(args)
+    if args.resize is not None:
+        if len(args.resize) not in (1, 2):
+            utils.fail("--resize takes one value (short side) or two (height width)")
+        for side in args.resize:
+            utils.check_image_size(side, args.patch_size, '--resize')
     if not 0 <= args.threshold <= 1:
         utils.fail(f"--threshold is a fraction of the attention mass in [0, 1], got {args.threshold}")
-    if args.fps <= 0 or args.batch_size < 1:
-        utils.fail("--fps must be positive and --batch_size at least 1")
+    if not 0 < args.fps < float('inf'):
+        utils.fail(f"--fps must be positive, got {args.fps}")
+    if not os.path.exists(args.input_path):
+        utils.fail(f"--input_path {args.input_path} does not exist; pass a video file or a folder of frames")
+    if args.video_only and not os.path.isdir(args.input_path):
+        utils.fail("--video_only needs --input_path to be a folder of attention images (attn-*.jpg)")
+    utils.check_output_dir(args.output_path, '--output_path')
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    generate(args)
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    check_args(args)
-    generate(args)
+    main()

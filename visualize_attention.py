@@ -85,13 +85,23 @@ def save(array, path):
 
 
 def check_args(args):
+    utils.check_common_args(args)
     if len(args.image_size) not in (1, 2):
         utils.fail("--image_size takes one value (short side) or two (height width)")
+    for side in args.image_size:
+        utils.check_image_size(side, args.patch_size, '--image_size')
     if args.threshold is not None and not 0 < args.threshold <= 1:
         utils.fail(f"--threshold is a fraction of the attention mass in (0, 1], got {args.threshold}")
+    if args.image_path is not None:
+        utils.check_input_file(args.image_path, '--image_path')
+    utils.check_output_dir(args.output_dir)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    check_args(args)
+    visualize(args)
 
 
 if __name__ == '__main__':
-    args = get_args_parser().parse_args()
-    check_args(args)
-    visualize(args)
+    main()

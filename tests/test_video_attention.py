@@ -210,17 +210,45 @@ def test_davis_input_errors(tmp_path):
         evs.list_videos(str(tmp_path / 'davis'))
 
 
-def test_unreadable_frame_stops_with_earlier_videos_kept(tmp_path, weights):
+def test_a_run_that_stops_leaves_the_earlier_results_and_its_own_finished_videos_apart(tmp_path, weights, monkeypatch):
+    write_davis_video(tmp_path / 'davis', 'first', n_frames=3)
+    write_davis_video(tmp_path / 'davis', 'broken', n_frames=3, seed=1)
+    out = tmp_path / 'out'
+    (out / 'first').mkdir(parents=True)
+    (out / 'first' / '00000.png').write_bytes(b'earlier mask')
+    (out / 'metrics.json').write_text('{"earlier": true}')
+    read_frame = evs.read_frame
+
+    def fails_on_broken(path):  # a frame whose header reads but whose pixels do not decode
+        if 'broken' in path and path.endswith('00001.jpg'):
+            utils.fail(f"cannot read frame {path}")
+        return read_frame(path)
+    monkeypatch.setattr(evs, 'read_frame', fails_on_broken)
+    with pytest.raises(SystemExit, match=r'^error: cannot read frame .*broken/00001.jpg'):
+        evs.main([*ARCH, '--pretrained_weights', str(weights), '--data_path', str(tmp_path / 'davis'),
+                  '--output_dir', str(out)])
+    assert (out / 'first' / '00000.png').read_bytes() == b'earlier mask'
+    assert (out / 'metrics.json').read_text() == '{"earlier": true}'
+    staged = out / evs.STAGING
+    assert sorted(p.name for p in (staged / 'first').iterdir()) == ['00000.png', '00001.png', '00002.png']
+    assert list(json.loads((staged / 'metrics.json').read_text())['videos']) == ['first']
+
+    (tmp_path / 'davis/ImageSets/2017/val.txt').write_text('first\n')  # a run that completes replaces them
+    evs.main([*ARCH, '--pretrained_weights', str(weights), '--data_path', str(tmp_path / 'davis'),
+              '--output_dir', str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ['first', 'metrics.json']
+    assert sorted(p.name for p in (out / 'first').iterdir()) == ['00000.png', '00001.png', '00002.png']
+    assert list(json.loads((out / 'metrics.json').read_text())['videos']) == ['first']
+
+
+def test_unreadable_frame_is_reported_before_anything_is_written(tmp_path, weights):
     write_davis_video(tmp_path / 'davis', 'first', n_frames=3)
     write_davis_video(tmp_path / 'davis', 'broken', n_frames=3, seed=1)
     (tmp_path / 'davis/JPEGImages/480p/broken/00001.jpg').write_bytes(b'not a jpeg')
-    out = tmp_path / 'out'
-    proc = run_script('eval_video_segmentation.py', *ARCH, '--pretrained_weights', weights,
-                      '--data_path', tmp_path / 'davis', '--output_dir', out, check=False)
-    line = last_error_line(proc)
-    assert line.startswith('error: cannot read frame') and 'broken/00001.jpg' in line
-    assert sorted(p.name for p in (out / 'first').iterdir()) == ['00000.png', '00001.png', '00002.png']
-    assert list(json.loads((out / 'metrics.json').read_text())['videos']) == ['first']
+    with pytest.raises(SystemExit, match=r'^error: cannot read frame .*broken/00001.jpg .*nothing was processed'):
+        evs.main([*ARCH, '--pretrained_weights', str(weights), '--data_path', str(tmp_path / 'davis'),
+                  '--output_dir', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
 
 
 # ============ attention maps ============

@@ -62,6 +62,16 @@ check_torch_version()
 # Argument checking (each script's check_args runs these before any work or output)
 # =====================================================================================
 
+def parse_checked_args(parser, check_args, argv=None):
+    """A script's command line: parsed, --arch/--patch_size completed from a training checkpoint given as
+    --pretrained_weights, then checked by the script's own check_args (one error line, before any work)."""
+    args = parser.parse_args(argv)
+    if hasattr(args, 'pretrained_weights'):
+        take_model_from_checkpoint(parser, args, argv)
+    check_args(args)
+    return args
+
+
 def check_output_dir(path, flag='--output_dir'):
     """Stop unless `path` is a folder this process can write in, or one it can create; creates nothing."""
     path = os.path.abspath(path)

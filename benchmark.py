@@ -385,8 +385,7 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    check_args(args)
+    args = utils.parse_checked_args(get_args_parser(), check_args, argv)
     result = benchmark_step(args) if args.mode == 'step' else benchmark_data(args)
     if args.json:
         print(json.dumps(result))

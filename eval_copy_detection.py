@@ -255,13 +255,8 @@ def check_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser('Copy detection on Copydays', parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    utils.take_model_from_checkpoint(parser, args, argv)
-    check_args(args)
-    try:
-        eval_copy_detection(args)
-    except utils.DataError as exc:
-        utils.fail(f"{utils.data_error_message(exc)}; restore or replace the file and run again")
+    args = utils.parse_checked_args(parser, check_args, argv)
+    utils.run_reporting_failures(eval_copy_detection, args, "restore or replace the file and run again")
 
 
 if __name__ == '__main__':

@@ -217,13 +217,8 @@ def check_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser('Image Retrieval on revisited Paris and Oxford', parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    utils.take_model_from_checkpoint(parser, args, argv)
-    check_args(args)
-    try:
-        eval_retrieval(args)
-    except utils.DataError as exc:
-        utils.fail(f"{utils.data_error_message(exc)}; restore or replace the file and run again")
+    args = utils.parse_checked_args(parser, check_args, argv)
+    utils.run_reporting_failures(eval_retrieval, args, "restore or replace the file and run again")
 
 
 if __name__ == '__main__':

@@ -285,9 +285,7 @@ def check_args(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
-    args = parser.parse_args(argv)
-    utils.take_model_from_checkpoint(parser, args, argv)
-    check_args(args)
+    args = utils.parse_checked_args(parser, check_args, argv)
     utils.run_reporting_failures(eval_knn, args)
 
 

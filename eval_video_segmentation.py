@@ -160,10 +160,12 @@ def upsample_labels(seg_tar, patch_size, ori_h, ori_w):
 def frame_features(args, model, frame_list, device):
     """Yield (normalised patch features (h*w, dim), (h, w), (original height, width)) of every frame in order,
     running the model on --bs frames at a time."""
+    video_shape = None
     for start in range(0, len(frame_list), args.bs):
         paths = frame_list[start:start + args.bs]
         frames, sizes = zip(*(read_frame(path) for path in paths))
-        if len({tuple(frame.shape) for frame in frames}) > 1:
+        video_shape = video_shape or frames[0].shape  # also across batches: one grid for the whole video
+        if any(frame.shape != video_shape for frame in frames):
             utils.fail(f"frames of one video differ in size (around {paths[0]}); DAVIS videos have one frame size")
         batch = torch.stack(frames).to(device)
         with utils.autocast_context(device.type, args.autocast):
@@ -438,11 +440,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    utils.take_model_from_checkpoint(parser, args, argv)
-    check_args(args)
-    eval_davis(args)
+    args = utils.parse_checked_args(get_args_parser(), check_args, argv)
+    utils.run_reporting_failures(eval_davis, args)
 
 
 if __name__ == '__main__':

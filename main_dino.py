@@ -707,8 +707,7 @@ def main(argv=None):
         SIGUSR1 makes training finish the current iteration, write checkpoint.pth and exit 0; running the
         same command resumes at that iteration, with the same results as an uninterrupted run. Ctrl-C
         (SIGINT) does the same and exits 130; a second Ctrl-C stops at once.""")
-    args = parser.parse_args(argv)
-    check_args(args)
+    args = utils.parse_checked_args(parser, check_args, argv)
     hint = ("remove or fix the file and run again (training resumes from the last checkpoint), "
             "or leave out --strict_data to skip such files") if args.strict_data else \
         "remove or fix the file and run again (training resumes from the last checkpoint)"

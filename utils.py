@@ -62,6 +62,16 @@ check_torch_version()
 # Argument checking (each script's check_args runs these before any work or output)
 # =====================================================================================
 
+def parse_checked_args(parser, check_args, argv=None):
+    """A script's command line: parsed, --arch/--patch_size completed from a training checkpoint given as
+    --pretrained_weights, then checked by the script's own check_args (one error line, before any work)."""
+    args = parser.parse_args(argv)
+    if hasattr(args, 'pretrained_weights'):
+        take_model_from_checkpoint(parser, args, argv)
+    check_args(args)
+    return args
+
+
 def check_output_dir(path, flag='--output_dir'):
     """Stop unless `path` is a folder this process can write in, or one it can create; creates nothing."""
     path = os.path.abspath(path)
@@ -1010,17 +1020,22 @@ _fault_counts = defaultdict(int)
 def fault_point(name):
     """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
-    Actions: kill (SIGKILL itself), hang (sleep until killed), enospc (raise the OSError of a full disk)
-    or kill_worker (SIGKILL a DataLoader worker of this process, as the out-of-memory killer would).
-    A fault fires only in the first attempt of a job that torchrun restarts. Used by the robustness tests
-    to kill a run at a chosen iteration or inside a checkpoint write, and to make one process of a job hang.
+    Actions: kill (SIGKILL itself), hang (sleep until killed), wait (until a stop signal arrives, then go
+    on), enospc (raise the OSError of a full disk) or kill_worker (SIGKILL a DataLoader worker of this
+    process, as the out-of-memory killer would). A fault fires only in the first attempt of a job that
+    torchrun restarts. Used by the robustness tests to kill or stop a run at a chosen iteration or inside a
+    checkpoint write, and to make one process of a job hang.
     """
     spec = os.environ.get('DINO_FAULT', '').split(':')
     if spec[0] != name or (len(spec) > 3 and int(spec[3]) != get_rank()):
         return
     _fault_counts[name] += 1
-    if _fault_counts[name] == int(spec[1]) and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
-        _inject_fault(spec[2], f"{spec[2]} at {name} {spec[1]}")
+    if _fault_counts[name] != int(spec[1]) or os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0':
+        return
+    if spec[2] == 'wait':
+        _wait_for_stop_signal(f"DINO_FAULT: wait at {name} {spec[1]} (pid {os.getpid()})")
+        return
+    _inject_fault(spec[2], f"{spec[2]} at {name} {spec[1]}")
 
 
 def _inject_fault(action, description):
@@ -1035,6 +1050,24 @@ def _inject_fault(action, description):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:
             time.sleep(60)
+
+
+def _wait_for_stop_signal(announcement):
+    """Print `announcement`, then sleep until SIGTERM or SIGUSR1 arrives; the handlers in place run as usual."""
+    arrived = []
+    handlers = {signum: signal.getsignal(signum) for signum in StopSignal.SIGNALS}
+
+    def note(signum, frame):
+        arrived.append(signum)
+        if callable(handlers[signum]):
+            handlers[signum](signum, frame)
+    for signum in handlers:  # before the announcement: a signal sent as soon as it is read is not lost
+        signal.signal(signum, note)
+    _builtin_print(announcement, flush=True)
+    while not arrived:
+        time.sleep(0.05)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 RELEASED_WEIGHTS = {

@@ -196,11 +196,8 @@ def check_args(args):
 
 
 def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    utils.take_model_from_checkpoint(parser, args, argv)
-    check_args(args)
-    generate(args)
+    args = utils.parse_checked_args(get_args_parser(), check_args, argv)
+    utils.run_reporting_failures(generate, args)
 
 
 if __name__ == '__main__':

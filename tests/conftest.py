@@ -1,7 +1,11 @@
 """Shared test helpers: run the repository's scripts as a user would, and a tiny trained checkpoint."""
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +57,57 @@ def run_torchrun(script, nproc, *args, env=None, timeout=300, check=True):
         raise AssertionError(f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-3000:]}")
     return proc
+
+
+def read_until(proc, marker, timeout):
+    """proc's output up to and including the first line starting with `marker` (fails after `timeout` s)."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    output, deadline = '', time.monotonic() + timeout
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0))
+        except queue.Empty:
+            line = None
+        if line is None:
+            raise AssertionError(f"no line starting with {marker!r} within {timeout} s:\n{output[-3000:]}")
+        output += line
+        if line.startswith(marker):
+            return output, lines
+
+
+def signal_when_waiting(cmd, env, marker, send, timeout=300):
+    """Run cmd in its own process group until it prints a line starting with `marker` (a DINO_FAULT wait),
+    call send(proc, that line), and return all its output once it has exited with status 0."""
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, lines = read_until(proc, marker, timeout)
+        send(proc, output.splitlines()[-1])
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    while (line := lines.get(timeout=60)) is not None:
+        output += line
+    return output
+
+
+@pytest.fixture(scope='module')
+def small_image_folder(tmp_path_factory):
+    """train/ (11 images) and val/ (7 images) ImageFolders of 2 classes: odd sizes on purpose."""
+    import utils
+    root = tmp_path_factory.mktemp('folder')
+    shapes = utils.SyntheticShapes('train', image_size=48)
+    for split, count in (('train', 11), ('val', 7)):
+        for i in range(count):
+            label = i % 2
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            shapes.render(100 * (split == 'val') + i).save(folder / f'{i:03d}.png')
+    return root
 
 
 @pytest.fixture(scope='session')

@@ -1,5 +1,6 @@
 """Core DINO: backbones, head, shared helpers, loss and the training script."""
 import argparse
+import importlib.util
 import json
 import math
 import re
@@ -13,9 +14,6 @@ import main_dino
 import utils
 import vision_transformer as vits
 from conftest import TINY_TRAIN_ARGS, run_script, run_torchrun
-
-# Settings under which two epochs visibly lower the loss on the synthetic data.
-LEARNING_ARGS = ['--lr', '0.02', '--momentum_teacher', '0.99', '--freeze_last_layer', '0']
 
 
 # ----------------------------------------------------------------------------- backbones
@@ -67,13 +65,43 @@ def test_sdpa_and_explicit_attention_agree(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_position_embedding_interpolation_is_identity_at_native_size():
-    model = vits.vit_tiny(patch_size=16)
-    tokens = torch.zeros(1, 197, 192)
-    assert model.interpolate_pos_encoding(tokens, 224, 224) is model.pos_embed
-    resized = model.interpolate_pos_encoding(torch.zeros(1, 1 + 6 * 4, 192), 96, 64)
-    assert resized.shape == (1, 25, 192)
-    torch.testing.assert_close(resized[:, 0], model.pos_embed[:, 0])
+def bicubic_matrix(size_in, size_out):
+    """(size_out, size_in) weights of a 1-D bicubic resize (Keys' kernel, a = -0.75, edges repeated), at
+    the original DINO's scale factor (size_out + 0.1) / size_in, with half-pixel centres."""
+    def kernel(d, a=-0.75):
+        d = abs(d)
+        if d <= 1:
+            return (a + 2) * d ** 3 - (a + 3) * d ** 2 + 1
+        return a * d ** 3 - 5 * a * d ** 2 + 8 * a * d - 4 * a if d < 2 else 0.
+    weights = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        source = (i + 0.5) * size_in / (size_out + 0.1) - 0.5
+        left = math.floor(source)
+        for j in range(left - 1, left + 3):
+            weights[i, min(max(j, 0), size_in - 1)] += kernel(source - j)
+    return torch.from_numpy(weights).float()
+
+
+def test_position_embedding_interpolation_against_independent_bicubic():
+    torch.manual_seed(0)
+    model = vits.vit_tiny(patch_size=16).eval()
+    assert model.interpolate_pos_encoding(torch.zeros(1, 197, 192), 224, 224) is model.pos_embed
+    grid = model.pos_embed[0, 1:].detach().reshape(14, 14, 192)
+    for height, width in [(64, 96), (96, 96), (288, 160)]:
+        rows, cols = height // 16, width // 16
+        expected = torch.einsum('ri,ijd,cj->rcd', bicubic_matrix(14, rows), grid, bicubic_matrix(14, cols))
+        expected = torch.cat([model.pos_embed[0, :1].detach(), expected.reshape(rows * cols, 192)])
+        resized = model.interpolate_pos_encoding(torch.zeros(1, 1 + rows * cols, 192), height, width)
+        torch.testing.assert_close(resized[0].detach(), expected, atol=1e-5, rtol=1e-4)
+
+        # and the forward pass uses them: patch tokens + [CLS], plus the resized embedding, through the blocks
+        x = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            tokens = model.patch_embed(x)
+            tokens = torch.cat([model.cls_token.expand(2, -1, -1), tokens], dim=1) + expected
+            for block in model.blocks:
+                tokens = block(tokens)
+            torch.testing.assert_close(model(x), model.norm(tokens)[:, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_drop_path_keeps_expectation():
@@ -143,12 +171,23 @@ def test_multicrop_wrapper_equals_per_crop_forward():
     torch.testing.assert_close(grouped, separate, atol=1e-5, rtol=1e-5)
 
 
-def test_resnet_backbone_in_wrapper():
+def test_resnet_backbone_in_wrapper_is_torchvisions_network_without_fc():
+    from torchvision import models
+    torch.manual_seed(0)
     model, dim = utils.build_backbone('resnet18')
     assert dim == 512
-    wrapper = utils.MultiCropWrapper(model, vits.DINOHead(dim, 16, use_bn=True)).eval()
+    head = vits.DINOHead(dim, 16, use_bn=True)
+    wrapper = utils.MultiCropWrapper(model, head).eval()
+    reference = models.resnet18().eval()
+    missing = reference.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert missing == ['fc.weight', 'fc.bias']
+    without_fc = nn.Sequential(*list(reference.children())[:-1], nn.Flatten())  # torchvision's forward up to fc
+    crops = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]
     with torch.no_grad():
-        assert wrapper([torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]).shape == (4, 16)
+        features = torch.cat([without_fc(c) for c in crops])
+        assert features.shape == (6, 512)
+        torch.testing.assert_close(wrapper.backbone(crops[0]), features[:2])
+        torch.testing.assert_close(wrapper(crops), head(features), atol=1e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- schedules & optimisation
@@ -271,8 +310,10 @@ def test_dino_loss_hand_worked_uniform_case():
 
 # ----------------------------------------------------------------------------- devices
 
-def test_auto_device_is_cpu_here_and_missing_hpu_is_one_clear_line(tmp_path):
-    assert utils.resolve_device_name('auto') in ('cpu', 'cuda')
+@pytest.mark.skipif(importlib.util.find_spec('habana_frameworks') is not None,
+                    reason="Habana's PyTorch packages are installed here: --device hpu is not missing")
+def test_auto_device_without_habana_and_missing_hpu_is_one_clear_line(tmp_path):
+    assert utils.resolve_device_name('auto') == ('cuda' if torch.cuda.is_available() else 'cpu')
     proc = run_script('main_dino.py', '--device', 'hpu', '--data_path', 'synthetic', '--output_dir', tmp_path,
                       check=False, timeout=120)
     assert proc.returncode != 0
@@ -341,12 +382,17 @@ def read_log(out_dir):
     return [json.loads(line) for line in (out_dir / 'log.txt').read_text().splitlines()]
 
 
-def test_training_learns_writes_logs_and_resumes(tmp_path):
-    args = [*TINY_TRAIN_ARGS, *LEARNING_ARGS, '--data_limit', '64', '--output_dir', tmp_path]
+def test_training_writes_logs_checkpoints_and_events_and_resumes(tmp_path):
+    """The plumbing of a run: log lines, checkpoints, TensorBoard scalars, resuming where it stopped.
+
+    Whether the network learns is not judged here: a falling loss would not show it (the loss of a
+    collapsing run falls too).
+    """
+    args = [*TINY_TRAIN_ARGS, '--data_limit', '64', '--output_dir', tmp_path]
     run_script('main_dino.py', *args, '--epochs', '2')
     log = read_log(tmp_path)
     assert [entry['epoch'] for entry in log] == [0, 1]
-    assert log[1]['train_loss'] < log[0]['train_loss'] - 0.1
+    assert all(math.isfinite(entry['train_loss']) for entry in log)
     assert (tmp_path / 'checkpoint.pth').exists() and (tmp_path / 'checkpoint0000.pth').exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path))

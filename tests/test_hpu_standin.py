@@ -1,5 +1,6 @@
 """The HPU code path, run on the CPU with a stand-in `habana_frameworks` package placed on sys.path."""
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -8,6 +9,10 @@ import torch
 
 import main_dino
 import utils
+
+# the stand-in would shadow the real package, whose compiled modules cannot be imported twice
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('habana_frameworks') is not None,
+                                reason="Habana's PyTorch packages are installed here: the real HPU path is used instead")
 
 HPU_ENV = ['PT_HPU_LAZY_MODE', 'LOWER_LIST', 'FP32_LIST', 'PT_HPU_AUTOCAST_LOWER_PRECISION_OPS_LIST',
            'PT_HPU_AUTOCAST_FP32_OPS_LIST']
@@ -24,6 +29,25 @@ STANDIN_FILES = {
 }
 
 
+def restore_environment(saved):
+    """os.environ exactly as `saved` (but for pytest's own PYTEST_CURRENT_TEST)."""
+    for name in set(os.environ) - set(saved) - {'PYTEST_CURRENT_TEST'}:
+        del os.environ[name]
+    os.environ.update({k: v for k, v in saved.items() if k != 'PYTEST_CURRENT_TEST'})
+
+
+def environment():
+    return {k: v for k, v in os.environ.items() if k != 'PYTEST_CURRENT_TEST'}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def environment_is_left_as_found():
+    """Later tests and their script subprocesses must not inherit the HPU variables set here."""
+    before = environment()
+    yield
+    assert environment() == before, 'the HPU tests left environment variables behind'
+
+
 @pytest.fixture
 def fake_habana(tmp_path, monkeypatch):
     for rel, text in STANDIN_FILES.items():
@@ -34,10 +58,12 @@ def fake_habana(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.startswith('habana_frameworks'):
             monkeypatch.delitem(sys.modules, name)
+    saved = dict(os.environ)  # setup_device sets the HPU variables; monkeypatch would not undo new ones
     for name in HPU_ENV:
-        monkeypatch.delenv(name, raising=False)
+        os.environ.pop(name, None)
     monkeypatch.setattr(utils, '_mark_step_enabled', False)
     yield
+    restore_environment(saved)
     for name in list(sys.modules):
         if name.startswith('habana_frameworks'):
             del sys.modules[name]

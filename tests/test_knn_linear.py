@@ -133,20 +133,6 @@ def random_vit_tiny(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope='module')
-def small_image_folder(tmp_path_factory):
-    """train/ (11 images) and val/ (7 images) ImageFolders of 2 classes: odd sizes on purpose."""
-    root = tmp_path_factory.mktemp('folder')
-    shapes = utils.SyntheticShapes('train', image_size=48)
-    for split, count in (('train', 11), ('val', 7)):
-        for i in range(count):
-            label = i % 2
-            folder = root / split / f'class{label}'
-            folder.mkdir(parents=True, exist_ok=True)
-            shapes.render(100 * (split == 'val') + i).save(folder / f'{i:03d}.png')
-    return root
-
-
 def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, capsys, random_vit_tiny,
                                                                      small_image_folder):
     common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder,
@@ -219,7 +205,9 @@ def test_knn_end_to_end_on_synthetic_and_load_features(tmp_path, capsys, tiny_di
     assert {p.name for p in (tmp_path / 'tb').iterdir()} == {'train_features', 'test_features', '10-NN', '20-NN'}
 
 
-def test_linear_eval_trains_resumes_and_evaluates(tmp_path, capsys, tiny_dino_checkpoint):
+def test_linear_eval_logs_resumes_and_evaluates(tmp_path, capsys, tiny_dino_checkpoint):
+    """The plumbing: log, checkpoint, schedule, --evaluate and resuming (that the head learns is checked
+    on separable features below)."""
     out = tmp_path / 'linear'
     common = ['--arch', 'vit_tiny', '--pretrained_weights', tiny_dino_checkpoint, '--data_path', 'synthetic',
               '--data_limit', '192', '--batch_size_per_device', '64', '--num_labels', '10', '--lr', '0.05',
@@ -246,6 +234,49 @@ def test_linear_eval_trains_resumes_and_evaluates(tmp_path, capsys, tiny_dino_ch
     assert 'Found checkpoint' in resumed and 'Epoch: [' not in resumed
     assert f'Top-1 test accuracy: {max(accs):.1f}' in resumed
     assert len((out / 'log.txt').read_text().splitlines()) == 2
+
+
+@pytest.fixture(scope='module')
+def colour_folder(tmp_path_factory):
+    """train/ (2 images per class) and val/ (1 per class) of 4 classes, each one plain colour: any crop of an
+    image is the same picture, so a frozen network gives one feature vector per class (separable)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp('colours')
+    for label, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128)]):
+        for split, count in (('train', 2), ('val', 1)):
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new('RGB', (40 + 8 * i, 32), colour).save(folder / f'{i}.png')
+    return root
+
+
+def test_linear_head_learns_separable_features_with_avgpool_one_block_and_val_freq(tmp_path, capsys,
+                                                                                  random_vit_tiny, colour_folder):
+    out = tmp_path / 'linear'
+    run_inprocess(capsys, eval_linear, '--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny,
+                  '--data_path', colour_folder, '--batch_size_per_device', '8', '--num_labels', '4', '--lr', '10',
+                  '--epochs', '5', '--n_last_blocks', '1', '--avgpool_patchtokens', 'true', '--val_freq', '2',
+                  '--output_dir', out, *CPU)
+    logs = [json.loads(line) for line in (out / 'log.txt').read_text().splitlines()]
+    # the head learns: the loss falls from log(4) (untrained head), and every class is told apart (chance: 25%)
+    assert logs[0]['train_loss'] == pytest.approx(math.log(4), abs=0.05)
+    assert logs[-1]['train_loss'] < 0.3 * logs[0]['train_loss'] and logs[-1]['test_acc1'] == 100.
+    # --val_freq 2: validated at epochs 0, 2 and at the last one
+    assert [entry['epoch'] for entry in logs if 'test_acc1' in entry] == [0, 2, 4]
+    # --n_last_blocks 1 --avgpool_patchtokens: [CLS] and mean patch token of the last block, interleaved
+    assert utils.load_checkpoint(out / 'checkpoint.pth.tar')['state_dict']['module.linear.weight'].shape == (4, 384)
+    model = vits.vit_tiny(patch_size=16).eval()
+    model.load_state_dict(torch.load(random_vit_tiny))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.prepare_tokens(x)
+        for block in model.blocks:
+            tokens = block(tokens)
+        tokens = model.norm(tokens)
+        features = eval_linear.frozen_features(model, x, 1, True)
+    torch.testing.assert_close(features[:, 0::2], tokens[:, 0])
+    torch.testing.assert_close(features[:, 1::2], tokens[:, 1:].mean(1))
 
 
 # ----------------------------------------------------------------------------------------

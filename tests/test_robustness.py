@@ -8,7 +8,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -20,7 +19,7 @@ from PIL import Image
 import main_dino
 import utils
 import vision_transformer as vits
-from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env
+from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env, signal_when_waiting
 
 # 3 epochs of 4 iterations. One thread: every run must do the very same float arithmetic.
 RUN_ARGS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16',
@@ -85,23 +84,22 @@ def test_sigkill_in_a_checkpoint_write_damaged_checkpoint_and_sigkill_mid_epoch_
 
 
 def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_path):
-    """SIGTERM to the whole process group, as SLURM sends it (DataLoader workers included)."""
+    """SIGTERM to the whole process group, as SLURM sends it (DataLoader workers included).
+
+    The run waits after its 6th iteration (the 2nd of epoch 1) until the signal arrives: the stop point
+    does not depend on how fast the machine is.
+    """
     cmd = [sys.executable, str(REPO / 'main_dino.py'), *RUN_ARGS, '--num_workers', '2', '--output_dir', tmp_path]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=script_env({**ONE_THREAD, 'PYTHONUNBUFFERED': '1'}),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    output = ''
-    for line in proc.stdout:
-        output += line
-        if line.startswith('Epoch: [1/3]  [0/4]'):  # printed after the first iteration of epoch 1
-            os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, output[-3000:]
-    assert 'Stopped by SIGTERM at epoch 1' in output
+    env = script_env({**ONE_THREAD, 'PYTHONUNBUFFERED': '1', 'DINO_FAULT': 'step:6:wait'})
+    output = signal_when_waiting(cmd, env, 'DINO_FAULT: wait at step 6',
+                                 lambda proc, line: os.killpg(proc.pid, signal.SIGTERM))
+    assert 'Stopped by SIGTERM at epoch 1, iteration 2' in output, output[-3000:]
     checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
-    assert checkpoint['epoch'] == 1 and 0 < checkpoint['step'] < 4  # mid-epoch
+    assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2  # mid-epoch
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 1
 
     proc = train(tmp_path, '--num_workers', '2')
-    assert f"Resuming epoch 1 at iteration {checkpoint['step']}/4" in proc.stdout
+    assert "Resuming epoch 1 at iteration 2/4" in proc.stdout
     assert_same_run(tmp_path, reference)
 
 

@@ -124,8 +124,9 @@ def test_state_dict_keys_unchanged():
 # ----------------------------------------------------------------------------- bf16 on CPUs without bf16 units
 
 def bf16_forward_backward(model, x, native, monkeypatch):
-    if native:  # torch's own bf16 kernels, whatever this processor has
-        monkeypatch.setattr(vits, '_cpu_has_bf16_matmul', lambda: True)
+    # forced either way, so that both paths run on every CPU: native = torch's own bf16 kernels
+    # (plain loops where the processor has no bf16 units), emulated = lower_precision's rounding
+    monkeypatch.setattr(vits, '_cpu_has_bf16_matmul', lambda: native)
     model.zero_grad()
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(x)
@@ -157,14 +158,17 @@ def test_emulated_bf16_is_as_accurate_as_native_bf16(monkeypatch):
     assert np.all(emulated > 0)  # bf16 rounding did happen
 
 
-def test_lower_precision_rounds_like_bf16_autocast():
+def test_lower_precision_rounds_like_bf16_autocast(monkeypatch):
+    monkeypatch.setattr(vits, '_cpu_has_bf16_matmul', lambda: False)  # the emulation, even on CPUs with bf16 units
     torch.manual_seed(0)
     x, w = torch.randn(4, 8), torch.randn(5, 8)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = vits.lower_precision(F.linear, x, w)
     assert out.dtype == torch.bfloat16
     expected = (x.bfloat16().double() @ w.bfloat16().double().t()).bfloat16()  # exact products, one rounding
-    torch.testing.assert_close(out, expected, rtol=0.01, atol=0.)
+    # at most one bf16 rounding step (2**-8 relative) apart, and most results identical
+    torch.testing.assert_close(out, expected, rtol=2 ** -8, atol=0.)
+    assert (out == expected).float().mean() > 0.8
     assert vits.lower_precision(F.linear, x, w).dtype == torch.float32  # no autocast: untouched
 
 

@@ -27,6 +27,8 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     LINEAR_SIZE=(--data_limit 64 --batch_size_per_device 16)
     BENCH_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
                 --batch_size_per_device 4 --steps 1 --warmup_steps 1)
+    AUGMENT_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
+                  --batch_size_per_device 4 --steps 1 --warmup_steps 1)
     LEARN_IMAGES=64 LEARN_CAP=120
     LEARN_SIZE=(--local_crops_number 2 --out_dim 256 --batch_size_per_device 16 --epochs 2 --warmup_epochs 1)
 else
@@ -35,6 +37,7 @@ else
     EVAL_SIZE=(--batch_size_per_device 128)
     LINEAR_SIZE=(--batch_size_per_device 128)
     BENCH_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 10 --warmup_steps 3)
+    AUGMENT_SIZE=(--arch vit_small --batch_size_per_device 32 --steps 3 --warmup_steps 1)
     # the learning run: 51200 images / batch 256 = 200 iterations per epoch, 15 epochs = 3000 iterations
     # (about 3 minutes); a SIGTERM at LEARN_CAP seconds stops it early with a checkpoint if it is slower
     LEARN_IMAGES=51200 LEARN_CAP=180
@@ -123,6 +126,14 @@ step benchmark_fp16 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 
     > $WORK/bench_fp16.json && $STEPS benchmark $WORK/bench_fp16.json"
 step benchmark_bf16 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${BENCH_SIZE[*]} \
     --use_fp16 false --autocast --json > $WORK/bench_bf16.json && $STEPS benchmark $WORK/bench_bf16.json"
+
+# ---------------------------------------------------------------- multi-crop rendered on the GPU (--augment_on)
+# the CPU share per loader core (original PIL pipeline, --augment_on cpu, --augment_on device) and the device
+# share, side by side; then the step with each batch's views rendered on the GPU
+step augment_data 300 bash -c "$PY benchmark.py --mode data --device $DEVICE --augment_on device \
+    --num_workers $CORES --patch_size 16 ${AUGMENT_SIZE[*]} && $STEPS found $WORK/augment_data.log 'device share'"
+step augment_step 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${AUGMENT_SIZE[*]} \
+    --augment_on device --json > $WORK/bench_augment.json && $STEPS benchmark $WORK/bench_augment.json"
 
 # ---------------------------------------------------------------- learning you can see
 KNN8=(--arch vit_tiny --patch_size 8 --data_path synthetic --nb_knn 20 --num_workers 4 --device "$DEVICE"

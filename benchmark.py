@@ -1,12 +1,13 @@
 """Throughput of DINO training on HPU, CUDA or CPU.
 
---mode step (default) times main_dino.train_step, the very function main_dino.py trains with, on
-synthetic crops: images/s, s/step, model FLOPs per image, the device's matmul peak measured here
-for the active dtype, MFU and peak memory; with --augment_on device each timed step also renders its
-views on the device from handed-over images. --mode data times main_dino's data pipeline (JPEG
-decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a temporary folder: its
-DataLoader, and side by side on one thread the CPU share per image of the original's PIL pipeline,
-of --augment_on cpu and of --augment_on device, and the device share (the batched render) of the latter.
+--mode step (default) times main_dino.train_step on the run main_dino.build_training_run builds (the very
+function and objects main_dino.py trains with) on synthetic crops: images/s, s/step, model FLOPs per image,
+the device's matmul peak measured here for the active dtype, MFU and peak memory; with --augment_on device
+each timed step also renders its views on the device from handed-over images. --mode data times
+main_dino's data pipeline (JPEG decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a
+temporary folder: its DataLoader, and side by side on one thread the CPU share per image of the original's
+PIL pipeline, of --augment_on cpu and of --augment_on device, and the device share (the batched render) of
+the latter.
 """
 import argparse
 import json

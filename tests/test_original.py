@@ -113,6 +113,21 @@ def test_copy_detection_on_partial_copydays_with_the_originals_whitening(tmp_pat
         aps = [holidays_ap(list(r), set(pos)) for r, pos in zip(ranked, copydays.positives[block])]
         assert float(printed[block]) == pytest.approx(np.mean(aps), abs=0.0011), block
 
+    # without whitening and without distractors: the L2-normalised features of the queries themselves
+    args.whitening_path = ''
+    eval_copy_detection.eval_copy_detection(args)
+    out = capsys.readouterr().out
+    assert 'learning the whitening operator' not in out and 'distractors...' not in out
+    printed = dict(re.findall(r'^eval on (\S+) mAP=([0-9.]+)$', out, flags=re.M))
+    plain = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    start = 0
+    for block in copydays.blocks:
+        rows = plain[start:start + len(copydays.files[block])]
+        start += len(rows)
+        ranked = np.argsort(-(rows @ plain[:copydays.num_originals].T), axis=1)[:, :20]
+        aps = [holidays_ap(list(r), set(pos)) for r, pos in zip(ranked, copydays.positives[block])]
+        assert float(printed[block]) == pytest.approx(np.mean(aps), abs=0.0011), block
+
 
 def test_partial_copydays_needs_the_originals_and_a_block_of_copies(tmp_path):
     (tmp_path / 'original').mkdir()

@@ -1,12 +1,13 @@
 """Throughput of DINO training on HPU, CUDA or CPU.
 
---mode step (default) times main_dino.train_step, the very function main_dino.py trains with, on
-synthetic crops: images/s, s/step, model FLOPs per image, the device's matmul peak measured here
-for the active dtype, MFU and peak memory; with --augment_on device each timed step also renders its
-views on the device from handed-over images. --mode data times main_dino's data pipeline (JPEG
-decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a temporary folder: its
-DataLoader, and side by side on one thread the CPU share per image of the original's PIL pipeline,
-of --augment_on cpu and of --augment_on device, and the device share (the batched render) of the latter.
+--mode step (default) times main_dino.train_step on the run main_dino.build_training_run builds (the very
+function and objects main_dino.py trains with) on synthetic crops: images/s, s/step, model FLOPs per image,
+the device's matmul peak measured here for the active dtype, MFU and peak memory; with --augment_on device
+each timed step also renders its views on the device from handed-over images. --mode data times
+main_dino's data pipeline (JPEG decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a
+temporary folder: its DataLoader, and side by side on one thread the CPU share per image of the original's
+PIL pipeline, of --augment_on cpu and of --augment_on device, and the device share (the batched render) of
+the latter.
 """
 import argparse
 import json
@@ -82,20 +83,11 @@ def benchmark_step(args):
 
 
 def build_training_step(args, device):
-    """main_dino's networks, loss, optimizer and schedules, and step(it) running one train_step."""
+    """main_dino's training run (main_dino.build_training_run), and step(it, images) running one train_step."""
     # steady state: a single epoch, no warm-up, the head's last layer already trained
     args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs, args.freeze_last_layer = 1, 0, 0, 0
-    student, teacher, teacher_without_ddp = main_dino.build_student_teacher(args, device)
-    dino_loss = main_dino.DINOLoss(args.out_dim, args.local_crops_number + 2, args.warmup_teacher_temp,
-                                   args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
-    optimizer = main_dino.build_optimizer(args, student)
-    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
-    schedules = main_dino.build_schedules(args, args.warmup_steps + 1 + args.steps)
-
-    def step(it, images):
-        return main_dino.train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, 0, it,
-                                    schedules, fp16_scaler, args)
-    return step
+    run = main_dino.build_training_run(args, device, iters_per_epoch=args.warmup_steps + 1 + args.steps)
+    return lambda it, images: main_dino.train_step(run, images, 0, it)
 
 
 def view_source(args, device):

@@ -1,7 +1,7 @@
 """DINO self-supervised training (Caron et al., 2021) on HPU, CUDA or CPU."""
 import argparse
+import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -120,132 +120,103 @@ def train_dino(args):
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
-    iters_per_epoch = len(data_loader)
     print(f"Data loaded: there are {len(data_loader.dataset)} images.")
 
-    # ============ building student and teacher networks ... ============
-    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    # ============ building student and teacher networks, loss, optimizer and schedules ... ============
+    run = build_training_run(args, device, len(data_loader))
     print(f"Student and Teacher are built: they are both {args.arch} network.")
-
-    # ============ preparing loss, optimizer and schedules ... ============
-    dino_loss = DINOLoss(
-        args.out_dim,
-        args.local_crops_number + 2,  # 2 global crops + the local crops
-        args.warmup_teacher_temp,
-        args.teacher_temp,
-        args.warmup_teacher_temp_epochs,
-        args.epochs,
-    ).to(device)
-    optimizer = build_optimizer(args, student)
-    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
-    schedules = build_schedules(args, iters_per_epoch)
     print("Loss, optimizer and schedulers ready.")
 
     # ============ optionally resume training ... ============
     # checkpoints hold the random states, and the iteration reached when a signal stopped the run mid-epoch
-    stateful = dict(student=student, teacher=teacher, optimizer=optimizer, fp16_scaler=fp16_scaler,
-                    dino_loss=dino_loss)
-    to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
-    utils.restart_from_checkpoint(os.path.join(args.output_dir, "checkpoint.pth"), run_variables=to_restore,
-                                  **stateful)
-    start_epoch, start_step = to_restore["epoch"], to_restore["step"]
-    restore_random_states(to_restore["rng_state"], resuming=start_epoch > 0 or start_step > 0)
-    skipped = utils.SkippedImages(to_restore["skipped_images"])
+    start_epoch, start_step, epoch_meters = run.resume(os.path.join(args.output_dir, "checkpoint.pth"))
     if utils.is_main_process():
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
-    summary_writer = make_summary_writer(args)
-    collapse_watch = CollapseWatch(args)
-    save_mid_epoch = functools.partial(save_resumable_checkpoint, stateful, args, skipped)
+    run.stop, run.summary_writer = stop, make_summary_writer(args)
     start_time = time.time()
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         step = start_step if epoch == start_epoch else 0
         data_loader.sampler.set_epoch(epoch, start=step * args.batch_size_per_device)
-        metric_logger, step = train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader,
-                                              optimizer, schedules, epoch, fp16_scaler, summary_writer, args,
-                                              step, to_restore["epoch_meters"] if step else None, skipped, stop,
-                                              collapse_watch, save_mid_epoch)
-        skipped.merge(len(data_loader.dataset), device)
-        if step < iters_per_epoch:
-            path = save_mid_epoch(epoch, step, metric_logger)
+        metric_logger, step = train_one_epoch(run, data_loader, epoch, step, epoch_meters if step else None)
+        run.skipped.merge(len(data_loader.dataset), device)
+        if step < run.iters_per_epoch:
+            path = save_resumable_checkpoint(run, epoch, step, metric_logger)
             print(f"Stopped by {stop} at epoch {epoch}, iteration {step}: {path} resumes there; "
                   "run the same command to continue.")
             break
-        end_epoch(stateful, args, epoch, metric_logger, skipped)
+        end_epoch(run, epoch, metric_logger)
         if stop.requested(device):
             print(f"Stopped by {stop} after epoch {epoch}; run the same command to resume.")
             break
     total_time = time.time() - start_time
     print(f'Training time {datetime.timedelta(seconds=int(total_time))}')
-    if summary_writer is not None:
-        summary_writer.close()
+    if run.summary_writer is not None:
+        run.summary_writer.close()
     if stop.exit_code:
         sys.exit(stop.exit_code)
 
 
-def train_one_epoch(student, teacher, teacher_without_ddp, dino_loss, data_loader, optimizer, schedules,
-                    epoch, fp16_scaler, summary_writer, args, start_step, meters, skipped, stop, collapse_watch,
-                    save_mid_epoch):
+def train_one_epoch(run, data_loader, epoch, start_step, meters):
     """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
 
-    Every --saveckp_every_iters iterations, save_mid_epoch(epoch, step, metric_logger) writes checkpoint.pth.
+    `meters` holds the meter states of the iterations before `start_step` (a mid-epoch checkpoint's).
+    Every --saveckp_every_iters iterations, checkpoint.pth is written (save_resumable_checkpoint).
 
     Returns the metric logger and the number of iterations of the epoch done so far.
     """
-    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
+    args, device, iters_per_epoch = run.args, run.device, run.iters_per_epoch
+    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), run.summary_writer)
     restore_meters(metric_logger, meters)
-    iters_per_epoch = len(schedules[0]) // args.epochs
     header = f'Epoch: [{epoch}/{args.epochs}]'
     if start_step:
         print(f"Resuming epoch {epoch} at iteration {start_step}/{iters_per_epoch}")
-    device = utils.device_for(args)
     step = start_step
     for images, skipped_indices, notes in metric_logger.log_every(data_loader, 10, header, epoch):
-        skipped.note(skipped_indices, notes)
+        run.skipped.note(skipped_indices, notes)
         it = iters_per_epoch * epoch + step  # global training iteration
         images = views_on_device(images, args, device)
-        loss = train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it,
-                          schedules, fp16_scaler, args)
-        loss_value, *figures = torch.cat([loss.view(1), dino_loss.figures]).tolist()  # one read from the device
+        loss = train_step(run, images, epoch, it)
+        loss_value, *figures = torch.cat([loss.view(1), run.dino_loss.figures]).tolist()  # one read from the device
         if not math.isfinite(loss_value):
             print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
                   f"The last good checkpoint in {args.output_dir} is kept; "
                   "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
             sys.exit(1)
         metric_logger.update(loss=loss_value, **dict(zip(DINOLoss.FIGURES, figures)))
-        collapse_watch.update(epoch, *figures)
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-        metric_logger.update(wd=optimizer.param_groups[0]["weight_decay"])
+        run.collapse_watch.update(epoch, *figures)
+        metric_logger.update(lr=run.optimizer.param_groups[0]["lr"])
+        metric_logger.update(wd=run.optimizer.param_groups[0]["weight_decay"])
         step += 1
         utils.fault_point('step')
-        if step < iters_per_epoch and stop.requested(device):
+        if step < iters_per_epoch and run.stop.requested(device):
             break
         if args.saveckp_every_iters and step % args.saveckp_every_iters == 0 and step < iters_per_epoch:
-            skipped.merge(len(data_loader.dataset), device)
-            save_mid_epoch(epoch, step, metric_logger)
+            run.skipped.merge(len(data_loader.dataset), device)
+            save_resumable_checkpoint(run, epoch, step, metric_logger)
     return metric_logger, step
 
 
-def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, images, epoch, it, schedules,
-               fp16_scaler, args):
-    """One DINO iteration: schedules, forward passes, loss, student update, teacher EMA.
+def train_step(run, images, epoch, it):
+    """One DINO iteration (global iteration `it`): schedules, forward passes, loss, student update, teacher EMA.
 
     Returns the loss (a device tensor; the caller decides when to read it).
     """
-    lr_schedule, wd_schedule, momentum_schedule = schedules
+    args, student, optimizer, fp16_scaler = run.args, run.student, run.optimizer, run.fp16_scaler
+    lr_schedule, wd_schedule, momentum_schedule = run.schedules
     for i, param_group in enumerate(optimizer.param_groups):
         param_group["lr"] = float(lr_schedule[it])
         if i == 0:  # only the first group is regularized
             param_group["weight_decay"] = float(wd_schedule[it])
 
     with utils.autocast_context(args.device, args.autocast, args.use_fp16):
-        teacher_output = teacher(images[:2])  # only the 2 global views pass through the teacher
+        teacher_output = run.teacher(images[:2])  # only the 2 global views pass through the teacher
         utils.mark_step()
         student_output = student(images)
         utils.mark_step()
-        loss = dino_loss(student_output, teacher_output, epoch)
+        loss = run.dino_loss(student_output, teacher_output, epoch)
     utils.mark_step()
 
     optimizer.zero_grad(set_to_none=True)
@@ -266,7 +237,7 @@ def train_step(student, teacher, teacher_without_ddp, dino_loss, optimizer, imag
         fp16_scaler.update()
     utils.mark_step()
 
-    update_teacher(student, teacher_without_ddp, float(momentum_schedule[it]))
+    update_teacher(student, run.teacher_without_ddp, float(momentum_schedule[it]))
     utils.mark_step()
     return loss.detach()
 
@@ -470,6 +441,75 @@ def build_data_loader(args):
     )
 
 
+@dataclasses.dataclass
+class TrainingRun:
+    """What a DINO training run carries from step to step, and the checkpoints' view of it.
+
+    student and teacher are the DDP-wrapped networks (utils.SingleProcess in one process; the teacher is
+    wrapped only with synchronised batch norms); schedules holds the lr, weight decay and teacher momentum
+    of every global iteration. train_step needs no more; the fields after iters_per_epoch serve the epoch
+    loop (build_training_run adds the collapse watch, resume the skipped images, train_dino the stop signal
+    and the TensorBoard writer).
+    """
+    args: argparse.Namespace
+    device: torch.device
+    student: nn.Module
+    teacher: nn.Module
+    teacher_without_ddp: nn.Module
+    dino_loss: 'DINOLoss'
+    optimizer: torch.optim.Optimizer
+    fp16_scaler: 'torch.amp.GradScaler | None'
+    schedules: tuple
+    iters_per_epoch: int
+    collapse_watch: 'CollapseWatch | None' = None
+    skipped: utils.SkippedImages = dataclasses.field(default_factory=utils.SkippedImages)
+    stop: 'utils.StopSignal | None' = None
+    summary_writer: object = None
+
+    def state_objects(self):
+        """The objects whose state dicts a checkpoint holds, under its keys (the original's)."""
+        return dict(student=self.student, teacher=self.teacher, optimizer=self.optimizer,
+                    fp16_scaler=self.fp16_scaler, dino_loss=self.dino_loss)
+
+    def checkpoint_dict(self, **extra):
+        """State dicts, args, the random states (captured now), `extra` and the skipped images, on the CPU."""
+        save_dict = {name: obj.state_dict() for name, obj in self.state_objects().items() if obj is not None}
+        save_dict.update(args=self.args, rng_state=utils.rng_state(), **extra,
+                         skipped_images=self.skipped.state_dict())
+        return utils.to_cpu(save_dict)
+
+    def resume(self, path):
+        """Load the checkpoint at `path` if there is one: state dicts, random states, skipped images.
+
+        Returns the epoch and iteration to start at, and the meter states of the epoch's first iterations
+        (a checkpoint written mid-epoch), or None.
+        """
+        to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
+        utils.restart_from_checkpoint(path, run_variables=to_restore, **self.state_objects())
+        start_epoch, start_step = to_restore["epoch"], to_restore["step"]
+        restore_random_states(to_restore["rng_state"], resuming=start_epoch > 0 or start_step > 0)
+        self.skipped = utils.SkippedImages(to_restore["skipped_images"])
+        return start_epoch, start_step, to_restore["epoch_meters"]
+
+
+def build_training_run(args, device, iters_per_epoch):
+    """Student and teacher, DINO loss, optimizer, fp16 scaler, schedules and collapse watch, as main_dino
+    trains them (benchmark.py times the same)."""
+    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    dino_loss = DINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,  # 2 global crops + the local crops
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+    ).to(device)
+    optimizer = build_optimizer(args, student)
+    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
+    return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
+                       build_schedules(args, iters_per_epoch), iters_per_epoch, CollapseWatch(args))
+
+
 def build_student_teacher(args, device):
     student, embed_dim = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
     teacher, _ = utils.build_backbone(args.arch, args.patch_size)
@@ -584,19 +624,20 @@ def check_crop_sizes(args):
                   f"the last {size % args.patch_size} pixel rows and columns of every such crop", file=sys.stderr)
 
 
-def end_epoch(stateful, args, epoch, metric_logger, skipped):
+def end_epoch(run, epoch, metric_logger):
     """Log the epoch, then write the checkpoints.
 
     log.txt is written first: a run killed before its checkpoint repeats the epoch, and the resume
     trims the stale line (see trim_log), so the log never misses or repeats an epoch.
     """
+    args = run.args
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    count = skipped.end_epoch()
+    count = run.skipped.end_epoch()
     if count:
         print(f"Epoch {epoch}: {count} unreadable image(s) skipped, each replaced by another image of the dataset")
     log_stats = {**{f'train_{k}': meter.global_avg for k, meter in metric_logger.meters.items()}, 'epoch': epoch}
-    save_dict = checkpoint_dict(stateful, args, epoch=epoch + 1, skipped_images=skipped.state_dict())
+    save_dict = run.checkpoint_dict(epoch=epoch + 1)
     if utils.is_main_process():
         with (Path(args.output_dir) / "log.txt").open("a") as f:
             f.write(json.dumps(log_stats) + "\n")
@@ -605,25 +646,17 @@ def end_epoch(stateful, args, epoch, metric_logger, skipped):
     utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
 
 
-def save_resumable_checkpoint(stateful, args, skipped, epoch, step, metric_logger):
+def save_resumable_checkpoint(run, epoch, step, metric_logger):
     """checkpoint.pth resuming at iteration `step` of `epoch` (a stop signal, or --saveckp_every_iters).
 
     Every process takes part (the meters are gathered); the main process alone builds and writes the
     checkpoint, the others wait for it at their next collective. Returns the checkpoint's path.
     """
     epoch_meters = meter_states(metric_logger)
-    path = os.path.join(args.output_dir, 'checkpoint.pth')
+    path = os.path.join(run.args.output_dir, 'checkpoint.pth')
     if utils.is_main_process():
-        utils.save_checkpoint(checkpoint_dict(stateful, args, epoch=epoch, step=step, epoch_meters=epoch_meters,
-                                              skipped_images=skipped.state_dict()), path)
+        utils.save_checkpoint(run.checkpoint_dict(epoch=epoch, step=step, epoch_meters=epoch_meters), path)
     return path
-
-
-def checkpoint_dict(stateful, args, **extra):
-    """State dicts of the training objects, the random states (captured now) and `extra`, on the CPU."""
-    save_dict = {name: obj.state_dict() for name, obj in stateful.items() if obj is not None}
-    save_dict.update(args=args, rng_state=utils.rng_state(), **extra)
-    return utils.to_cpu(save_dict)
 
 
 def restore_random_states(state, resuming):

@@ -175,7 +175,8 @@ def test_every_collective_of_the_scripts_reaches_its_backend_on_its_device(monke
     skipped = utils.SkippedImages({'this_epoch': [3]})
     skipped.merge(8, 'cpu')
     args = argparse.Namespace(output_dir=str(tmp_path), saveckp_freq=0)
-    main_dino.end_epoch({'student': nn.Linear(2, 2)}, args, 0, logger, skipped)
+    run = main_dino.TrainingRun(args, 'cpu', nn.Linear(2, 2), None, None, None, None, None, None, 1, skipped=skipped)
+    main_dino.end_epoch(run, 0, logger)
     assert (logger.loss.count, logger.loss.total) == (4, 4.0)
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] == 1.0
     assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['skipped_images']['warned'] == [3]

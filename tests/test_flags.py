@@ -76,7 +76,7 @@ class Recorder:
             return clip_gradients(*args)
 
         def step(*args):
-            self.steps.append([tuple(im.shape) for im in args[5]])
+            self.steps.append([tuple(im.shape) for im in args[1]])
             loss = (on_step and on_step(len(self.steps))) or train_step(*args)
             self.losses.append(loss.item())
             return loss

@@ -140,8 +140,9 @@ def test_mark_step_after_each_phase_of_the_training_step(fake_habana):
     try:
         images = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32),
                   torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
-        loss = main_dino.train_step(student, teacher, teacher, dino_loss, optimizer, images, 0, 0, schedules,
-                                    None, args)
+        run = main_dino.TrainingRun(args, torch.device('cpu'), student, teacher, teacher, dino_loss, optimizer,
+                                    None, schedules, 4)
+        loss = main_dino.train_step(run, images, 0, 0)
     finally:
         utils.clip_gradients = original_clip
     assert torch.isfinite(loss)

@@ -1495,6 +1495,7 @@ VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 
 _F = {name: i for i, name in enumerate(VIEW_FIELDS)}
 _IDENTITY_FACTORS = (1., 1., 1., 0.)
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
+CPU_RENDER_CHUNK = 8  # images rendered together on a CPU device
 
 
 def hand_over(image, views, max_short_side):
@@ -1540,27 +1541,33 @@ def render_views(pixels, params, sizes):
     pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
     the output side of each view. Consecutive views of the same size are rendered together.
     """
+    if pixels.device.type == 'cpu' and len(pixels) > CPU_RENDER_CHUNK:
+        # a few images at a time: each tensor stays below glibc's mmap threshold (32 MiB), so its memory is
+        # reused rather than mapped, page-faulted and unmapped again every call (about a third of the time)
+        chunks = [render_views(pixels[i:i + CPU_RENDER_CHUNK], params[i:i + CPU_RENDER_CHUNK], sizes)
+                  for i in range(0, len(pixels), CPU_RENDER_CHUNK)]
+        return [torch.cat(views) for views in zip(*chunks)]
     batch, channels, height, width = pixels.shape
-    columns = pixels.permute(0, 3, 1, 2).reshape(batch * width, channels * height).float()  # see _resize_views
+    columns = pixels.transpose(2, 3).to(torch.float, memory_format=torch.contiguous_format)  # (B, C, W, H): each channel's columns, see _resize_views
     views, start = [], 0
     while start < len(sizes):
         end = start
         while end < len(sizes) and sizes[end] == sizes[start]:
             end += 1
         group = params[:, start:end].reshape(-1, params.shape[-1])
-        out = _render_group(columns, pixels.shape, group, sizes[start], end - start)
+        out = _render_group(columns, group, sizes[start], end - start)
         views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
         start = end
     return views
 
 
-def _render_group(columns, shape, params, size, per_image):
+def _render_group(columns, params, size, per_image):
     """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
     device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)
-    image_of_view = torch.arange(shape[0], device=device).repeat_interleave(per_image)
-    x = _resize_views(columns, shape, image_of_view, host, params, size)
+    image_of_view = torch.arange(len(columns), device=device).repeat_interleave(per_image)
+    x = _resize_views(columns, image_of_view, host, params, size)
     x = _jitter(x, host, params)
     gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
     if len(gray):
@@ -1577,31 +1584,36 @@ def _render_group(columns, shape, params, size, per_image):
 
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
-# is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
-# read, each a contiguous vector of all the pixels of that column (row).
+# is one embedding_bag: an output column (row) of a channel is the weighted sum of the input columns (rows)
+# its taps read, each a contiguous vector of the pixels of that column (row) of that channel. Between the
+# passes one batched 2-D transpose turns the views' columns into their rows; the second pass then writes
+# the views in their final (V, C, size, size) layout.
 
-def _resize_views(columns, shape, image_of_view, host, params, size):
-    """columns: the images' columns, (B * W, C * H) floats; returns the resized views (V, C, size, size)."""
+def _resize_views(columns, image_of_view, host, params, size):
+    """columns: the images' columns, (B, C, W, H) floats; returns the resized views (V, C, size, size)."""
     f = _F
-    _, channels, height, width = shape
+    _, channels, width, height = columns.shape
     views = len(params)
     flip = params[:, f['flip']] > 0
-    out = _resample(columns, image_of_view * width, host[:, f['width']],
+    planes = torch.arange(channels, device=columns.device)
+    first = (image_of_view[:, None] * channels + planes) * width
+    out = _resample(columns.view(-1, height), first, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * H): the views' columns
-    rows = out.view(views, size, channels, height).permute(0, 3, 2, 1).reshape(views * height, channels * size)
-    out = _resample(rows, torch.arange(views, device=columns.device) * height, host[:, f['height']],
+    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * C * size, H): the views' columns
+    rows = out.view(views, channels, size, height).transpose(2, 3).contiguous()
+    first = (torch.arange(views, device=columns.device)[:, None] * channels + planes) * height
+    out = _resample(rows.view(-1, size), first, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * size): the views' rows
-    return out.view(views, size, channels, size).transpose(1, 2).contiguous()
+    return out.add_(0.5).floor_().clamp_(0, 255).view(views, channels, size, size)
 
 
 def _resample(lines, first_line, host_length, box, size, flip):
-    """Resample box v = (start, length, valid length) of the lines from first_line[v] on to `size` outputs."""
+    """Resample box v = (start, length, valid length) of the lines from first_line[v, c] on to `size` outputs."""
     taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    index = index + first_line[:, None, None]
-    return F.embedding_bag(index.view(-1, taps), lines, per_sample_weights=weight.view(-1, taps), mode='sum')
+    index = index[:, None] + first_line[..., None, None]  # (V, C, size, taps): each channel's own lines
+    weight = weight[:, None].expand(index.shape)
+    return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps), mode='sum')
 
 
 def _bicubic_taps(start, length, valid, size, taps, flip=None):

@@ -1599,12 +1599,13 @@ def _resize_views(columns, image_of_view, host, params, size):
     first = (image_of_view[:, None] * channels + planes) * width
     out = _resample(columns.view(-1, height), first, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * C * size, H): the views' columns
-    rows = out.view(views, channels, size, height).transpose(2, 3).contiguous()
+    # the views' columns, (V * C * size, H), rounded while transposed into their rows (V, C, H, size)
+    rows = columns.new_empty(views, channels, height, size)
+    torch.clamp(out.view(views, channels, size, height).transpose(2, 3), 0, 255, out=rows).round_()
     first = (torch.arange(views, device=columns.device)[:, None] * channels + planes) * height
     out = _resample(rows.view(-1, size), first, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    return out.add_(0.5).floor_().clamp_(0, 255).view(views, channels, size, size)
+    return out.clamp_(0, 255).round_().view(views, channels, size, size)
 
 
 def _resample(lines, first_line, host_length, box, size, flip):
@@ -1677,14 +1678,17 @@ def _hue(x, factor):
     r, g, b = x.unbind(1)
     value = x.amax(1)
     spread = value - x.amin(1)
-    safe = torch.where(spread > 0, spread, 1.)
-    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
-    hue = torch.where(spread > 0, hue, 0.)
-    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)[:, None]  # in sixths of a turn
-    # HSV to RGB without branches: channel n (R, G, B: 5, 3, 1) falls by the spread where k = (n + hue)
-    # mod 6 is within one sixth of the hue's sector
-    k = torch.remainder(torch.tensor([5., 3., 1.], device=x.device)[:, None, None] + hue, 6.)
-    return value[:, None] - spread[:, None] * torch.minimum(k, 4. - k).clamp_(0., 1.)
+    # hue in sixths of a turn: the sector of the largest channel plus the position within it (grey
+    # pixels have spread 0, so any finite hue will do)
+    is_r, is_g = value == r, value == g
+    sector = torch.where(is_g, 2., 4.).masked_fill_(is_r, 0.)
+    within = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    hue = torch.addcmul(sector, within, spread.clamp(min=1e-30).reciprocal_())
+    hue = hue.add_(factor[:, 0] * 6.).remainder_(6.)[:, None]
+    # HSV to RGB without branches: channel R, G, B falls by the spread as far as the hue is within one
+    # sixth of a turn of its opposite (3, 5, 1), less as the hue is within two sixths of it
+    distance = (hue - torch.tensor([3., 5., 1.], device=x.device)[:, None, None]).abs_().sub_(3.).abs_()
+    return torch.addcmul((value + spread)[:, None], spread[:, None], distance.clamp_(1., 2.), value=-1.)
 
 
 _JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}

@@ -1584,10 +1584,10 @@ def _render_group(columns, params, size, per_image):
 
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
-# is one embedding_bag: an output column (row) of a channel is the weighted sum of the input columns (rows)
-# its taps read, each a contiguous vector of the pixels of that column (row) of that channel. Between the
-# passes one batched 2-D transpose turns the views' columns into their rows; the second pass then writes
-# the views in their final (V, C, size, size) layout.
+# is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
+# read, each a contiguous vector. The first pass reads each channel's columns and writes the views'
+# columns; one 2-D transpose of all of them (the kind copy_ does in cache-sized tiles) makes row y of
+# view v one line, all its channels side by side, for the second pass.
 
 def _resize_views(columns, image_of_view, host, params, size):
     """columns: the images' columns, (B, C, W, H) floats; returns the resized views (V, C, size, size)."""
@@ -1595,24 +1595,23 @@ def _resize_views(columns, image_of_view, host, params, size):
     _, channels, width, height = columns.shape
     views = len(params)
     flip = params[:, f['flip']] > 0
-    planes = torch.arange(channels, device=columns.device)
-    first = (image_of_view[:, None] * channels + planes) * width
-    out = _resample(columns.view(-1, height), first, host[:, f['width']],
+    first = (image_of_view[:, None] * channels + torch.arange(channels, device=columns.device)) * width
+    out = _resample(columns.view(-1, height), first, 1, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    # the views' columns, (V * C * size, H), rounded while transposed into their rows (V, C, H, size)
-    rows = columns.new_empty(views, channels, height, size)
-    torch.clamp(out.view(views, channels, size, height).transpose(2, 3), 0, 255, out=rows).round_()
-    first = (torch.arange(views, device=columns.device)[:, None] * channels + planes) * height
-    out = _resample(rows.view(-1, size), first, host[:, f['height']],
+    rows = out.clamp_(0, 255).round_().t().contiguous()  # (H, V * C * size): line y * V + v is row y of view v
+    first = torch.arange(views, device=columns.device)[:, None]
+    out = _resample(rows.view(-1, channels * size), first, views, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    return out.clamp_(0, 255).round_().view(views, channels, size, size)
+    resized = columns.new_empty(views, channels, size, size)  # rounded while moving the channels first
+    return torch.clamp(out.view(views, size, channels, size).transpose(1, 2), 0, 255, out=resized).round_()
 
 
-def _resample(lines, first_line, host_length, box, size, flip):
-    """Resample box v = (start, length, valid length) of the lines from first_line[v, c] on to `size` outputs."""
+def _resample(lines, first_line, step, host_length, box, size, flip):
+    """Resample box v = (start, length, valid length) to `size` outputs, reading line i of the box of
+    view v, channel c (or all channels: first_line (V, 1)) at lines[first_line[v, c] + i * step]."""
     taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    index = index[:, None] + first_line[..., None, None]  # (V, C, size, taps): each channel's own lines
+    index = index[:, None] * step + first_line[..., None, None]
     weight = weight[:, None].expand(index.shape)
     return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps), mode='sum')
 

@@ -1682,17 +1682,18 @@ def _jitter(x, host, params):
     return x
 
 
-def _brightness(x, factor):
-    return (x * factor).clamp_(max=255.).floor_()
+def _brightness(x, factor):  # the jitter operations work in place on the views selected for them
+    return x.mul_(factor).clamp_(max=255.).floor_()
 
 
 def _contrast(x, factor):
     mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
-    return (x * factor + mean * (1. - factor)).clamp_(0., 255.).floor_()
+    return x.mul_(factor).add_(mean * (1. - factor)).clamp_(0., 255.).floor_()
 
 
 def _saturation(x, factor):
-    return (x * factor + _gray(x) * (1. - factor)).clamp_(0., 255.).floor_()
+    gray = _gray(x).mul_(1. - factor)
+    return x.mul_(factor).add_(gray).clamp_(0., 255.).floor_()
 
 
 def _hue(x, factor):
@@ -1735,7 +1736,7 @@ def _blur(x, host, params):
     planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
     planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
     planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
-    return x.index_copy(0, chosen, planes.view(n, c, height, width))
+    return x.index_copy_(0, chosen, planes.view(n, c, height, width))
 
 
 def limit_dataset(dataset, limit):

@@ -1551,7 +1551,8 @@ def render_views(pixels, params, sizes):
                   for i in range(0, len(pixels), CPU_RENDER_CHUNK)]
         return [torch.cat(views) for views in zip(*chunks)]
     batch, channels, height, width = pixels.shape
-    columns = pixels.transpose(2, 3).to(torch.float, memory_format=torch.contiguous_format)  # (B, C, W, H): each channel's columns, see _resize_views
+    # (B, C, W, H): each channel's columns, see _resize_views
+    columns = pixels.transpose(2, 3).to(torch.float, memory_format=torch.contiguous_format)
     views, start = [], 0
     while start < len(sizes):
         end = start
@@ -1621,7 +1622,7 @@ def _resize_views(columns, image_of_view, host, params, size):
     first = (image_of_view[:, None] * channels + torch.arange(channels, device=columns.device)) * width
     out = _resample(columns.view(-1, height), first, 1, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    rows = out.clamp_(0, 255).round_().t().contiguous()  # (H, V * C * size): line y * V + v is row y of view v
+    rows = out.clamp_(0, 255).round_().t().contiguous()  # (H, V * C * size): line y * V + v: row y of view v
     first = torch.arange(views, device=columns.device)[:, None]
     out = _resample(rows.view(-1, channels * size), first, views, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
@@ -1636,7 +1637,8 @@ def _resample(lines, first_line, step, host_length, box, size, flip):
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
     index = index[:, None] * step + first_line[..., None, None]
     weight = weight[:, None].expand(index.shape)
-    return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps), mode='sum')
+    return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps),
+                           mode='sum')
 
 
 def _bicubic_taps(start, length, valid, size, taps, flip=None):

@@ -8,6 +8,7 @@ import argparse
 import atexit
 import builtins
 import contextlib
+import ctypes
 import datetime
 import errno
 import importlib.util
@@ -1505,6 +1506,7 @@ VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 
 _F = {name: i for i, name in enumerate(VIEW_FIELDS)}
 _IDENTITY_FACTORS = (1., 1., 1., 0.)
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
+CPU_RENDER_CHUNK = 8  # images rendered together on a CPU device
 
 
 def hand_over(image, views, max_short_side):
@@ -1550,27 +1552,56 @@ def render_views(pixels, params, sizes):
     pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
     the output side of each view. Consecutive views of the same size are rendered together.
     """
+    if pixels.device.type == 'cpu':
+        _keep_freed_memory()
+    if pixels.device.type == 'cpu' and len(pixels) > CPU_RENDER_CHUNK:
+        # a few images at a time: each tensor stays below glibc's mmap threshold (32 MiB), so its memory is
+        # reused rather than mapped, page-faulted and unmapped again every call (about a third of the time)
+        chunks = [render_views(pixels[i:i + CPU_RENDER_CHUNK], params[i:i + CPU_RENDER_CHUNK], sizes)
+                  for i in range(0, len(pixels), CPU_RENDER_CHUNK)]
+        return [torch.cat(views) for views in zip(*chunks)]
     batch, channels, height, width = pixels.shape
-    columns = pixels.permute(0, 3, 1, 2).reshape(batch * width, channels * height).float()  # see _resize_views
+    # (B, C, W, H): each channel's columns, see _resize_views
+    columns = pixels.transpose(2, 3).to(torch.float, memory_format=torch.contiguous_format)
     views, start = [], 0
     while start < len(sizes):
         end = start
         while end < len(sizes) and sizes[end] == sizes[start]:
             end += 1
         group = params[:, start:end].reshape(-1, params.shape[-1])
-        out = _render_group(columns, pixels.shape, group, sizes[start], end - start)
+        out = _render_group(columns, group, sizes[start], end - start)
         views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
         start = end
     return views
 
 
-def _render_group(columns, shape, params, size, per_image):
+def _keep_freed_memory():
+    """Have glibc keep freed blocks up to 32 MiB in the heap, and up to 256 MiB free at its top, rather
+    than handing them back to the system and page-faulting them in again on the next call (a CPU render
+    allocates tens of MiB per step: a quarter of its time went to page faults). Once per process; a
+    caching allocator (jemalloc, tcmalloc) does the same; other C libraries are left alone."""
+    global _freed_memory_kept
+    if _freed_memory_kept:
+        return
+    _freed_memory_kept = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its upper limit on 64-bit systems
+    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
+_freed_memory_kept = False
+
+
+def _render_group(columns, params, size, per_image):
     """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
     device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)
-    image_of_view = torch.arange(shape[0], device=device).repeat_interleave(per_image)
-    x = _resize_views(columns, shape, image_of_view, host, params, size)
+    image_of_view = torch.arange(len(columns), device=device).repeat_interleave(per_image)
+    x = _resize_views(columns, image_of_view, host, params, size)
     x = _jitter(x, host, params)
     gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
     if len(gray):
@@ -1588,30 +1619,36 @@ def _render_group(columns, shape, params, size, per_image):
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
 # is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
-# read, each a contiguous vector of all the pixels of that column (row).
+# read, each a contiguous vector. The first pass reads each channel's columns and writes the views'
+# columns; one 2-D transpose of all of them (the kind copy_ does in cache-sized tiles) makes row y of
+# view v one line, all its channels side by side, for the second pass.
 
-def _resize_views(columns, shape, image_of_view, host, params, size):
-    """columns: the images' columns, (B * W, C * H) floats; returns the resized views (V, C, size, size)."""
+def _resize_views(columns, image_of_view, host, params, size):
+    """columns: the images' columns, (B, C, W, H) floats; returns the resized views (V, C, size, size)."""
     f = _F
-    _, channels, height, width = shape
+    _, channels, width, height = columns.shape
     views = len(params)
     flip = params[:, f['flip']] > 0
-    out = _resample(columns, image_of_view * width, host[:, f['width']],
+    first = (image_of_view[:, None] * channels + torch.arange(channels, device=columns.device)) * width
+    out = _resample(columns.view(-1, height), first, 1, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * H): the views' columns
-    rows = out.view(views, size, channels, height).permute(0, 3, 2, 1).reshape(views * height, channels * size)
-    out = _resample(rows, torch.arange(views, device=columns.device) * height, host[:, f['height']],
+    rows = out.clamp_(0, 255).round_().t().contiguous()  # (H, V * C * size): line y * V + v: row y of view v
+    first = torch.arange(views, device=columns.device)[:, None]
+    out = _resample(rows.view(-1, channels * size), first, views, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    out = out.add_(0.5).floor_().clamp_(0, 255)  # (V * size, C * size): the views' rows
-    return out.view(views, size, channels, size).transpose(1, 2).contiguous()
+    resized = columns.new_empty(views, channels, size, size)  # rounded while moving the channels first
+    return torch.clamp(out.view(views, size, channels, size).transpose(1, 2), 0, 255, out=resized).round_()
 
 
-def _resample(lines, first_line, host_length, box, size, flip):
-    """Resample box v = (start, length, valid length) of the lines from first_line[v] on to `size` outputs."""
+def _resample(lines, first_line, step, host_length, box, size, flip):
+    """Resample box v = (start, length, valid length) to `size` outputs, reading line i of the box of
+    view v, channel c (or all channels: first_line (V, 1)) at lines[first_line[v, c] + i * step]."""
     taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    index = index + first_line[:, None, None]
-    return F.embedding_bag(index.view(-1, taps), lines, per_sample_weights=weight.view(-1, taps), mode='sum')
+    index = index[:, None] * step + first_line[..., None, None]
+    weight = weight[:, None].expand(index.shape)
+    return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps),
+                           mode='sum')
 
 
 def _bicubic_taps(start, length, valid, size, taps, flip=None):
@@ -1657,17 +1694,18 @@ def _jitter(x, host, params):
     return x
 
 
-def _brightness(x, factor):
-    return (x * factor).clamp_(max=255.).floor_()
+def _brightness(x, factor):  # the jitter operations work in place on the views selected for them
+    return x.mul_(factor).clamp_(max=255.).floor_()
 
 
 def _contrast(x, factor):
     mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
-    return (x * factor + mean * (1. - factor)).clamp_(0., 255.).floor_()
+    return x.mul_(factor).add_(mean * (1. - factor)).clamp_(0., 255.).floor_()
 
 
 def _saturation(x, factor):
-    return (x * factor + _gray(x) * (1. - factor)).clamp_(0., 255.).floor_()
+    gray = _gray(x).mul_(1. - factor)
+    return x.mul_(factor).add_(gray).clamp_(0., 255.).floor_()
 
 
 def _hue(x, factor):
@@ -1675,14 +1713,17 @@ def _hue(x, factor):
     r, g, b = x.unbind(1)
     value = x.amax(1)
     spread = value - x.amin(1)
-    safe = torch.where(spread > 0, spread, 1.)
-    hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2. + (b - r) / safe, 4. + (r - g) / safe))
-    hue = torch.where(spread > 0, hue, 0.)
-    hue = torch.remainder(hue + factor[:, 0] * 6., 6.)[:, None]  # in sixths of a turn
-    # HSV to RGB without branches: channel n (R, G, B: 5, 3, 1) falls by the spread where k = (n + hue)
-    # mod 6 is within one sixth of the hue's sector
-    k = torch.remainder(torch.tensor([5., 3., 1.], device=x.device)[:, None, None] + hue, 6.)
-    return value[:, None] - spread[:, None] * torch.minimum(k, 4. - k).clamp_(0., 1.)
+    # hue in sixths of a turn: the sector of the largest channel plus the position within it (grey
+    # pixels have spread 0, so any finite hue will do)
+    is_r, is_g = value == r, value == g
+    sector = torch.where(is_g, 2., 4.).masked_fill_(is_r, 0.)
+    within = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    hue = torch.addcmul(sector, within, spread.clamp(min=1e-30).reciprocal_())
+    hue = hue.add_(factor[:, 0] * 6.).remainder_(6.)[:, None]
+    # HSV to RGB without branches: channel R, G, B falls by the spread as far as the hue is within one
+    # sixth of a turn of its opposite (3, 5, 1), less as the hue is within two sixths of it
+    distance = (hue - torch.tensor([3., 5., 1.], device=x.device)[:, None, None]).abs_().sub_(3.).abs_()
+    return torch.addcmul((value + spread)[:, None], spread[:, None], distance.clamp_(1., 2.), value=-1.)
 
 
 _JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}
@@ -1707,7 +1748,7 @@ def _blur(x, host, params):
     planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
     planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
     planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
-    return x.index_copy(0, chosen, planes.view(n, c, height, width))
+    return x.index_copy_(0, chosen, planes.view(n, c, height, width))
 
 
 def limit_dataset(dataset, limit):

@@ -8,7 +8,6 @@ import argparse
 import atexit
 import builtins
 import contextlib
-import ctypes
 import datetime
 import errno
 import importlib.util
@@ -1552,11 +1551,8 @@ def render_views(pixels, params, sizes):
     pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
     the output side of each view. Consecutive views of the same size are rendered together.
     """
-    if pixels.device.type == 'cpu':
-        _keep_freed_memory()
     if pixels.device.type == 'cpu' and len(pixels) > CPU_RENDER_CHUNK:
-        # a few images at a time: each tensor stays below glibc's mmap threshold (32 MiB), so its memory is
-        # reused rather than mapped, page-faulted and unmapped again every call (about a third of the time)
+        # a few images at a time: smaller tensors, whose memory the allocator reuses from call to call
         chunks = [render_views(pixels[i:i + CPU_RENDER_CHUNK], params[i:i + CPU_RENDER_CHUNK], sizes)
                   for i in range(0, len(pixels), CPU_RENDER_CHUNK)]
         return [torch.cat(views) for views in zip(*chunks)]
@@ -1573,26 +1569,6 @@ def render_views(pixels, params, sizes):
         views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
         start = end
     return views
-
-
-def _keep_freed_memory():
-    """Have glibc keep freed blocks up to 32 MiB in the heap, and up to 256 MiB free at its top, rather
-    than handing them back to the system and page-faulting them in again on the next call (a CPU render
-    allocates tens of MiB per step: a quarter of its time went to page faults). Once per process; a
-    caching allocator (jemalloc, tcmalloc) does the same; other C libraries are left alone."""
-    global _freed_memory_kept
-    if _freed_memory_kept:
-        return
-    _freed_memory_kept = True
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its upper limit on 64-bit systems
-    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-
-
-_freed_memory_kept = False
 
 
 def _render_group(columns, params, size, per_image):

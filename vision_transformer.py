@@ -89,11 +89,22 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def heads_qkv(self, x):
+        """(batch, tokens, dim) -> (3, batch, heads, tokens, head_dim): queries, keys and values per head."""
+        batch, tokens, dim = x.shape
+        return self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def cls_attention(self, x):
+        """Attention of the [CLS] query (token 0) to every token, in float32: (batch, heads, tokens).
+
+        The [CLS] row of the full attention matrix, without computing the other rows.
+        """
+        q, k, _ = self.heads_qkv(x).float().unbind(0)
+        return ((q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.scale).softmax(dim=-1)
+
     def forward(self, x, return_attention=False):
         batch, tokens, dim = x.shape
-        # (3, batch, heads, tokens, head_dim)
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.heads_qkv(x).unbind(0)
         if return_attention:
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -217,11 +228,31 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         return x[:, 0]
 
-    def get_last_selfattention(self, x):
+    def last_block_input(self, x):
+        """Tokens entering the last block."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.blocks[-1](x, return_attention=True)
+        return x
+
+    def get_last_selfattention(self, x):
+        """The last block's full attention matrices: (batch, heads, tokens, tokens)."""
+        return self.blocks[-1](self.last_block_input(x), return_attention=True)
+
+    @torch.no_grad()
+    def cls_attention_maps(self, images, renormalise=True):
+        """Last-block attention of the [CLS] query to every patch: (batch, heads, h, w), each map summing to 1.
+
+        The same numbers as get_last_selfattention(images)[:, :, 0, 1:] (renormalised over the patches unless
+        `renormalise` is false), but only the [CLS] row is computed, so memory grows linearly (not
+        quadratically) with the number of patches.
+        """
+        last = self.blocks[-1]
+        patches = last.attn.cls_attention(last.norm1(self.last_block_input(images)))[..., 1:]
+        if renormalise:
+            patches = patches / patches.sum(dim=-1, keepdim=True)
+        patch_size = self.patch_embed.patch_size
+        return patches.reshape(*patches.shape[:2], images.shape[-2] // patch_size, images.shape[-1] // patch_size)
 
     def get_intermediate_layers(self, x, n=1):
         """Normalised outputs of the last `n` blocks (all tokens)."""

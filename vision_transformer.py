@@ -45,6 +45,17 @@ def trunc_normal_(tensor, mean=0., std=1., a=-2., b=2.):
     return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=a, b=b)
 
 
+def _init_weights(m):
+    """The original's initialisation: linear weights truncated normal (std .02), zero biases, LayerNorm as identity."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
 def drop_path(x, drop_prob: float = 0., training: bool = False):
     """Stochastic depth: zero whole samples of a residual branch with probability `drop_prob`."""
     if drop_prob == 0. or not training:
@@ -180,16 +191,7 @@ class VisionTransformer(nn.Module):
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(_init_weights)
 
     def interpolate_pos_encoding(self, x, w, h):
         """Position embedding resized (bicubic) to the patch grid of a w x h input."""
@@ -328,18 +330,12 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(_init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         # the original keeps nn.Linear's default initialisation for this layer
         nn.init.kaiming_uniform_(self.last_layer.weight_v, a=math.sqrt(5))
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x):
         x = self.mlp(x)

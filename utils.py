@@ -2202,6 +2202,15 @@ def check_matching_classes(dataset_train, dataset_val, data_path):
              f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
 
 
+def feature_loader(dataset, args, batch_size=None):
+    """Loader for extract_features: dataset order (no shuffling), each process reading its share under
+    torchrun. `batch_size` defaults to --batch_size_per_device."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if is_dist_avail_and_initialized() else None
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size_per_device,
+                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda',
+                                       drop_last=False)
+
+
 def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
     """Features averaged over rescaled copies of the input, then L2-normalised."""
     total = None

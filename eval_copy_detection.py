@@ -104,12 +104,7 @@ def extract(model, paths, device, args):
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
     dataset = ImageListDataset(paths, transform)
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) \
-        if utils.is_dist_avail_and_initialized() else None
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_device,
-                                         num_workers=args.num_workers, pin_memory=args.device == 'cuda',
-                                         drop_last=False)
-    return utils.extract_features(model, loader, device, autocast=args.autocast,
+    return utils.extract_features(model, utils.feature_loader(dataset, args), device, autocast=args.autocast,
                                   store_on_device=args.store_on_device, forward=cls_gem_features)
 
 

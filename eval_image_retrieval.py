@@ -91,11 +91,8 @@ def report(ranks, gnd, dataset):
 
 def extract(model, dataset, device, args):
     """Features in dataset order; images differ in size, so one image per batch."""
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) \
-        if utils.is_dist_avail_and_initialized() else None
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=1, num_workers=args.num_workers,
-                                         pin_memory=args.device == 'cuda', drop_last=False)
-    return utils.extract_features(model, loader, device, multiscale=args.multiscale, autocast=args.autocast,
+    return utils.extract_features(model, utils.feature_loader(dataset, args, batch_size=1), device,
+                                  multiscale=args.multiscale, autocast=args.autocast,
                                   store_on_device=args.store_on_device)
 
 

@@ -80,7 +80,8 @@ def extract_feature_pipeline(args, device):
     dataset_val = first_batches(utils.build_eval_split(args.data_path, 'val', transform), args)
     utils.check_matching_classes(dataset_train, dataset_val, args.data_path)
     check_nb_knn(args.nb_knn, len(dataset_train))
-    loader_train, loader_val = (make_loader(ds, args) for ds in (dataset_train, dataset_val))
+    loader_train, loader_val = (utils.feature_loader(utils.ReturnIndexDataset(ds), args)
+                                for ds in (dataset_train, dataset_val))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
     # ============ building network ... ============
@@ -205,20 +206,6 @@ def dataset_labels(dataset):
         labels = dataset_labels(dataset.dataset)
         return [labels[i] for i in dataset.indices]
     return list(dataset.targets)
-
-
-def make_loader(dataset, args):
-    # no shuffling, so that every process reads its part in dataset order
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=utils.get_world_size(),
-                                                  rank=utils.get_rank(), shuffle=False)
-    return torch.utils.data.DataLoader(
-        utils.ReturnIndexDataset(dataset),
-        sampler=sampler,
-        batch_size=args.batch_size_per_device,
-        num_workers=args.num_workers,
-        pin_memory=args.device == 'cuda',
-        drop_last=False,
-    )
 
 
 # ============ the original's importable names (for code written against it; these scripts do not use them) ============

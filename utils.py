@@ -2202,6 +2202,15 @@ def check_matching_classes(dataset_train, dataset_val, data_path):
              f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
 
 
+def feature_loader(dataset, args, batch_size=None):
+    """Loader for extract_features: dataset order (no shuffling), each process reading its share under
+    torchrun. `batch_size` defaults to --batch_size_per_device."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if is_dist_avail_and_initialized() else None
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size_per_device,
+                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda',
+                                       drop_last=False)
+
+
 def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
     """Features averaged over rescaled copies of the input, then L2-normalised."""
     total = None
@@ -2378,30 +2387,6 @@ def crop_to_patch_multiple(images, patch_size):
     """Drop the bottom rows and right columns that do not fill a whole patch."""
     height, width = images.shape[-2:]
     return images[..., :height - height % patch_size, :width - width % patch_size]
-
-
-@torch.no_grad()
-def cls_attention_maps(model, images, renormalise=True):
-    """Last-block attention of the [CLS] query to every patch: (batch, heads, h, w), each map summing to 1.
-
-    The same numbers as get_last_selfattention(images)[:, :, 0, 1:] (renormalised over the patches unless
-    `renormalise` is false), but only the [CLS] row is computed, so memory grows linearly (not
-    quadratically) with the number of patches.
-    """
-    x = model.prepare_tokens(images)
-    for blk in model.blocks[:-1]:
-        x = blk(x)
-    last = model.blocks[-1]
-    batch, tokens, dim = x.shape
-    heads = last.attn.num_heads
-    qkv = last.attn.qkv(last.norm1(x)).reshape(batch, tokens, 3, heads, dim // heads).float()
-    query_cls, keys = qkv[:, 0, 0], qkv[:, :, 1]  # (batch, heads, head_dim), (batch, tokens, heads, head_dim)
-    attn = (torch.einsum('bhd,bnhd->bhn', query_cls, keys) * last.attn.scale).softmax(dim=-1)
-    patches = attn[..., 1:]
-    if renormalise:
-        patches = patches / patches.sum(dim=-1, keepdim=True)
-    patch_size = model.patch_embed.patch_size
-    return patches.reshape(batch, heads, images.shape[-2] // patch_size, images.shape[-1] // patch_size)
 
 
 def attention_mass_masks(maps, threshold):

@@ -118,7 +118,7 @@ def inference(model, frame_list, out_folder, args, device):
 
 def write_attention_images(model, batch, names, out_folder, args, device):
     with utils.autocast_context(device.type, args.autocast):
-        attentions = utils.cls_attention_maps(model, torch.stack(batch).to(device), args.renormalise_heads)
+        attentions = model.cls_attention_maps(torch.stack(batch).to(device), args.renormalise_heads)
     utils.mark_step()
     mean_maps = attentions.mean(dim=1).cpu()  # (batch, h, w): average over heads
     masks = utils.attention_mass_masks(mean_maps, args.threshold) if args.outline and args.threshold > 0 else None

@@ -45,6 +45,17 @@ def trunc_normal_(tensor, mean=0., std=1., a=-2., b=2.):
     return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=a, b=b)
 
 
+def _init_weights(m):
+    """The original's initialisation: linear weights truncated normal (std .02), zero biases, LayerNorm as identity."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
 def drop_path(x, drop_prob: float = 0., training: bool = False):
     """Stochastic depth: zero whole samples of a residual branch with probability `drop_prob`."""
     if drop_prob == 0. or not training:
@@ -89,11 +100,22 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    def heads_qkv(self, x):
+        """(batch, tokens, dim) -> (3, batch, heads, tokens, head_dim): queries, keys and values per head."""
+        batch, tokens, dim = x.shape
+        return self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+
+    def cls_attention(self, x):
+        """Attention of the [CLS] query (token 0) to every token, in float32: (batch, heads, tokens).
+
+        The [CLS] row of the full attention matrix, without computing the other rows.
+        """
+        q, k, _ = self.heads_qkv(x).float().unbind(0)
+        return ((q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.scale).softmax(dim=-1)
+
     def forward(self, x, return_attention=False):
         batch, tokens, dim = x.shape
-        # (3, batch, heads, tokens, head_dim)
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.heads_qkv(x).unbind(0)
         if return_attention:
             attn = (q @ k.transpose(-2, -1)) * self.scale
             attn = self.attn_drop(attn.softmax(dim=-1))
@@ -169,16 +191,7 @@ class VisionTransformer(nn.Module):
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
-        self.apply(self._init_weights)
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        self.apply(_init_weights)
 
     def interpolate_pos_encoding(self, x, w, h):
         """Position embedding resized (bicubic) to the patch grid of a w x h input."""
@@ -217,11 +230,31 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         return x[:, 0]
 
-    def get_last_selfattention(self, x):
+    def last_block_input(self, x):
+        """Tokens entering the last block."""
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x)
-        return self.blocks[-1](x, return_attention=True)
+        return x
+
+    def get_last_selfattention(self, x):
+        """The last block's full attention matrices: (batch, heads, tokens, tokens)."""
+        return self.blocks[-1](self.last_block_input(x), return_attention=True)
+
+    @torch.no_grad()
+    def cls_attention_maps(self, images, renormalise=True):
+        """Last-block attention of the [CLS] query to every patch: (batch, heads, h, w), each map summing to 1.
+
+        The same numbers as get_last_selfattention(images)[:, :, 0, 1:] (renormalised over the patches unless
+        `renormalise` is false), but only the [CLS] row is computed, so memory grows linearly (not
+        quadratically) with the number of patches.
+        """
+        last = self.blocks[-1]
+        patches = last.attn.cls_attention(last.norm1(self.last_block_input(images)))[..., 1:]
+        if renormalise:
+            patches = patches / patches.sum(dim=-1, keepdim=True)
+        patch_size = self.patch_embed.patch_size
+        return patches.reshape(*patches.shape[:2], images.shape[-2] // patch_size, images.shape[-1] // patch_size)
 
     def get_intermediate_layers(self, x, n=1):
         """Normalised outputs of the last `n` blocks (all tokens)."""
@@ -297,18 +330,12 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(_init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         # the original keeps nn.Linear's default initialisation for this layer
         nn.init.kaiming_uniform_(self.last_layer.weight_v, a=math.sqrt(5))
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    def _init_weights(self, m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x):
         x = self.mlp(x)

@@ -45,7 +45,7 @@ def visualize(args):
     img = utils.attention_transform(size)(img)
     img = utils.crop_to_patch_multiple(img, args.patch_size).unsqueeze(0)
     with utils.autocast_context(device.type, args.autocast):
-        attentions = utils.cls_attention_maps(model, img.to(device))[0].cpu()  # (heads, h, w)
+        attentions = model.cls_attention_maps(img.to(device))[0].cpu()  # (heads, h, w)
 
     os.makedirs(args.output_dir, exist_ok=True)
     image = to_uint8_image(img[0])

@@ -406,7 +406,7 @@ def test_visualize_attention_of_an_image_file_with_one_size_and_no_threshold(tmp
     assert image.size == (80, 48)
     x = transforms.functional.normalize(transforms.functional.to_tensor(image), utils.IMAGENET_MEAN, utils.IMAGENET_STD)
     with torch.no_grad():
-        maps = utils.cls_attention_maps(model, x[None])[0]
+        maps = model.cls_attention_maps(x[None])[0]
     for head in range(3):
         saved = np.asarray(Image.open(tmp_path / 'out' / f'attn-head{head}.png'))
         assert saved.shape == (48, 80, 3)
@@ -440,7 +440,7 @@ def test_video_generation_from_a_folder_of_frames_resized_without_outline(tmp_pa
         x = transforms.functional.normalize(transforms.functional.to_tensor(image), utils.IMAGENET_MEAN,
                                             utils.IMAGENET_STD)
         with torch.no_grad():
-            mean_map = utils.cls_attention_maps(model, x[None])[0].mean(0)
+            mean_map = model.cls_attention_maps(x[None])[0].mean(0)
         expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
         saved = np.asarray(Image.open(attention / f'attn-frame-{t}.jpg')).astype(np.float32)
         assert saved.shape == (32, 48, 3) and np.abs(saved - expected).mean() < 4  # JPEG noise only

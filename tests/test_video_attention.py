@@ -255,7 +255,7 @@ def test_unreadable_frame_is_reported_before_anything_is_written(tmp_path, weigh
 
 def test_cls_attention_maps_are_the_last_attention_row_summing_to_one(model):
     images = torch.randn(2, 3, 48, 80)
-    maps = utils.cls_attention_maps(model, images)
+    maps = model.cls_attention_maps(images)
     assert maps.shape == (2, 3, 3, 5)
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, 3))
     with torch.no_grad():
@@ -305,7 +305,7 @@ def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
     from skimage import data
     img = utils.attention_transform((72, 100))(Image.fromarray(data.chelsea()))
     img = utils.crop_to_patch_multiple(img, 16).unsqueeze(0)
-    maps = utils.cls_attention_maps(model, img)[0]
+    maps = model.cls_attention_maps(img)[0]
     masks = utils.upsample_patches(utils.attention_mass_masks(maps, 0.6), 16).numpy()
     image = np.asarray(Image.open(out / 'img.png')).astype(np.float32)
     for head, mask in enumerate(masks):
@@ -369,7 +369,7 @@ def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights, m
     # with both options, an attention image is the inferno-coloured mean over heads of the renormalised maps,
     # outlined (the original's frames, the default, are checked in test_original.py)
     frame = utils.attention_transform()(Image.open(out / 'frames' / 'frame-0003.jpg').convert('RGB'))
-    mean_map = utils.cls_attention_maps(model, frame.unsqueeze(0))[0].mean(dim=0)
+    mean_map = model.cls_attention_maps(frame.unsqueeze(0))[0].mean(dim=0)
     expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
     saved = np.asarray(Image.open(attention_images[3])).astype(np.float32)
     outline = utils.upsample_patches(utils.attention_mass_masks(mean_map, 0.6), 16).numpy()

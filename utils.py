@@ -123,6 +123,12 @@ def check_image_size(size, patch_size, flag):
              f"use at least {patch_size}")
 
 
+def check_vit_arch(args, why):
+    """Stop unless --arch is one of this repository's ViTs (`why`: what the script needs a ViT for)."""
+    if args.arch not in VIT_ARCHS:
+        fail(f"--arch {args.arch}: {why}; choose one of {', '.join(VIT_ARCHS)}")
+
+
 def check_common_args(args):
     """Checks of the flags most scripts share (each only where the script has it)."""
     check_at_least(args, 1, 'patch_size', 'batch_size_per_device', 'batch_size', 'dist_timeout')
@@ -140,7 +146,24 @@ def check_common_args(args):
 _mark_step_enabled = False
 
 
-def add_device_args(parser, training=False):
+def add_model_args(parser, arch, patch_size, weights=True):
+    """--arch and --patch_size with this script's defaults (the original's), and with `weights` the flags
+    naming the weights to load: --pretrained_weights and --checkpoint_key."""
+    parser.add_argument('--arch', default=arch, type=str, help="""Architecture: vit_tiny, vit_small, vit_base
+        (deit_tiny/deit_small are aliases); scripts that do not need a ViT also take a torchvision network
+        such as resnet50.""")
+    parser.add_argument('--patch_size', default=patch_size, type=int, help="""Size in pixels of the square input
+        patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
+    if weights:
+        parser.add_argument('--pretrained_weights', default='', type=str, help="""Weights to load: a backbone file
+            or a DINO training checkpoint (whose --arch/--patch_size are then used); empty: DINO's released
+            weights for --arch/--patch_size (image retrieval: vit_small/16 gets the Google Landmarks v2 ones).""")
+        parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                            help='Network to take from a DINO checkpoint ("teacher" or "student").')
+    return parser
+
+
+def add_device_args(parser):
     """Device and mixed-precision flags shared by every script."""
     parser.add_argument('--device', default='auto', choices=['auto', 'hpu', 'cuda', 'cpu'],
                         help='Device to run on; auto picks HPU, then CUDA, then CPU.')

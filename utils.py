@@ -515,11 +515,6 @@ def all_reduce(tensor):
     return staged.to(device=tensor.device, dtype=tensor.dtype)
 
 
-def all_reduce_mean(tensor):
-    """Average a tensor over processes (identity in a lone process)."""
-    return all_reduce(tensor) / get_world_size() if is_dist_avail_and_initialized() else tensor
-
-
 def all_gather(tensor):
     """The `tensor`s of all processes (same shape everywhere), concatenated along dim 0 in rank order."""
     if not is_dist_avail_and_initialized():
@@ -2446,7 +2441,6 @@ def upsample_patches(maps, patch_size):
 
 def colorize(values, colormap='viridis'):
     """A 2-D map min-max scaled and coloured (RGB uint8), as matplotlib's imsave does."""
-    import cv2
     values = np.asarray(values, dtype=np.float32)
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
@@ -2457,7 +2451,6 @@ def colorize(values, colormap='viridis'):
 
 def draw_mask(image, mask, color=(255, 0, 0), alpha=0.5, fill=True):
     """Copy of an RGB uint8 image with `mask` blended in `color` (when fill) and its outline drawn."""
-    import cv2
     out = image.copy()
     if fill:
         out[mask] = (out[mask] * (1 - alpha) + np.asarray(color) * alpha).astype(np.uint8)

@@ -1,8 +1,9 @@
 """Helpers shared by the DINO training and evaluation scripts.
 
-Sections: devices and precision, distributed, models, optimisation and
-schedules, checkpoints, logging, data and augmentation, feature extraction,
-retrieval metrics, attention maps.
+Sections: argument checking; shared flags, devices and precision; distributed runs; models;
+optimisation, schedules and seeds; checkpoints; stopping on signals and the fault hook; released
+weights and pretrained backbones; logging and metrics; training augmentation; datasets and image
+loading; evaluation data and feature extraction; retrieval metrics; frozen ViT and attention maps.
 """
 import argparse
 import atexit
@@ -59,7 +60,7 @@ check_torch_version()
 
 
 # =====================================================================================
-# Argument checking (each script's check_args runs these before any work or output)
+# Argument checking (every script's check_args runs these before any work or output)
 # =====================================================================================
 
 def parse_checked_args(parser, check_args, argv=None):
@@ -140,10 +141,19 @@ def check_common_args(args):
 
 
 # =====================================================================================
-# Devices and precision
+# Shared flags, devices and precision (every script; bool_flag is the flags' true/false type)
 # =====================================================================================
 
 _mark_step_enabled = False
+
+
+def bool_flag(s):
+    """argparse type for true/false values written as on/off, true/false or 1/0."""
+    if s.lower() in {'off', 'false', '0'}:
+        return False
+    if s.lower() in {'on', 'true', '1'}:
+        return True
+    raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
 
 
 def add_model_args(parser, arch, patch_size, weights=True):
@@ -266,7 +276,7 @@ def autocast_context(device_type, autocast=False, use_fp16=False):
 
 
 # =====================================================================================
-# Distributed
+# Distributed runs (every script): process group, collectives, start of a run, one-line failure reports
 # =====================================================================================
 
 def is_dist_avail_and_initialized():
@@ -572,7 +582,7 @@ def save_on_master(*args, **kwargs):
 
 
 # =====================================================================================
-# Models
+# Models: backbones (training and evaluations), the multi-crop wrapper (main_dino)
 # =====================================================================================
 
 VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'deit_tiny', 'deit_small']
@@ -635,17 +645,8 @@ def has_batchnorms(model):
 
 
 # =====================================================================================
-# Optimisation and schedules
+# Optimisation, schedules and seeds (main_dino, eval_linear, benchmark)
 # =====================================================================================
-
-def bool_flag(s):
-    """argparse type for true/false values written as on/off, true/false or 1/0."""
-    if s.lower() in {'off', 'false', '0'}:
-        return False
-    if s.lower() in {'on', 'true', '1'}:
-        return True
-    raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
-
 
 def fix_random_seeds(seed=31):
     random.seed(seed)
@@ -736,7 +737,7 @@ class LARS(torch.optim.Optimizer):
 
 
 # =====================================================================================
-# Checkpoints
+# Checkpoints: atomic writes, checked reads, resume, RNG state (main_dino, eval_linear, eval_knn)
 # =====================================================================================
 
 def _numpy_scalar_globals():
@@ -978,6 +979,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
+# =====================================================================================
+# Stopping on signals and the fault hook of the fault tests (main_dino)
+# =====================================================================================
+
 class StopSignal:
     """Turns SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting) and SIGINT (Ctrl-C)
     into a stop request.
@@ -1087,6 +1092,10 @@ def _wait_for_stop_signal(announcement):
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
 
+
+# =====================================================================================
+# Released DINO weights and pretrained backbones (evaluations, attention scripts)
+# =====================================================================================
 
 RELEASED_WEIGHTS = {
     ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
@@ -1227,7 +1236,7 @@ def _training_args(path):
 
 
 # =====================================================================================
-# Logging
+# Logging and metrics: MetricLogger, accuracy, git state (main_dino, eval_knn, eval_linear)
 # =====================================================================================
 
 def get_sha():
@@ -1373,7 +1382,8 @@ class MetricLogger:
 
 
 # =====================================================================================
-# Data and augmentation
+# Training augmentation: the multi-crop views and their render (main_dino, benchmark); the original's
+# PIL GaussianBlur/Solarization (benchmark's reference pipeline; code written against the original imports them)
 # =====================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1744,6 +1754,10 @@ def _blur(x, host, params):
     planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
     return x.index_copy_(0, chosen, planes.view(n, c, height, width))
 
+
+# =====================================================================================
+# Datasets and image loading: synthetic data, image folders and lists, resumable sampling (every script)
+# =====================================================================================
 
 def limit_dataset(dataset, limit):
     """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
@@ -2169,7 +2183,7 @@ class ReturnIndexDataset(torch.utils.data.Dataset):
 
 
 # =====================================================================================
-# Feature extraction (k-NN, retrieval and copy-detection evaluations)
+# Evaluation data and feature extraction (eval_knn, eval_linear, eval_image_retrieval, eval_copy_detection)
 # =====================================================================================
 
 # Synthetic images are rendered and evaluated at this side (the tests train on 64-pixel crops of
@@ -2264,7 +2278,7 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
 
 
 # =====================================================================================
-# Retrieval metrics (revisited Oxford/Paris, Copydays)
+# Retrieval metrics and PCA whitening (eval_image_retrieval: revisited Oxford/Paris; eval_copy_detection)
 # =====================================================================================
 
 def compute_ap(ranks, nres):
@@ -2348,7 +2362,7 @@ class PCA:
 
 
 # =====================================================================================
-# Attention maps (visualize_attention.py, video_generation.py)
+# Frozen ViT (attention scripts, eval_video_segmentation) and attention maps (visualize_attention, video_generation)
 # =====================================================================================
 
 def load_frozen_vit(args, device, attention_weights=False):

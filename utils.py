@@ -1806,7 +1806,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         center = rng.uniform(radius, size - radius, 2)
         angle = rng.uniform(0, 2 * np.pi)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour, rng)
+        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour)
         return img
 
     @staticmethod
@@ -1828,7 +1828,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             points.append((center[0] + r * np.cos(a), center[1] + r * np.sin(a)))
         return points
 
-    def _draw_shape(self, draw, shape, center, radius, angle, colour, rng):
+    def _draw_shape(self, draw, shape, center, radius, angle, colour):
         cx, cy = center
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         width = max(2, int(radius * 0.3))

@@ -35,13 +35,9 @@ def get_args_parser():
     parser.add_argument('--imsize', default=320, type=int, help='Image size (square image)')
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=16, type=int, help='Images per device and batch.')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="Path to pretrained weights to evaluate.")
+    utils.add_model_args(parser, arch='vit_base', patch_size=8)
     parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
                         type=utils.bool_flag, help="Keep the extracted features on the device (else in host memory).")
-    parser.add_argument('--arch', default='vit_base', type=str, help='Architecture (a ViT)')
-    parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per device.')
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
@@ -57,9 +53,6 @@ def eval_copy_detection(args):
     whitening_set = list_images(args.whitening_path, '--whitening_path', minimum=2)
 
     # ============ building network ... ============
-    if args.arch not in utils.VIT_ARCHS:
-        utils.fail(f"--arch {args.arch}: copy detection pools ViT patch tokens; "
-                   f"choose one of {', '.join(utils.VIT_ARCHS)}")
     model, embed_dim = utils.build_backbone(args.arch, args.patch_size)
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     model.to(device).eval()
@@ -237,9 +230,9 @@ def list_images(folder, flag, minimum):
 
 def check_args(args):
     utils.check_common_args(args)
+    utils.check_vit_arch(args, 'copy detection pools ViT patch tokens')
     utils.check_at_least(args, 1, 'imsize')
-    if args.arch in utils.VIT_ARCHS:
-        utils.check_image_size(args.imsize, args.patch_size, '--imsize')
+    utils.check_image_size(args.imsize, args.patch_size, '--imsize')
     utils.check_input_folder(args.data_path, '--data_path')
     defaults = get_args_parser()
     for flag in ('whitening_path', 'distractors_path'):

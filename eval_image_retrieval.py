@@ -30,15 +30,9 @@ def get_args_parser():
     parser.add_argument('--crop_queries', default=False, type=utils.bool_flag, help="""Crop each query image to
         its ground-truth bounding box before shrinking it (the revisited Oxford/Paris protocol); default false:
         whole query images, as the original DINO script (the DINO paper's retrieval figures).""")
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to pretrained weights to
-        evaluate; when empty, vit_small/16 gets DINO's Google Landmarks v2 weights, other models the
-        released ImageNet DINO weights.""")
+    utils.add_model_args(parser, arch='vit_small', patch_size=16)
     parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
                         type=utils.bool_flag, help="Keep the extracted features on the device (else in host memory).")
-    parser.add_argument('--arch', default='vit_small', type=str, help='Architecture')
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key to use in the checkpoint (example: "teacher")')
     parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per device.')
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)

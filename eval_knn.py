@@ -21,15 +21,10 @@ def get_args_parser():
                         help='Numbers of nearest neighbours to evaluate (20 usually works best).')
     parser.add_argument('--temperature', default=0.07, type=float,
                         help='Temperature T of the neighbour weights exp(similarity / T).')
-    parser.add_argument('--pretrained_weights', default='', type=str,
-                        help="Weights to evaluate (a backbone file or a DINO checkpoint); empty: the released ones.")
+    utils.add_model_args(parser, arch='vit_small', patch_size=16)
     parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
                         type=utils.bool_flag, help="""Keep the features on the device for the k-NN search;
         set false if the device runs out of memory.""")
-    parser.add_argument('--arch', default='vit_small', type=str, help='Architecture.')
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Network to take from a DINO checkpoint ("teacher" or "student").')
     parser.add_argument('--dump_features', default=None,
                         help='Folder where to save the computed features and labels; empty for no saving.')
     parser.add_argument('--load_features', default=None,

@@ -22,12 +22,7 @@ def get_args_parser():
     parser.add_argument('--avgpool_patchtokens', default=False, type=utils.bool_flag,
                         help="""Also use the average of the last block's patch tokens (the paper uses it
         with ViT-Base, not with ViT-Small).""")
-    parser.add_argument('--arch', default='vit_small', type=str, help='Architecture.')
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--pretrained_weights', default='', type=str,
-                        help="Weights to evaluate (a backbone file or a DINO checkpoint); empty: the released ones.")
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Network to take from a DINO checkpoint ("teacher" or "student").')
+    utils.add_model_args(parser, arch='vit_small', patch_size=16)
     parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
     parser.add_argument('--lr', default=0.001, type=float, help="""Peak learning rate for a batch of 256,
         scaled linearly with the global batch size and decayed to 0 with a cosine; worth tuning per model.""")

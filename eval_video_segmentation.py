@@ -31,13 +31,7 @@ STAGING = '.incomplete'  # the folder inside --output_dir where a run writes unt
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Evaluation with video object segmentation on DAVIS 2017')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to the weights to evaluate
-        (a backbone file or a DINO checkpoint); empty downloads the released weights of --arch/--patch_size.""")
-    parser.add_argument('--arch', default='vit_small', type=str, choices=['vit_tiny', 'vit_small', 'vit_base'],
-                        help='Architecture (ViTs only).')
-    parser.add_argument('--patch_size', default=16, type=int, help='Patch resolution of the model (16 or 8).')
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key of the network to use in a DINO checkpoint (example: "teacher").')
+    utils.add_model_args(parser, arch='vit_small', patch_size=16)
     parser.add_argument('--output_dir', default='.', help='Where the segmentations and metrics.json go.')
     parser.add_argument('--data_path', default='/path/to/davis/', type=str, help="""DAVIS 2017 folder holding
         JPEGImages/480p, Annotations/480p and ImageSets/2017/val.txt.""")
@@ -433,6 +427,7 @@ def publish(staging, output_dir, names):
 
 def check_args(args):
     utils.check_common_args(args)
+    utils.check_vit_arch(args, 'the segmentation propagates ViT patch features')
     utils.check_at_least(args, 1, 'topk', 'bs')
     utils.check_at_least(args, 0, 'n_last_frames', 'size_mask_neighborhood')
     utils.check_input_folder(args.data_path, '--data_path')

@@ -23,11 +23,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser('DINO', add_help=False)
 
     # Model parameters
-    parser.add_argument('--arch', default='vit_small', type=str,
-                        help="""Architecture: vit_tiny, vit_small, vit_base (deit_tiny/deit_small are aliases)
-        or a torchvision network such as resnet50.""")
-    parser.add_argument('--patch_size', default=16, type=int, help="""Size in pixels of the square input
-        patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
+    utils.add_model_args(parser, arch='vit_small', patch_size=16, weights=False)
     parser.add_argument('--out_dim', default=65536, type=int, help="""Output dimension of the DINO head.""")
     parser.add_argument('--norm_last_layer', default=True, type=utils.bool_flag,
                         help="""Weight-normalise the last layer of the DINO head with its norm fixed to 1.
@@ -108,7 +104,7 @@ def get_args_parser():
         fraction of log(out_dim), the entropy of a uniform output. Runs on the built-in data that collapse to
         uniform settle at about 95%% of log(out_dim), so a margin of 0.05 would sit on their noise.""")
     utils.add_distributed_args(parser)
-    utils.add_device_args(parser, training=True)
+    utils.add_device_args(parser)
     return parser
 
 

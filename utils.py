@@ -1,8 +1,9 @@
 """Helpers shared by the DINO training and evaluation scripts.
 
-Sections: devices and precision, distributed, models, optimisation and
-schedules, checkpoints, logging, data and augmentation, feature extraction,
-retrieval metrics, attention maps.
+Sections: argument checking; shared flags, devices and precision; distributed runs; models;
+optimisation, schedules and seeds; checkpoints; stopping on signals and the fault hook; released
+weights and pretrained backbones; logging and metrics; training augmentation; datasets and image
+loading; evaluation data and feature extraction; retrieval metrics; frozen ViT and attention maps.
 """
 import argparse
 import atexit
@@ -59,7 +60,7 @@ check_torch_version()
 
 
 # =====================================================================================
-# Argument checking (each script's check_args runs these before any work or output)
+# Argument checking (every script's check_args runs these before any work or output)
 # =====================================================================================
 
 def parse_checked_args(parser, check_args, argv=None):
@@ -123,6 +124,12 @@ def check_image_size(size, patch_size, flag):
              f"use at least {patch_size}")
 
 
+def check_vit_arch(args, why):
+    """Stop unless --arch is one of this repository's ViTs (`why`: what the script needs a ViT for)."""
+    if args.arch not in VIT_ARCHS:
+        fail(f"--arch {args.arch}: {why}; choose one of {', '.join(VIT_ARCHS)}")
+
+
 def check_common_args(args):
     """Checks of the flags most scripts share (each only where the script has it)."""
     check_at_least(args, 1, 'patch_size', 'batch_size_per_device', 'batch_size', 'dist_timeout')
@@ -134,13 +141,39 @@ def check_common_args(args):
 
 
 # =====================================================================================
-# Devices and precision
+# Shared flags, devices and precision (every script; bool_flag is the flags' true/false type)
 # =====================================================================================
 
 _mark_step_enabled = False
 
 
-def add_device_args(parser, training=False):
+def bool_flag(s):
+    """argparse type for true/false values written as on/off, true/false or 1/0."""
+    if s.lower() in {'off', 'false', '0'}:
+        return False
+    if s.lower() in {'on', 'true', '1'}:
+        return True
+    raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
+
+
+def add_model_args(parser, arch, patch_size, weights=True):
+    """--arch and --patch_size with this script's defaults (the original's), and with `weights` the flags
+    naming the weights to load: --pretrained_weights and --checkpoint_key."""
+    parser.add_argument('--arch', default=arch, type=str, help="""Architecture: vit_tiny, vit_small, vit_base
+        (deit_tiny/deit_small are aliases); scripts that do not need a ViT also take a torchvision network
+        such as resnet50.""")
+    parser.add_argument('--patch_size', default=patch_size, type=int, help="""Size in pixels of the square input
+        patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
+    if weights:
+        parser.add_argument('--pretrained_weights', default='', type=str, help="""Weights to load: a backbone file
+            or a DINO training checkpoint (whose --arch/--patch_size are then used); empty: DINO's released
+            weights for --arch/--patch_size (image retrieval: vit_small/16 gets the Google Landmarks v2 ones).""")
+        parser.add_argument('--checkpoint_key', default='teacher', type=str,
+                            help='Network to take from a DINO checkpoint ("teacher" or "student").')
+    return parser
+
+
+def add_device_args(parser):
     """Device and mixed-precision flags shared by every script."""
     parser.add_argument('--device', default='auto', choices=['auto', 'hpu', 'cuda', 'cpu'],
                         help='Device to run on; auto picks HPU, then CUDA, then CPU.')
@@ -243,7 +276,7 @@ def autocast_context(device_type, autocast=False, use_fp16=False):
 
 
 # =====================================================================================
-# Distributed
+# Distributed runs (every script): process group, collectives, start of a run, one-line failure reports
 # =====================================================================================
 
 def is_dist_avail_and_initialized():
@@ -492,11 +525,6 @@ def all_reduce(tensor):
     return staged.to(device=tensor.device, dtype=tensor.dtype)
 
 
-def all_reduce_mean(tensor):
-    """Average a tensor over processes (identity in a lone process)."""
-    return all_reduce(tensor) / get_world_size() if is_dist_avail_and_initialized() else tensor
-
-
 def all_gather(tensor):
     """The `tensor`s of all processes (same shape everywhere), concatenated along dim 0 in rank order."""
     if not is_dist_avail_and_initialized():
@@ -554,7 +582,7 @@ def save_on_master(*args, **kwargs):
 
 
 # =====================================================================================
-# Models
+# Models: backbones (training and evaluations), the multi-crop wrapper (main_dino)
 # =====================================================================================
 
 VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'deit_tiny', 'deit_small']
@@ -617,17 +645,8 @@ def has_batchnorms(model):
 
 
 # =====================================================================================
-# Optimisation and schedules
+# Optimisation, schedules and seeds (main_dino, eval_linear, benchmark)
 # =====================================================================================
-
-def bool_flag(s):
-    """argparse type for true/false values written as on/off, true/false or 1/0."""
-    if s.lower() in {'off', 'false', '0'}:
-        return False
-    if s.lower() in {'on', 'true', '1'}:
-        return True
-    raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
-
 
 def fix_random_seeds(seed=31):
     random.seed(seed)
@@ -718,7 +737,7 @@ class LARS(torch.optim.Optimizer):
 
 
 # =====================================================================================
-# Checkpoints
+# Checkpoints: atomic writes, checked reads, resume, RNG state (main_dino, eval_linear, eval_knn)
 # =====================================================================================
 
 def _numpy_scalar_globals():
@@ -960,6 +979,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state['cuda'])
 
 
+# =====================================================================================
+# Stopping on signals and the fault hook of the fault tests (main_dino)
+# =====================================================================================
+
 class StopSignal:
     """Turns SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preempting) and SIGINT (Ctrl-C)
     into a stop request.
@@ -1069,6 +1092,10 @@ def _wait_for_stop_signal(announcement):
     for signum, handler in handlers.items():
         signal.signal(signum, handler)
 
+
+# =====================================================================================
+# Released DINO weights and pretrained backbones (evaluations, attention scripts)
+# =====================================================================================
 
 RELEASED_WEIGHTS = {
     ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
@@ -1209,7 +1236,7 @@ def _training_args(path):
 
 
 # =====================================================================================
-# Logging
+# Logging and metrics: MetricLogger, accuracy, git state (main_dino, eval_knn, eval_linear)
 # =====================================================================================
 
 def get_sha():
@@ -1355,7 +1382,8 @@ class MetricLogger:
 
 
 # =====================================================================================
-# Data and augmentation
+# Training augmentation: the multi-crop views and their render (main_dino, benchmark); the original's
+# PIL GaussianBlur/Solarization (benchmark's reference pipeline; code written against the original imports them)
 # =====================================================================================
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -1727,6 +1755,10 @@ def _blur(x, host, params):
     return x.index_copy_(0, chosen, planes.view(n, c, height, width))
 
 
+# =====================================================================================
+# Datasets and image loading: synthetic data, image folders and lists, resumable sampling (every script)
+# =====================================================================================
+
 def limit_dataset(dataset, limit):
     """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
     if limit is None or limit >= len(dataset):
@@ -1774,7 +1806,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
         center = rng.uniform(radius, size - radius, 2)
         angle = rng.uniform(0, 2 * np.pi)
         colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour, rng)
+        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour)
         return img
 
     @staticmethod
@@ -1796,7 +1828,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
             points.append((center[0] + r * np.cos(a), center[1] + r * np.sin(a)))
         return points
 
-    def _draw_shape(self, draw, shape, center, radius, angle, colour, rng):
+    def _draw_shape(self, draw, shape, center, radius, angle, colour):
         cx, cy = center
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         width = max(2, int(radius * 0.3))
@@ -2151,7 +2183,7 @@ class ReturnIndexDataset(torch.utils.data.Dataset):
 
 
 # =====================================================================================
-# Feature extraction (k-NN, retrieval and copy-detection evaluations)
+# Evaluation data and feature extraction (eval_knn, eval_linear, eval_image_retrieval, eval_copy_detection)
 # =====================================================================================
 
 # Synthetic images are rendered and evaluated at this side (the tests train on 64-pixel crops of
@@ -2255,7 +2287,7 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
 
 
 # =====================================================================================
-# Retrieval metrics (revisited Oxford/Paris, Copydays)
+# Retrieval metrics and PCA whitening (eval_image_retrieval: revisited Oxford/Paris; eval_copy_detection)
 # =====================================================================================
 
 def compute_ap(ranks, nres):
@@ -2339,7 +2371,7 @@ class PCA:
 
 
 # =====================================================================================
-# Attention maps (visualize_attention.py, video_generation.py)
+# Frozen ViT (attention scripts, eval_video_segmentation) and attention maps (visualize_attention, video_generation)
 # =====================================================================================
 
 def load_frozen_vit(args, device, attention_weights=False):
@@ -2408,7 +2440,6 @@ def upsample_patches(maps, patch_size):
 
 def colorize(values, colormap='viridis'):
     """A 2-D map min-max scaled and coloured (RGB uint8), as matplotlib's imsave does."""
-    import cv2
     values = np.asarray(values, dtype=np.float32)
     span = values.max() - values.min()
     scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
@@ -2419,7 +2450,6 @@ def colorize(values, colormap='viridis'):
 
 def draw_mask(image, mask, color=(255, 0, 0), alpha=0.5, fill=True):
     """Copy of an RGB uint8 image with `mask` blended in `color` (when fill) and its outline drawn."""
-    import cv2
     out = image.copy()
     if fill:
         out[mask] = (out[mask] * (1 - alpha) + np.asarray(color) * alpha).astype(np.uint8)

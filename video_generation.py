@@ -24,13 +24,7 @@ OUTLINE_COLOR = (255, 255, 255)
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Generation self-attention video')
-    parser.add_argument('--arch', default='vit_small', type=str, choices=['vit_tiny', 'vit_small', 'vit_base'],
-                        help='Architecture (ViTs only).')
-    parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the self-attention maps.')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to the weights to load
-        (a backbone file or a DINO checkpoint); empty downloads the released weights of --arch/--patch_size.""")
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key of the network to use in a DINO checkpoint (example: "teacher").')
+    utils.add_model_args(parser, arch='vit_small', patch_size=8)
     parser.add_argument('--input_path', required=True, type=str, help="""A video file to extract frames from,
         a folder of frames, or with --video_only a folder of attention images.""")
     parser.add_argument('--output_path', default='./', type=str, help="""Where the folders of frames and
@@ -179,6 +173,7 @@ def read_bgr(path):
 
 def check_args(args):
     utils.check_common_args(args)
+    utils.check_vit_arch(args, 'the attention maps are those of a ViT')
     if args.resize is not None:
         if len(args.resize) not in (1, 2):
             utils.fail("--resize takes one value (short side) or two (height width)")

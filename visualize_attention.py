@@ -17,13 +17,7 @@ SAMPLE_IMAGE = 'chelsea'  # scikit-image's sample photograph (a cat), shipped wi
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Visualize Self-Attention maps')
-    parser.add_argument('--arch', default='vit_small', type=str, choices=['vit_tiny', 'vit_small', 'vit_base'],
-                        help='Architecture (ViTs only).')
-    parser.add_argument('--patch_size', default=8, type=int, help='Patch resolution of the model.')
-    parser.add_argument('--pretrained_weights', default='', type=str, help="""Path to the weights to load
-        (a backbone file or a DINO checkpoint); empty downloads the released weights of --arch/--patch_size.""")
-    parser.add_argument('--checkpoint_key', default='teacher', type=str,
-                        help='Key of the network to use in a DINO checkpoint (example: "teacher").')
+    utils.add_model_args(parser, arch='vit_small', patch_size=8)
     parser.add_argument('--image_path', default=None, type=str, help=f"""Path of the image to visualize;
         without it, scikit-image's sample photograph '{SAMPLE_IMAGE}' is used.""")
     parser.add_argument('--image_size', default=(480, 480), type=int, nargs='+', help="""Resize the image
@@ -86,6 +80,7 @@ def save(array, path):
 
 def check_args(args):
     utils.check_common_args(args)
+    utils.check_vit_arch(args, 'the attention maps are those of a ViT')
     if len(args.image_size) not in (1, 2):
         utils.fail("--image_size takes one value (short side) or two (height width)")
     for side in args.image_size:

@@ -21,6 +21,11 @@ def build_inputs(batch):
     return global_crops + local_crops
 
 
+def all_reduce_mean(tensor):
+    """Mean of `tensor` over the processes."""
+    return utils.all_reduce(tensor) / utils.get_world_size()
+
+
 def main(result_path):
     args = argparse.Namespace(device='cpu', dist_url='env://', local_rank=0, lazy_mode=False, autocast=False)
     utils.setup_device(args)
@@ -39,7 +44,7 @@ def main(result_path):
     loss_fn = main_dino.DINOLoss(64, 4, 0.04, 0.04, 0, 1)
     loss = loss_fn(ddp_model(half), teacher_half, 0)
     loss.backward()
-    mean_loss = utils.all_reduce_mean(loss.detach())
+    mean_loss = all_reduce_mean(loss.detach())
 
     reference_loss_fn = main_dino.DINOLoss(64, 4, 0.04, 0.04, 0, 1)
     reference_loss = reference_loss_fn(reference(full), teacher_full, 0)
@@ -49,7 +54,7 @@ def main(result_path):
     if not torch.allclose(mean_loss, reference_loss.detach(), atol=1e-5):
         problems.append(f'loss {mean_loss.item()} != {reference_loss.item()}')
     # entropy and KL are means over equal halves; the top dimension's mass is summed over the global batch
-    figures = torch.cat([utils.all_reduce_mean(loss_fn.figures[:2]), loss_fn.figures[2:]])
+    figures = torch.cat([all_reduce_mean(loss_fn.figures[:2]), loss_fn.figures[2:]])
     if not torch.allclose(figures, reference_loss_fn.figures, atol=1e-5):
         problems.append(f'collapse figures {figures.tolist()} != {reference_loss_fn.figures.tolist()}')
     if not torch.allclose(loss_fn.center, 0.1 * teacher_full.mean(0, keepdim=True), atol=1e-6):

@@ -202,6 +202,13 @@ FURTHER = {
                                                ['--seed must be between 0 and 2**32 - 1']),
     'retrieval_multiscale_half_below_patch': lambda tmp, w: (eval_image_retrieval, [
         *TINY, '--imsize', '24', '--multiscale', 'true', '--data_path', tmp], ['--multiscale', 'at least 32']),
+    # the ViT-only scripts share one check (utils.check_vit_arch)
+    'copy_detection_resnet_arch': lambda tmp, w: (eval_copy_detection, [*TINY, '--arch', 'resnet18',
+                                                                        '--data_path', tmp],
+                                                  ['--arch resnet18', 'ViT patch tokens', 'vit_small']),
+    'visualize_resnet_arch': lambda tmp, w: (visualize_attention, [*TINY, '--arch', 'resnet18',
+                                                                   '--output_dir', tmp / 'o'],
+                                             ['--arch resnet18', 'attention maps', 'vit_small']),
 }
 
 

@@ -256,11 +256,9 @@ def download_linear_head(args):
     if url is None:
         utils.fail(f"no linear head in {args.output_dir} and no released one for {args.arch}/{args.patch_size}; "
                    "train one first (without --evaluate)")
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
-    except Exception as exc:
-        utils.fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}; "
-                   "when offline, train a head first (without --evaluate)")
+    released = utils.download_state_dict_or_exit(url, "could not download the released linear head ({url}): {reason}; "
+                                                       "when offline, train a head first (without --evaluate)")
+    return released['state_dict']
 
 
 def write_logs(log_stats, epoch, output_dir, summary_writer):

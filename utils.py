@@ -1070,19 +1070,16 @@ def _wait_for_stop_signal(announcement):
         signal.signal(signum, handler)
 
 
-RELEASED_WEIGHTS = {
-    ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
-    ('vit_small', 8): 'dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth',
-    ('vit_base', 16): 'dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
-    ('vit_base', 8): 'dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth',
-    ('resnet50', None): 'dino_resnet50_pretrain/dino_resnet50_pretrain.pth',
-}
-RELEASED_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
+RELEASED_WEIGHTS, ATTENTION_WEIGHTS = vits.RELEASED_WEIGHTS, vits.ATTENTION_WEIGHTS  # the original's names
+RELEASED_WEIGHTS_URL, GLDV2_WEIGHTS = vits.RELEASED_WEIGHTS_URL, vits.GLDV2_WEIGHTS
 
 
-# the attention scripts' default, vit_small/8, shows the 300-epoch model of the paper's figures, as the original
-ATTENTION_WEIGHTS = {**RELEASED_WEIGHTS,
-                     ('vit_small', 8): 'dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth'}
+def download_state_dict_or_exit(url, failure):
+    """vits.download_state_dict(url), or stop with the line `failure`.format(url=..., reason=...)."""
+    try:
+        return vits.download_state_dict(url)
+    except vits.DownloadError as exc:
+        fail(failure.format(url=url, reason=exc))
 
 
 def _released_key(model_name, patch_size):
@@ -1102,11 +1099,8 @@ def load_pretrained_linear_weights(linear_classifier, model_name, patch_size):
         print("We use random linear weights.")
         return
     print(f"We load the reference pretrained linear weights from {url}.")
-    try:
-        state_dict = torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
-    except Exception as exc:
-        fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}")
-    linear_classifier.load_state_dict(state_dict, strict=True)
+    state_dict = download_state_dict_or_exit(url, "could not download the released linear head ({url}): {reason}")
+    linear_classifier.load_state_dict(state_dict['state_dict'], strict=True)
 
 
 def download_released_weights(model_name, patch_size, released=None):
@@ -1119,12 +1113,9 @@ def download_released_weights(model_name, patch_size, released=None):
     if key not in released:
         fail(f"no released DINO weights for {model_name} with patch size {patch_size}; "
              "pass your own with --pretrained_weights")
-    url = RELEASED_WEIGHTS_URL + released[key]
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        fail(f"could not download the released DINO weights ({url}): {str(exc).splitlines()[0][:150]}; "
-             "when offline, pass a local checkpoint with --pretrained_weights")
+    return download_state_dict_or_exit(RELEASED_WEIGHTS_URL + released[key],
+                                       "could not download the released DINO weights ({url}): {reason}; "
+                                       "when offline, pass a local checkpoint with --pretrained_weights")
 
 
 def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name, patch_size, released=None):

@@ -3,7 +3,6 @@ import argparse
 import os
 import sys
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -86,7 +85,7 @@ def eval_copy_detection(args):
             queries, database = pca.apply(queries), pca.apply(database)
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
-        copydays.evaluate(nearest_neighbours(queries, database, TOP_K))
+        copydays.evaluate(utils.nearest_neighbours(database, queries, TOP_K)[1].cpu().numpy())
     utils.leave_process_group()
 
 
@@ -144,14 +143,6 @@ def learn_whitening(features, centred=False):
     pca.mean = mean.cpu().numpy()
     pca.train_pca(moment)
     return pca
-
-
-def nearest_neighbours(queries, database, k):
-    """Ids of the k most similar database rows (inner product) for every query, nearest first."""
-    index = faiss.IndexFlatIP(database.shape[1])
-    index.add(np.ascontiguousarray(database.cpu().numpy(), dtype=np.float32))
-    _, ids = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), min(k, database.shape[0]))
-    return ids
 
 
 class CopydaysDataset:

@@ -2240,6 +2240,29 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
 # Retrieval metrics (revisited Oxford/Paris, Copydays)
 # =====================================================================================
 
+def nearest_neighbours(database, queries, k):
+    """(similarities, indices) of the k most similar database rows of each query (dot product), nearest first.
+
+    Rows whose k-th similarity is shared with rows left out (then the (k+1)-th equals the k-th)
+    are redone exactly, so that equal similarities always go to the lower database index,
+    whatever the device's top-k does.
+    """
+    similarity = queries @ database.t()
+    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    tied_rows = (values[:, k] == values[:, k - 1]) if values.shape[1] > k else torch.zeros(0, dtype=torch.bool)
+    values, indices = values[:, :k], indices[:, :k]
+    kth = values[:, -1:]
+    for row in tied_rows.nonzero().flatten().tolist():
+        above = (similarity[row] > kth[row]).nonzero().flatten()
+        level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
+        indices[row] = torch.cat((above, level))
+        values[row] = similarity[row, indices[row]]
+    # order: decreasing similarity, then increasing index
+    indices, order = indices.sort(dim=1)
+    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return values, indices.gather(1, order)
+
+
 def compute_ap(ranks, nres):
     """Average precision of one query: trapezoidal area under its precision-recall curve.
 

@@ -74,7 +74,7 @@ def check_against_brute_force(train, train_labels, test, test_labels, ks, T, num
                                     chunk_size=chunk_size)
     for k in ks:
         neighbours, rankings = brute_force_knn(train, train_labels, test, k, T, num_classes)
-        sims, indices = eval_knn.nearest_neighbours(train, test, k)
+        sims, indices = utils.nearest_neighbours(train, test, k)
         assert indices.tolist() == neighbours
         ranked = eval_knn.rank_classes(sims, train_labels[indices], T, num_classes)
         assert ranked[:, :5].tolist() == [r[:5] for r in rankings]
@@ -111,7 +111,7 @@ def test_knn_ties_go_to_lower_index_then_lower_class():
     train = torch.tensor([[1., 0.], [1., 0.], [0., 1.]])
     train_labels = torch.tensor([2, 1, 0])
     query = torch.tensor([[1., 0.]])
-    sims, indices = eval_knn.nearest_neighbours(train, query, 2)
+    sims, indices = utils.nearest_neighbours(train, query, 2)
     assert indices.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
     assert eval_knn.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
     assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([1]), 2, 0.07, 3) == (100., 100.)

@@ -52,8 +52,8 @@ def eval_copy_detection(args):
 
     # ============ checking the data ... ============
     copydays = CopydaysDataset(args.data_path)
-    distractors = list_images(args.distractors_path, '--distractors_path', minimum=1)
-    whitening_set = list_images(args.whitening_path, '--whitening_path', minimum=2)
+    distractors = list_optional_images(args.distractors_path, '--distractors_path', minimum=1)
+    whitening_set = list_optional_images(args.whitening_path, '--whitening_path', minimum=2)
 
     # ============ building network ... ============
     if args.arch not in utils.VIT_ARCHS:
@@ -219,7 +219,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), index
 
 
-def list_images(folder, flag, minimum):
+def list_optional_images(folder, flag, minimum):
     """Image files directly inside `folder`, sorted; None when it is not a folder (the option is then unused)."""
     if not os.path.isdir(folder):
         print(f"{flag} {folder} is not a folder: not used.")

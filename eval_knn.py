@@ -228,7 +228,7 @@ def load_features(folder):
     if missing:
         utils.fail(f"--load_features {folder} lacks {', '.join(missing)}; "
                    "pass a folder written by --dump_features")
-    train_features, test_features, train_labels, test_labels = (utils.load_checkpoint(p) for p in paths)
+    train_features, test_features, train_labels, test_labels = (utils.load_checkpoint_or_exit(p) for p in paths)
     if not all(torch.is_tensor(t) for t in (train_features, test_features, train_labels, test_labels)) \
             or train_features.ndim != 2 or test_features.ndim != 2 \
             or len(train_features) != len(train_labels) or len(test_features) != len(test_labels) \

@@ -234,7 +234,7 @@ def load_linear_head(linear_classifier, args):
     """The head trained in output_dir, or else the released one for --arch/--patch_size."""
     path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     if os.path.isfile(path):
-        checkpoint = utils.load_checkpoint(path)
+        checkpoint = utils.load_checkpoint_or_exit(path)
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
             utils.fail(f"{path} holds no linear head ('state_dict'); train one first (without --evaluate)")
         state_dict, source = checkpoint['state_dict'], path

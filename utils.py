@@ -775,7 +775,7 @@ def _damage(path, exc):
     return "in neither of PyTorch's file formats, zip archive or pickle"
 
 
-def load_checkpoint(path):
+def load_checkpoint_or_exit(path):
     """read_checkpoint, stopping with one clear line when the file is missing, damaged or unsafe."""
     try:
         return read_checkpoint(path)
@@ -1128,7 +1128,7 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):
             fail(f"--pretrained_weights {pretrained_weights} not found")
-        state_dict = load_checkpoint(pretrained_weights)
+        state_dict = load_checkpoint_or_exit(pretrained_weights)
         source = pretrained_weights
     else:
         print("No --pretrained_weights given: using the released DINO weights for this architecture.")

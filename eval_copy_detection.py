@@ -3,7 +3,6 @@ import argparse
 import os
 import sys
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -49,8 +48,8 @@ def eval_copy_detection(args):
 
     # ============ checking the data ... ============
     copydays = CopydaysDataset(args.data_path)
-    distractors = list_images(args.distractors_path, '--distractors_path', minimum=1)
-    whitening_set = list_images(args.whitening_path, '--whitening_path', minimum=2)
+    distractors = list_optional_images(args.distractors_path, '--distractors_path', minimum=1)
+    whitening_set = list_optional_images(args.whitening_path, '--whitening_path', minimum=2)
 
     # ============ building network ... ============
     model, embed_dim = utils.build_backbone(args.arch, args.patch_size)
@@ -79,7 +78,7 @@ def eval_copy_detection(args):
             queries, database = pca.apply(queries), pca.apply(database)
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
-        copydays.evaluate(nearest_neighbours(queries, database, TOP_K))
+        copydays.evaluate(utils.nearest_neighbours(database, queries, TOP_K)[1].cpu().numpy())
     utils.leave_process_group()
 
 
@@ -132,14 +131,6 @@ def learn_whitening(features, centred=False):
     pca.mean = mean.cpu().numpy()
     pca.train_pca(moment)
     return pca
-
-
-def nearest_neighbours(queries, database, k):
-    """Ids of the k most similar database rows (inner product) for every query, nearest first."""
-    index = faiss.IndexFlatIP(database.shape[1])
-    index.add(np.ascontiguousarray(database.cpu().numpy(), dtype=np.float32))
-    _, ids = index.search(np.ascontiguousarray(queries.cpu().numpy(), dtype=np.float32), min(k, database.shape[0]))
-    return ids
 
 
 class CopydaysDataset:
@@ -216,7 +207,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform is not None else img), index
 
 
-def list_images(folder, flag, minimum):
+def list_optional_images(folder, flag, minimum):
     """Image files directly inside `folder`, sorted; None when it is not a folder (the option is then unused)."""
     if not os.path.isdir(folder):
         print(f"{flag} {folder} is not a folder: not used.")

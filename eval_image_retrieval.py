@@ -13,8 +13,6 @@ import utils
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the original: read truncated JPEGs rather than stop
 DATASETS = ['roxford5k', 'rparis6k']
-GLDV2_WEIGHTS_URL = ('https://dl.fbaipublicfiles.com/dino/dino_vitsmall16_googlelandmark_pretrain/'
-                     'dino_vitsmall16_googlelandmark_pretrain.pth')
 KAPPAS = [1, 5, 10]
 
 
@@ -97,11 +95,9 @@ def load_weights(model, args):
                                       args.patch_size)
         return
     print("No --pretrained_weights given: loading DINO vit_small/16 weights trained on Google Landmarks v2.")
-    try:
-        state_dict = torch.hub.load_state_dict_from_url(GLDV2_WEIGHTS_URL, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        utils.fail(f"could not download {GLDV2_WEIGHTS_URL}: {str(exc).splitlines()[0][:150]}; "
-                   "when offline, pass a local checkpoint with --pretrained_weights")
+    state_dict = utils.download_state_dict_or_exit(utils.RELEASED_WEIGHTS_URL + utils.GLDV2_WEIGHTS,
+                                                   "could not download {url}: {reason}; "
+                                                   "when offline, pass a local checkpoint with --pretrained_weights")
     print(f"Google Landmarks v2 weights loaded with msg: {model.load_state_dict(state_dict)}")
 
 

@@ -131,7 +131,7 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
     for start in metric_logger.log_every(starts, 10, 'k-NN'):
         queries = test_features[start:start + chunk_size]
         targets = test_labels[start:start + chunk_size].view(-1, 1)
-        similarities, indices = nearest_neighbours(train_features, queries, k_max)
+        similarities, indices = utils.nearest_neighbours(train_features, queries, k_max)
         neighbour_labels = train_labels[indices]
         for i, k in enumerate(ks):
             ranked = rank_classes(similarities[:, :k], neighbour_labels[:, :k], T, num_classes)
@@ -147,29 +147,6 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
 def default_chunk_size(num_train, k, num_classes, budget=2 ** 26):
     """Test samples per chunk so that the similarity and vote matrices stay under `budget` elements."""
     return max(1, budget // max(num_train, k * num_classes))
-
-
-def nearest_neighbours(train_features, queries, k):
-    """The k most similar training rows of each query (dot product), by decreasing similarity.
-
-    Rows whose k-th similarity is shared with rows left out (then the (k+1)-th equals the k-th)
-    are redone exactly, so that equal similarities always go to the lower training index,
-    whatever the device's top-k does.
-    """
-    similarity = queries @ train_features.t()
-    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
-    tied_rows = (values[:, k] == values[:, k - 1]) if values.shape[1] > k else torch.zeros(0, dtype=torch.bool)
-    values, indices = values[:, :k], indices[:, :k]
-    kth = values[:, -1:]
-    for row in tied_rows.nonzero().flatten().tolist():
-        above = (similarity[row] > kth[row]).nonzero().flatten()
-        level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
-        indices[row] = torch.cat((above, level))
-        values[row] = similarity[row, indices[row]]
-    # order: decreasing similarity, then increasing index
-    indices, order = indices.sort(dim=1)
-    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
-    return values, indices.gather(1, order)
 
 
 def rank_classes(similarities, labels, T, num_classes):
@@ -233,7 +210,7 @@ def load_features(folder):
     if missing:
         utils.fail(f"--load_features {folder} lacks {', '.join(missing)}; "
                    "pass a folder written by --dump_features")
-    train_features, test_features, train_labels, test_labels = (utils.load_checkpoint(p) for p in paths)
+    train_features, test_features, train_labels, test_labels = (utils.load_checkpoint_or_exit(p) for p in paths)
     if not all(torch.is_tensor(t) for t in (train_features, test_features, train_labels, test_labels)) \
             or train_features.ndim != 2 or test_features.ndim != 2 \
             or len(train_features) != len(train_labels) or len(test_features) != len(test_labels) \

@@ -229,7 +229,7 @@ def load_linear_head(linear_classifier, args):
     """The head trained in output_dir, or else the released one for --arch/--patch_size."""
     path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     if os.path.isfile(path):
-        checkpoint = utils.load_checkpoint(path)
+        checkpoint = utils.load_checkpoint_or_exit(path)
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
             utils.fail(f"{path} holds no linear head ('state_dict'); train one first (without --evaluate)")
         state_dict, source = checkpoint['state_dict'], path
@@ -251,11 +251,9 @@ def download_linear_head(args):
     if url is None:
         utils.fail(f"no linear head in {args.output_dir} and no released one for {args.arch}/{args.patch_size}; "
                    "train one first (without --evaluate)")
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
-    except Exception as exc:
-        utils.fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}; "
-                   "when offline, train a head first (without --evaluate)")
+    released = utils.download_state_dict_or_exit(url, "could not download the released linear head ({url}): {reason}; "
+                                                       "when offline, train a head first (without --evaluate)")
+    return released['state_dict']
 
 
 def write_logs(log_stats, epoch, output_dir, summary_writer):

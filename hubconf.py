@@ -12,21 +12,19 @@ import vision_transformer as vits
 
 dependencies = ['torch', 'torchvision']
 
-WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
 
-
-def _released_weights(name, file):
-    url = f'{WEIGHTS_URL}{file}/{file}.pth'
+def _released_weights(name, arch, patch_size):
+    url = vits.RELEASED_WEIGHTS_URL + vits.RELEASED_WEIGHTS[arch, patch_size]
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
-    except Exception as exc:
+        return vits.download_state_dict(url)
+    except vits.DownloadError as exc:
         raise RuntimeError(f"{name}: could not download the released DINO weights from {url} "
-                           f"({str(exc).splitlines()[0][:150]}); when offline, call it with pretrained=False "
-                           "and load a local file with model.load_state_dict(...)") from None
+                           f"({exc}); when offline, call it with pretrained=False and load a local file "
+                           "with model.load_state_dict(...)") from None
 
 
-def _vit(name, arch, patch_size, file, pretrained, **kwargs):
-    state_dict = _released_weights(name, file) if pretrained else None  # download first: fail fast offline
+def _vit(name, arch, patch_size, pretrained, **kwargs):
+    state_dict = _released_weights(name, arch, patch_size) if pretrained else None  # first: fail fast offline
     model = vits.__dict__[arch](patch_size=patch_size, num_classes=0, **kwargs)
     if state_dict is not None:
         model.load_state_dict(state_dict, strict=True)
@@ -35,27 +33,27 @@ def _vit(name, arch, patch_size, file, pretrained, **kwargs):
 
 def dino_vits16(pretrained=True, **kwargs):
     """ViT-Small/16 trained with DINO: 74.5% k-NN top-1 on ImageNet."""
-    return _vit('dino_vits16', 'vit_small', 16, 'dino_deitsmall16_pretrain', pretrained, **kwargs)
+    return _vit('dino_vits16', 'vit_small', 16, pretrained, **kwargs)
 
 
 def dino_vits8(pretrained=True, **kwargs):
     """ViT-Small/8 trained with DINO: 78.3% k-NN top-1 on ImageNet."""
-    return _vit('dino_vits8', 'vit_small', 8, 'dino_deitsmall8_pretrain', pretrained, **kwargs)
+    return _vit('dino_vits8', 'vit_small', 8, pretrained, **kwargs)
 
 
 def dino_vitb16(pretrained=True, **kwargs):
     """ViT-Base/16 trained with DINO: 76.1% k-NN top-1 on ImageNet."""
-    return _vit('dino_vitb16', 'vit_base', 16, 'dino_vitbase16_pretrain', pretrained, **kwargs)
+    return _vit('dino_vitb16', 'vit_base', 16, pretrained, **kwargs)
 
 
 def dino_vitb8(pretrained=True, **kwargs):
     """ViT-Base/8 trained with DINO: 77.4% k-NN top-1 on ImageNet."""
-    return _vit('dino_vitb8', 'vit_base', 8, 'dino_vitbase8_pretrain', pretrained, **kwargs)
+    return _vit('dino_vitb8', 'vit_base', 8, pretrained, **kwargs)
 
 
 def dino_resnet50(pretrained=True, **kwargs):
     """ResNet-50 trained with DINO (no classifier: `fc` is the identity); 75.3% linear top-1 on ImageNet."""
-    state_dict = _released_weights('dino_resnet50', 'dino_resnet50_pretrain') if pretrained else None
+    state_dict = _released_weights('dino_resnet50', 'resnet50', None) if pretrained else None
     model = resnet50(weights=None, **kwargs)
     model.fc = torch.nn.Identity()
     if state_dict is not None:

@@ -794,7 +794,7 @@ def _damage(path, exc):
     return "in neither of PyTorch's file formats, zip archive or pickle"
 
 
-def load_checkpoint(path):
+def load_checkpoint_or_exit(path):
     """read_checkpoint, stopping with one clear line when the file is missing, damaged or unsafe."""
     try:
         return read_checkpoint(path)
@@ -1097,19 +1097,16 @@ def _wait_for_stop_signal(announcement):
 # Released DINO weights and pretrained backbones (evaluations, attention scripts)
 # =====================================================================================
 
-RELEASED_WEIGHTS = {
-    ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
-    ('vit_small', 8): 'dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth',
-    ('vit_base', 16): 'dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
-    ('vit_base', 8): 'dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth',
-    ('resnet50', None): 'dino_resnet50_pretrain/dino_resnet50_pretrain.pth',
-}
-RELEASED_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
+RELEASED_WEIGHTS, ATTENTION_WEIGHTS = vits.RELEASED_WEIGHTS, vits.ATTENTION_WEIGHTS  # the original's names
+RELEASED_WEIGHTS_URL, GLDV2_WEIGHTS = vits.RELEASED_WEIGHTS_URL, vits.GLDV2_WEIGHTS
 
 
-# the attention scripts' default, vit_small/8, shows the 300-epoch model of the paper's figures, as the original
-ATTENTION_WEIGHTS = {**RELEASED_WEIGHTS,
-                     ('vit_small', 8): 'dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth'}
+def download_state_dict_or_exit(url, failure):
+    """vits.download_state_dict(url), or stop with the line `failure`.format(url=..., reason=...)."""
+    try:
+        return vits.download_state_dict(url)
+    except vits.DownloadError as exc:
+        fail(failure.format(url=url, reason=exc))
 
 
 def _released_key(model_name, patch_size):
@@ -1129,11 +1126,8 @@ def load_pretrained_linear_weights(linear_classifier, model_name, patch_size):
         print("We use random linear weights.")
         return
     print(f"We load the reference pretrained linear weights from {url}.")
-    try:
-        state_dict = torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)['state_dict']
-    except Exception as exc:
-        fail(f"could not download the released linear head ({url}): {str(exc).splitlines()[0][:150]}")
-    linear_classifier.load_state_dict(state_dict, strict=True)
+    state_dict = download_state_dict_or_exit(url, "could not download the released linear head ({url}): {reason}")
+    linear_classifier.load_state_dict(state_dict['state_dict'], strict=True)
 
 
 def download_released_weights(model_name, patch_size, released=None):
@@ -1146,12 +1140,9 @@ def download_released_weights(model_name, patch_size, released=None):
     if key not in released:
         fail(f"no released DINO weights for {model_name} with patch size {patch_size}; "
              "pass your own with --pretrained_weights")
-    url = RELEASED_WEIGHTS_URL + released[key]
-    try:
-        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
-    except Exception as exc:
-        fail(f"could not download the released DINO weights ({url}): {str(exc).splitlines()[0][:150]}; "
-             "when offline, pass a local checkpoint with --pretrained_weights")
+    return download_state_dict_or_exit(RELEASED_WEIGHTS_URL + released[key],
+                                       "could not download the released DINO weights ({url}): {reason}; "
+                                       "when offline, pass a local checkpoint with --pretrained_weights")
 
 
 def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_name, patch_size, released=None):
@@ -1164,7 +1155,7 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     if pretrained_weights:
         if not os.path.isfile(pretrained_weights):
             fail(f"--pretrained_weights {pretrained_weights} not found")
-        state_dict = load_checkpoint(pretrained_weights)
+        state_dict = load_checkpoint_or_exit(pretrained_weights)
         source = pretrained_weights
     else:
         print("No --pretrained_weights given: using the released DINO weights for this architecture.")
@@ -2289,6 +2280,29 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
 # =====================================================================================
 # Retrieval metrics and PCA whitening (eval_image_retrieval: revisited Oxford/Paris; eval_copy_detection)
 # =====================================================================================
+
+def nearest_neighbours(database, queries, k):
+    """(similarities, indices) of the k most similar database rows of each query (dot product), nearest first.
+
+    Rows whose k-th similarity is shared with rows left out (then the (k+1)-th equals the k-th)
+    are redone exactly, so that equal similarities always go to the lower database index,
+    whatever the device's top-k does.
+    """
+    similarity = queries @ database.t()
+    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    tied_rows = (values[:, k] == values[:, k - 1]) if values.shape[1] > k else torch.zeros(0, dtype=torch.bool)
+    values, indices = values[:, :k], indices[:, :k]
+    kth = values[:, -1:]
+    for row in tied_rows.nonzero().flatten().tolist():
+        above = (similarity[row] > kth[row]).nonzero().flatten()
+        level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
+        indices[row] = torch.cat((above, level))
+        values[row] = similarity[row, indices[row]]
+    # order: decreasing similarity, then increasing index
+    indices, order = indices.sort(dim=1)
+    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return values, indices.gather(1, order)
+
 
 def compute_ap(ranks, nres):
     """Average precision of one query: trapezoidal area under its precision-recall curve.

@@ -57,7 +57,7 @@ def generate(args):
     if os.path.isfile(args.input_path):
         frames_folder = os.path.join(args.output_path, 'frames')
         args.fps = extract_frames_from_video(args.input_path, frames_folder, args.fps)
-    frame_list = list_images(frames_folder)
+    frame_list = images_in_natural_order(frames_folder)
     if not frame_list:
         utils.fail(f"no frames ({', '.join(IMAGE_EXTENSIONS)}) in {frames_folder}")
 
@@ -126,7 +126,7 @@ def write_attention_images(model, batch, names, out_folder, args, device):
 
 def generate_video_from_images(attention_folder, out_folder, args):
     """Assemble attention_folder/attn-*.jpg (in natural order) into out_folder/video.<format>."""
-    images = [path for path in list_images(attention_folder) if os.path.basename(path).startswith('attn-')]
+    images = [path for path in images_in_natural_order(attention_folder) if os.path.basename(path).startswith('attn-')]
     if not images:
         utils.fail(f"no attention images (attn-*.jpg) in {attention_folder}")
     first = read_bgr(images[0])
@@ -147,7 +147,7 @@ def generate_video_from_images(attention_folder, out_folder, args):
     print(f"Done: {video_path}")
 
 
-def list_images(folder):
+def images_in_natural_order(folder):
     """Image files of a folder in natural order (frame2 before frame10)."""
     names = [f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
     return [os.path.join(folder, name) for name in sorted(names, key=natural_key)]

@@ -341,3 +341,32 @@ class DINOHead(nn.Module):
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)
+
+
+# Released DINO weights: the one table and download, shared by hubconf.py (which imports this module
+# alone) and utils.load_pretrained_weights and the evaluations.
+RELEASED_WEIGHTS_URL = 'https://dl.fbaipublicfiles.com/dino/'
+RELEASED_WEIGHTS = {
+    ('vit_small', 16): 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
+    ('vit_small', 8): 'dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth',
+    ('vit_base', 16): 'dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+    ('vit_base', 8): 'dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth',
+    ('resnet50', None): 'dino_resnet50_pretrain/dino_resnet50_pretrain.pth',
+}
+# the attention scripts' default, vit_small/8, shows the 300-epoch model of the paper's figures, as the original
+ATTENTION_WEIGHTS = {**RELEASED_WEIGHTS,
+                     ('vit_small', 8): 'dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth'}
+# image retrieval's default: vit_small/16 trained on Google Landmarks v2
+GLDV2_WEIGHTS = 'dino_vitsmall16_googlelandmark_pretrain/dino_vitsmall16_googlelandmark_pretrain.pth'
+
+
+class DownloadError(Exception):
+    """Released weights that could not be downloaded; the message is the reason, in one short line."""
+
+
+def download_state_dict(url):
+    """The state dict at `url` (torch.hub's cached download, loaded on the CPU); DownloadError when it fails."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise DownloadError(str(exc).splitlines()[0][:150]) from None

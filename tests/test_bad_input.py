@@ -276,7 +276,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_or_stops_at_once(presses, tmp_path)
     if presses == 1:
         stopped = [line for line in stdout.splitlines() if line.startswith('Stopped by SIGINT')]
         assert len(stopped) == 1 and 'run the same command to continue' in stopped[0]
-        checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+        checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
         assert checkpoint['epoch'] == 0 and 0 < checkpoint['step'] < 4
     else:
         assert stderr.strip().splitlines()[-1].startswith('Interrupted again: stopping now')

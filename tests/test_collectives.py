@@ -179,7 +179,7 @@ def test_every_collective_of_the_scripts_reaches_its_backend_on_its_device(monke
     main_dino.end_epoch(run, 0, logger)
     assert (logger.loss.count, logger.loss.total) == (4, 4.0)
     assert json.loads((tmp_path / 'log.txt').read_text())['train_loss'] == 1.0
-    assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['skipped_images']['warned'] == [3]
+    assert utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')['skipped_images']['warned'] == [3]
 
     # the rest of the training loop: stop requests, the DINO centre, meter states of a stopped epoch
     stop = utils.StopSignal.__new__(utils.StopSignal)  # no signal handlers installed in the test process
@@ -241,5 +241,5 @@ def test_one_process_torchrun_training_runs_in_a_process_group(tmp_path):
                         '--output_dir', tmp_path)
     assert 'distributed: True' in proc.stdout and 'world_size: 1' in proc.stdout
     assert [json.loads(line)['epoch'] for line in (tmp_path / 'log.txt').read_text().splitlines()] == [0]
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['args'].distributed

@@ -398,7 +398,7 @@ def test_training_writes_logs_checkpoints_and_events_and_resumes(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert {'loss', 'lr', 'wd', 'examples/sec'} <= set(events.Tags()['scalars'])
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 2
     assert all(t.device.type == 'cpu' for t in checkpoint['teacher'].values())
     assert set(checkpoint) >= {'student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss'}
@@ -416,7 +416,7 @@ def test_two_process_torchrun_matches_one_process_gradients(tmp_path):
                         '--epochs', '1', '--output_dir', out)
     assert 'world_size: 2' in proc.stdout
     assert [entry['epoch'] for entry in read_log(out)] == [0]
-    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(out / 'checkpoint.pth')
     assert checkpoint['args'].world_size == 2
     proc = run_torchrun('tests/dist_check.py', 2, tmp_path / 'dist.pt')
     single = torch.load(tmp_path / 'dist.pt')

@@ -122,10 +122,11 @@ def test_device_augmented_training_resumes_exactly_after_a_kill(tmp_path):
     assert 'Multi-crop views rendered on: device' in proc.stdout
     proc = train(resumed, '--num_workers', '0', fault='step:3:kill', check=False)
     assert proc.returncode == -signal.SIGKILL
-    assert utils.load_checkpoint(resumed / 'checkpoint.pth')['epoch'] == 1
+    assert utils.load_checkpoint_or_exit(resumed / 'checkpoint.pth')['epoch'] == 1
     train(resumed, '--num_workers', '0')
     assert (resumed / 'log.txt').read_text() == (reference / 'log.txt').read_text()
-    got, want = utils.load_checkpoint(resumed / 'checkpoint.pth'), utils.load_checkpoint(reference / 'checkpoint.pth')
+    load = utils.load_checkpoint_or_exit
+    got, want = load(resumed / 'checkpoint.pth'), load(reference / 'checkpoint.pth')
     for key in ('student', 'teacher', 'dino_loss'):
         for name in want[key]:
             assert torch.equal(got[key][name], want[key][name]), f'{key}.{name} differs'

@@ -58,7 +58,7 @@ def train_here(monkeypatch):
 
 
 def checkpoint_position(out):
-    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(out / 'checkpoint.pth')
     return checkpoint['epoch'], checkpoint.get('step', 0)
 
 

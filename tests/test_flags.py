@@ -109,7 +109,7 @@ def test_training_flags_sgd_patch8_no_local_crops_and_head_options(tmp_path, mon
           '--norm_last_layer', 'false', '--use_bn_in_head', 'true', '--drop_path_rate', '0.3',
           '--warmup_teacher_temp', '0.04', '--teacher_temp', '0.07', '--warmup_teacher_temp_epochs', '2',
           '--freeze_last_layer', '0')
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     student = checkpoint['student']
     # --local_crops_number 0: two global views only, in the steps and in the loss; --global_crops_scale
     assert record.steps == [[(4, 3, 32, 32)] * 2] * 6
@@ -147,7 +147,7 @@ def test_training_defaults_autocast_and_a_non_finite_loss_keep_the_last_good_che
         train(tmp_path, '--epochs', '2', '--saveckp_freq', '0', '--autocast', '--freeze_last_layer', '0')
     assert stop.value.code == 1
     assert 'Loss is nan at epoch 1, iteration 2: stopping training' in capsys.readouterr().out
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and len((tmp_path / 'log.txt').read_text().splitlines()) == 1
     assert not list(tmp_path.glob('checkpoint0*.pth'))  # --saveckp_freq 0: no numbered checkpoints
     assert record.clips == 2  # clipped at each of the two good steps
@@ -167,7 +167,7 @@ def test_training_resnet_with_lars_stops_on_sigusr1_and_resumes_without_random_s
     args = ['--arch', 'resnet18', '--optimizer', 'lars', '--epochs', '2']
     train(tmp_path, *args)
     assert 'Stopped by SIGUSR1 at epoch 1, iteration 1' in capsys.readouterr().out
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['step'] == 1
     assert 'module.backbone.layer4.1.bn2.running_var' in checkpoint['student']  # torchvision's ResNet
     assert all(set(state) == {'mu'} for state in checkpoint['optimizer']['state'].values())  # LARS
@@ -177,7 +177,7 @@ def test_training_resnet_with_lars_stops_on_sigusr1_and_resumes_without_random_s
     train(tmp_path, *args)
     out = capsys.readouterr().out
     assert 'the checkpoint holds no random states' in out and 'Resuming epoch 1 at iteration 1/2' in out
-    assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 2
+    assert utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')['epoch'] == 2
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 2
 
 
@@ -193,7 +193,7 @@ def test_two_processes_batch_norm_head_stop_signal_to_one_rank_then_resume_with_
     output = signal_when_waiting(cmd, env, 'DINO_FAULT: wait at step 1', lambda proc, line: os.kill(
         int(re.search(r'\(pid (\d+)\)', line).group(1)), signal.SIGUSR1))  # rank 1 only
     assert 'Stopped by a signal to another process at epoch 0, iteration 1' in output, output[-3000:]
-    stopped = utils.load_checkpoint(two / 'checkpoint.pth')
+    stopped = utils.load_checkpoint_or_exit(two / 'checkpoint.pth')
     assert stopped['step'] == 1 and len(stopped['epoch_meters']) == 2
     assert stopped['student']['module.head.mlp.1.num_batches_tracked'] == 1
 
@@ -290,7 +290,7 @@ def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypa
                                                                      utils.center_crop_transform(224))])
     with torch.no_grad():
         expected, other = (F.normalize(model(images), dim=1) for model in (student, teacher))
-    features = utils.load_checkpoint(tmp_path / 'feats' / 'testfeat.pth')
+    features = utils.load_checkpoint_or_exit(tmp_path / 'feats' / 'testfeat.pth')
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(features, other, atol=1e-3)
 
@@ -611,6 +611,7 @@ def test_linear_two_processes_with_a_rank_without_validation_images_match_one(tm
     assert len(logs[0]) == len(logs[1]) == 2
     for one, two in zip(*logs):
         assert one.keys() == two.keys() and all(two[k] == pytest.approx(v, rel=1e-4, abs=1e-6) for k, v in one.items())
-    heads = [utils.load_checkpoint(tmp_path / name / 'checkpoint.pth.tar')['state_dict'] for name in ('one', 'two')]
+    heads = [utils.load_checkpoint_or_exit(tmp_path / name / 'checkpoint.pth.tar')['state_dict']
+             for name in ('one', 'two')]
     for name, value in heads[0].items():
         torch.testing.assert_close(heads[1][name], value, rtol=1e-4, atol=1e-6)

@@ -74,7 +74,7 @@ def check_against_brute_force(train, train_labels, test, test_labels, ks, T, num
                                     chunk_size=chunk_size)
     for k in ks:
         neighbours, rankings = brute_force_knn(train, train_labels, test, k, T, num_classes)
-        sims, indices = eval_knn.nearest_neighbours(train, test, k)
+        sims, indices = utils.nearest_neighbours(train, test, k)
         assert indices.tolist() == neighbours
         ranked = eval_knn.rank_classes(sims, train_labels[indices], T, num_classes)
         assert ranked[:, :5].tolist() == [r[:5] for r in rankings]
@@ -111,7 +111,7 @@ def test_knn_ties_go_to_lower_index_then_lower_class():
     train = torch.tensor([[1., 0.], [1., 0.], [0., 1.]])
     train_labels = torch.tensor([2, 1, 0])
     query = torch.tensor([[1., 0.]])
-    sims, indices = eval_knn.nearest_neighbours(train, query, 2)
+    sims, indices = utils.nearest_neighbours(train, query, 2)
     assert indices.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
     assert eval_knn.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
     assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([1]), 2, 0.07, 3) == (100., 100.)
@@ -141,7 +141,7 @@ def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, 
     two = run_torchrun('eval_knn.py', 2, *common, '--dump_features', tmp_path / 'two')
     # the k-NN search is shared out between the processes too, with the same result
     assert knn_results(two.stdout) == knn_results(one) and set(knn_results(one)) == {3}
-    load = utils.load_checkpoint
+    load = utils.load_checkpoint_or_exit
     for name in ('trainfeat.pth', 'testfeat.pth'):
         one, two = load(tmp_path / 'one' / name), load(tmp_path / 'two' / name)
         assert one.shape == two.shape and one.shape[0] in (11, 7)
@@ -181,7 +181,7 @@ def test_knn_end_to_end_on_synthetic_and_load_features(tmp_path, capsys, tiny_di
         assert set(results) == {10, 20} and all(0 <= t1 <= t5 <= 100 for t1, t5 in results.values())
 
     # the features are those of the checkpoint's teacher on 64-pixel crops (resized to 73, bicubic)
-    load = utils.load_checkpoint
+    load = utils.load_checkpoint_or_exit
     train_feats, test_feats, train_labels, test_labels = [load(tmp_path / 'feats' / n) for n in eval_knn.FEATURE_FILES]
     assert train_feats.shape == test_feats.shape == (256, 192)
     assert train_labels.tolist() == [i % 10 for i in range(256)]
@@ -221,7 +221,7 @@ def test_linear_eval_logs_resumes_and_evaluates(tmp_path, capsys, tiny_dino_chec
     # cosine to 0 over --epochs, stepped once per epoch
     assert [entry['train_lr'] for entry in logs] == pytest.approx([base_lr, base_lr / 2])
     assert [entry['test_acc1'] for entry in logs] == pytest.approx(accs, abs=1e-3)
-    checkpoint = utils.load_checkpoint(out / 'checkpoint.pth.tar')
+    checkpoint = utils.load_checkpoint_or_exit(out / 'checkpoint.pth.tar')
     assert checkpoint['epoch'] == 2 and checkpoint['best_acc'] == pytest.approx(max(accs), abs=1e-3)
     assert checkpoint['state_dict']['module.linear.weight'].shape == (10, 4 * 192)
 
@@ -265,7 +265,8 @@ def test_linear_head_learns_separable_features_with_avgpool_one_block_and_val_fr
     # --val_freq 2: validated at epochs 0, 2 and at the last one
     assert [entry['epoch'] for entry in logs if 'test_acc1' in entry] == [0, 2, 4]
     # --n_last_blocks 1 --avgpool_patchtokens: [CLS] and mean patch token of the last block, interleaved
-    assert utils.load_checkpoint(out / 'checkpoint.pth.tar')['state_dict']['module.linear.weight'].shape == (4, 384)
+    head = utils.load_checkpoint_or_exit(out / 'checkpoint.pth.tar')['state_dict']
+    assert head['module.linear.weight'].shape == (4, 384)
     model = vits.vit_tiny(patch_size=16).eval()
     model.load_state_dict(torch.load(random_vit_tiny))
     x = torch.randn(2, 3, 64, 64)

@@ -48,7 +48,8 @@ def assert_same_run(out, ref, epochs=3):
     """log.txt identical line for line, and the final weights, optimizer and centre bit for bit."""
     assert (out / 'log.txt').read_text() == (ref / 'log.txt').read_text()
     assert [json.loads(line)['epoch'] for line in (out / 'log.txt').read_text().splitlines()] == list(range(epochs))
-    got, want = utils.load_checkpoint(out / 'checkpoint.pth'), utils.load_checkpoint(ref / 'checkpoint.pth')
+    load = utils.load_checkpoint_or_exit
+    got, want = load(out / 'checkpoint.pth'), load(ref / 'checkpoint.pth')
     for key in ('student', 'teacher', 'dino_loss'):
         assert got[key].keys() == want[key].keys()
         for name in want[key]:
@@ -66,7 +67,7 @@ def test_sigkill_in_a_checkpoint_write_damaged_checkpoint_and_sigkill_mid_epoch_
     proc = train(tmp_path, '--num_workers', '0', fault='save:3:kill', check=False)
     assert killed(proc)
     assert list(tmp_path.glob('checkpoint.pth.tmp*')), 'the kill did not come between write and rename'
-    assert utils.load_checkpoint(tmp_path / 'checkpoint.pth')['epoch'] == 1  # the previous one, intact
+    assert utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')['epoch'] == 1  # the previous one, intact
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 2  # epoch 1 was logged before the kill
 
     # now damage it: cut at half its length, and a newer numbered checkpoint that is empty
@@ -94,7 +95,7 @@ def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_pat
     output = signal_when_waiting(cmd, env, 'DINO_FAULT: wait at step 6',
                                  lambda proc, line: os.killpg(proc.pid, signal.SIGTERM))
     assert 'Stopped by SIGTERM at epoch 1, iteration 2' in output, output[-3000:]
-    checkpoint = utils.load_checkpoint(tmp_path / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')
     assert checkpoint['epoch'] == 1 and checkpoint['step'] == 2  # mid-epoch
     assert len((tmp_path / 'log.txt').read_text().splitlines()) == 1
 
@@ -116,7 +117,7 @@ def test_random_states_round_trip_through_a_checkpoint(tmp_path):
     expected = (np.random.rand(), torch.rand(2), random.random())
     utils.save_checkpoint({'rng_state': state}, tmp_path / 'c.pth')
     np.random.rand(5), torch.rand(5)
-    utils.set_rng_state(utils.load_checkpoint(tmp_path / 'c.pth')['rng_state'])
+    utils.set_rng_state(utils.load_checkpoint_or_exit(tmp_path / 'c.pth')['rng_state'])
     got = (np.random.rand(), torch.rand(2), random.random())
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
 
@@ -172,7 +173,7 @@ def test_malicious_pickle_is_refused_by_every_loading_path(tmp_path, fmt):
     path = tmp_path / 'checkpoint.pth'
     write_malicious(path, marker, fmt)
     with pytest.raises(SystemExit) as load:
-        utils.load_checkpoint(path)
+        utils.load_checkpoint_or_exit(path)
     with pytest.raises(SystemExit) as pretrained:
         utils.load_pretrained_weights(torch.nn.Linear(1, 1), str(path), 'teacher', 'vit_tiny', 16)
     with pytest.raises(SystemExit) as resume:
@@ -199,7 +200,7 @@ def test_released_checkpoint_formats_still_load(tmp_path):
         msg = utils.load_pretrained_weights(target, str(tmp_path / name), 'teacher', 'vit_tiny', 16)
         assert not msg.missing_keys
         assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())
-    loaded = utils.load_checkpoint(tmp_path / 'full.pth')
+    loaded = utils.load_checkpoint_or_exit(tmp_path / 'full.pth')
     assert loaded['optimizer']['param_groups'][0]['lr'] == 1e-4 and loaded['args'].global_crops_scale == (0.4, 1.0)
 
 

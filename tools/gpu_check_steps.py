@@ -102,7 +102,7 @@ def training_run(out, epochs, device):
     log = _read_log(out)
     assert [entry['epoch'] for entry in log] == list(range(int(epochs))), f"log.txt epochs {log}"
     assert all(math.isfinite(entry['train_loss']) for entry in log), f"non-finite loss in {log}"
-    checkpoint = utils.load_checkpoint(Path(out) / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(Path(out) / 'checkpoint.pth')
     args = checkpoint['args']
     assert checkpoint['epoch'] == int(epochs), f"checkpoint epoch {checkpoint['epoch']}"
     assert args.distributed and args.world_size == 1, "the torchrun process did not join a process group"
@@ -126,7 +126,7 @@ def sigterm_resume(reference, out, *command):
             os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=120)  # torchrun itself ends non-zero on a signal; its worker saved and exited 0
     assert 'Stopped by SIGTERM at epoch 1' in output, output[-2000:]
-    stopped = utils.load_checkpoint(Path(out) / 'checkpoint.pth')
+    stopped = utils.load_checkpoint_or_exit(Path(out) / 'checkpoint.pth')
     assert stopped['epoch'] == 1 and stopped['step'] > 0, f"epoch {stopped['epoch']} step {stopped['step']}"
     assert len(_read_log(out)) == 1
 
@@ -137,8 +137,8 @@ def sigterm_resume(reference, out, *command):
     assert [e['epoch'] for e in got] == [0, 1]
     loss_gap = abs(got[1]['train_loss'] - want[1]['train_loss']) / abs(want[1]['train_loss'])
     assert loss_gap < 1e-2, f"epoch 1 loss {got[1]['train_loss']} vs uninterrupted {want[1]['train_loss']}"
-    got_w = utils.load_checkpoint(Path(out) / 'checkpoint.pth')['teacher']
-    want_w = utils.load_checkpoint(Path(reference) / 'checkpoint.pth')['teacher']
+    got_w = utils.load_checkpoint_or_exit(Path(out) / 'checkpoint.pth')['teacher']
+    want_w = utils.load_checkpoint_or_exit(Path(reference) / 'checkpoint.pth')['teacher']
     gap = max((got_w[k].float() - want_w[k].float()).abs().max().item() for k in want_w)
     exact = 'bit-exact' if gap == 0 else f"teacher weights within {gap:.2g}"
     print(f"stopped at iteration {stopped['step']} of epoch 1, resumed: epoch-1 loss within {loss_gap:.1e} "
@@ -157,7 +157,7 @@ def learning(trained_log, random_log, learn_out, train_log):
     """Both k-NN figures, and whether training lifted the teacher clearly above the random backbone."""
     import utils
     trained, random_init = knn_top1(trained_log), knn_top1(random_log)
-    checkpoint = utils.load_checkpoint(Path(learn_out) / 'checkpoint.pth')
+    checkpoint = utils.load_checkpoint_or_exit(Path(learn_out) / 'checkpoint.pth')
     args = checkpoint['args']
     iters_per_epoch = len(list(Path(args.data_path).glob('*/*.png'))) // args.batch_size_per_device
     iterations = checkpoint['epoch'] * iters_per_epoch + checkpoint.get('step', 0)

@@ -35,9 +35,7 @@ def get_args_parser():
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=16, type=int, help='Images per device and batch.')
     utils.add_model_args(parser, arch='vit_base', patch_size=8)
-    parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
-                        type=utils.bool_flag, help="Keep the extracted features on the device (else in host memory).")
-    parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per device.')
+    utils.add_extraction_args(parser)
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
     return parser
@@ -79,7 +77,6 @@ def eval_copy_detection(args):
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
         copydays.evaluate(utils.nearest_neighbours(database, queries, TOP_K)[1].cpu().numpy())
-    utils.leave_process_group()
 
 
 def cls_gem_features(model, images):

@@ -29,9 +29,7 @@ def get_args_parser():
         its ground-truth bounding box before shrinking it (the revisited Oxford/Paris protocol); default false:
         whole query images, as the original DINO script (the DINO paper's retrieval figures).""")
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
-    parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
-                        type=utils.bool_flag, help="Keep the extracted features on the device (else in host memory).")
-    parser.add_argument('--num_workers', default=10, type=int, help='Number of data loading workers per device.')
+    utils.add_extraction_args(parser)
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
     return parser
@@ -67,7 +65,6 @@ def eval_retrieval(args):
         similarity = db_features @ query_features.T
         ranks = torch.argsort(-similarity.cpu(), dim=0, stable=True).numpy()
         report(ranks, cfg['gnd'], args.dataset)
-    utils.leave_process_group()
 
 
 def report(ranks, gnd, dataset):

@@ -22,14 +22,11 @@ def get_args_parser():
     parser.add_argument('--temperature', default=0.07, type=float,
                         help='Temperature T of the neighbour weights exp(similarity / T).')
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
-    parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
-                        type=utils.bool_flag, help="""Keep the features on the device for the k-NN search;
-        set false if the device runs out of memory.""")
+    utils.add_extraction_args(parser)
     parser.add_argument('--dump_features', default=None,
                         help='Folder where to save the computed features and labels; empty for no saving.')
     parser.add_argument('--load_features', default=None,
                         help='Folder of features saved earlier with --dump_features: skips the extraction.')
-    parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
                         help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
     parser.add_argument('--max_batches', default=None, type=int,
@@ -60,12 +57,11 @@ def eval_knn(args):
                            args.temperature, num_classes)
     for k, (top1, top5) in results.items():
         print(f"{k}-NN classifier result: Top1: {top1}, Top5: {top5}")
-        writer = make_summary_writer(args, f'{k}-NN')
+        writer = tensorboard_writer(args, f'{k}-NN')
         if writer is not None:
             writer.add_scalar('top1', top1, 0)
             writer.add_scalar('top5', top5, 0)
             writer.close()
-    utils.leave_process_group()
 
 
 def extract_feature_pipeline(args, device):
@@ -89,7 +85,7 @@ def extract_feature_pipeline(args, device):
     features = []
     for name, loader in (('train', loader_train), ('test', loader_val)):
         print(f"Extracting features for {name} set...")
-        writer = make_summary_writer(args, f'{name}_features')
+        writer = tensorboard_writer(args, f'{name}_features')
         feats = utils.extract_features(model, loader, device, autocast=args.autocast,
                                        store_on_device=args.store_on_device, summary_writer=writer)
         if writer is not None:
@@ -221,11 +217,8 @@ def load_features(folder):
     return train_features.float(), test_features.float(), train_labels.long(), test_labels.long()
 
 
-def make_summary_writer(args, subdir):
-    if not args.dump_tb_events or not utils.is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(os.path.join(args.dump_tb_events, subdir))
+def tensorboard_writer(args, subdir):
+    return utils.summary_writer(os.path.join(args.dump_tb_events, subdir)) if args.dump_tb_events else None
 
 
 def check_args(args):

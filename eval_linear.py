@@ -104,7 +104,7 @@ def eval_linear(args):
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
 
     # ============ training ... ============
-    summary_writer = make_summary_writer(args)
+    summary_writer = utils.summary_writer(args.output_dir)
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train(model, linear_classifier, optimizer, train_loader, epoch, args, summary_writer)
@@ -263,13 +263,6 @@ def write_logs(log_stats, epoch, output_dir, summary_writer):
         for name, value in log_stats.items():
             if name != 'epoch':
                 summary_writer.add_scalar(name, float(value), epoch)
-
-
-def make_summary_writer(args):
-    if not utils.is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(args.output_dir)
 
 
 def check_args(args):

@@ -130,7 +130,7 @@ def train_dino(args):
     if utils.is_main_process():
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
-    run.stop, run.summary_writer = stop, make_summary_writer(args)
+    run.stop, run.summary_writer = stop, utils.summary_writer(args.output_dir)
     start_time = time.time()
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
@@ -152,6 +152,7 @@ def train_dino(args):
     if run.summary_writer is not None:
         run.summary_writer.close()
     if stop.exit_code:
+        utils.leave_process_group()
         sys.exit(stop.exit_code)
 
 
@@ -557,13 +558,6 @@ def build_schedules(args, iters_per_epoch):
     # the teacher momentum rises to 1 during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
     return lr_schedule, wd_schedule, momentum_schedule
-
-
-def make_summary_writer(args):
-    if not utils.is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(args.output_dir)
 
 
 def check_args(args):

@@ -156,6 +156,14 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError('invalid value for a boolean flag (use true/false)')
 
 
+def add_extraction_args(parser):
+    """The flags of the scripts that extract frozen features: where they are kept, and the loader workers."""
+    parser.add_argument('--store_on_device', '--use_cuda', dest='store_on_device', default=True,
+                        type=bool_flag, help="""Keep the extracted features on the device (else in host memory);
+        set false if the device runs out of memory.""")
+    parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
+
+
 def add_model_args(parser, arch, patch_size, weights=True):
     """--arch and --patch_size with this script's defaults (the original's), and with `weights` the flags
     naming the weights to load: --pretrained_weights and --checkpoint_key."""
@@ -399,10 +407,13 @@ def peer_failure_message(exc, args):
 
 
 def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and run again"):
-    """pipeline(args), with an unreadable image or a lost peer process reported as one error line, and
-    Ctrl-C (where the pipeline does not handle it) as one line and exit status 130."""
+    """pipeline(args), then leave the process group (a process that exits while in one can abort); an
+    unreadable image or a lost peer process reported as one error line, and Ctrl-C (where the pipeline does
+    not handle it) as one line and exit status 130."""
     try:
-        return pipeline(args)
+        result = pipeline(args)
+        leave_process_group()
+        return result
     except KeyboardInterrupt:
         _builtin_print("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
         raise SystemExit(130) from None
@@ -1227,7 +1238,7 @@ def _training_args(path):
 
 
 # =====================================================================================
-# Logging and metrics: MetricLogger, accuracy, git state (main_dino, eval_knn, eval_linear)
+# Logging and metrics: MetricLogger, TensorBoard writers, accuracy, git state (main_dino, eval_knn, eval_linear)
 # =====================================================================================
 
 def get_sha():
@@ -1249,6 +1260,14 @@ def accuracy(output, target, topk=(1,)):
     ranked = output.topk(max(topk), dim=1).indices
     hits = ranked == target.view(-1, 1)
     return [hits[:, :k].any(dim=1).float().mean() * 100. for k in topk]
+
+
+def summary_writer(folder):
+    """A TensorBoard writer into `folder` on the main process; None on the others."""
+    if not is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported here: TensorBoard takes seconds to import
+    return SummaryWriter(folder)
 
 
 class SmoothedValue:

@@ -222,8 +222,7 @@ def benchmark_data(args):
     """Images/s of main_dino's data pipeline (JPEG decoding, multi-crop augmentation): through its
     DataLoader (--augment_on's path), and image by image on one thread, as in a DataLoader worker, for
     the original's PIL pipeline and both paths; then the device share of --augment_on device."""
-    utils.setup_device(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args, show_args=False, join_group=False)
     main_dino.resolve_augment_on(args)
     with tempfile.TemporaryDirectory() as root:
         paths = write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)

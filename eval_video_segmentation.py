@@ -45,9 +45,7 @@ def get_args_parser():
 
 
 def eval_davis(args):
-    utils.setup_device(args)
-    device = utils.device_for(args)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    device = utils.start_run(args, join_group=False)
     videos = list_videos(args.data_path)
     model = utils.load_frozen_vit(args, device)
     color_palette = davis_palette()

@@ -465,13 +465,13 @@ def device_for(args):
     return torch.device(args.device)
 
 
-def start_run(args, show_args=True):
-    """Resolve --device, join the launcher's process group (if any), print the git commit and the arguments.
-
-    The start of every script that can run under torchrun; returns this process's torch.device.
+def start_run(args, show_args=True, join_group=True):
+    """Resolve --device, join the launcher's process group (if any; single-process tools pass
+    join_group=False), print the git commit and the arguments; returns this process's torch.device.
     """
     setup_device(args)
-    init_distributed_mode(args)
+    if join_group:
+        init_distributed_mode(args)
     if show_args:
         print(f"git:\n  {get_sha()}\n")
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))

@@ -61,8 +61,7 @@ def generate(args):
     if not frame_list:
         utils.fail(f"no frames ({', '.join(IMAGE_EXTENSIONS)}) in {frames_folder}")
 
-    utils.setup_device(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args, show_args=False, join_group=False)
     model = utils.load_frozen_vit(args, device, attention_weights=True)
     attention_folder = os.path.join(args.output_path, 'attention')
     inference(model, frame_list, attention_folder, args, device)

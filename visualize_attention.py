@@ -30,8 +30,7 @@ def get_args_parser():
 
 
 def visualize(args):
-    utils.setup_device(args)
-    device = utils.device_for(args)
+    device = utils.start_run(args, show_args=False, join_group=False)
     img = load_image(args.image_path)
     model = utils.load_frozen_vit(args, device, attention_weights=True)
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / 'tests')]
 
 # pip name -> import name, where they differ
-IMPORT_NAMES = {'Pillow': 'PIL', 'opencv-python-headless': 'cv2', 'faiss-cpu': 'faiss', 'scikit-image': 'skimage',
+IMPORT_NAMES = {'Pillow': 'PIL', 'opencv-python-headless': 'cv2', 'scikit-image': 'skimage',
                 'scikit-learn': 'sklearn'}
 
 

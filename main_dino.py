@@ -182,10 +182,9 @@ def train_one_epoch(run, data_loader, epoch, start_step, meters):
                   f"The last good checkpoint in {args.output_dir} is kept; "
                   "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
             sys.exit(1)
-        metric_logger.update(loss=loss_value, **dict(zip(DINOLoss.FIGURES, figures)))
+        metric_logger.update(loss=loss_value, **dict(zip(DINOLoss.FIGURES, figures)),
+                             lr=run.optimizer.param_groups[0]["lr"], wd=run.optimizer.param_groups[0]["weight_decay"])
         run.collapse_watch.update(epoch, *figures)
-        metric_logger.update(lr=run.optimizer.param_groups[0]["lr"])
-        metric_logger.update(wd=run.optimizer.param_groups[0]["weight_decay"])
         step += 1
         utils.fault_point('step')
         if step < iters_per_epoch and run.stop.requested(device):

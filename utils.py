@@ -315,11 +315,14 @@ def add_distributed_args(parser):
     return parser
 
 
+# each process-group backend and the device type its collectives take their tensors on
+BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
+
+
 def _backend_for(device_type):
     if device_type == 'hpu':
         import habana_frameworks.torch.distributed.hccl  # noqa: F401  (registers the hccl backend)
-        return 'hccl'
-    return 'nccl' if device_type == 'cuda' else 'gloo'
+    return {device: backend for backend, device in BACKEND_DEVICE_TYPES.items()}[device_type]
 
 
 def init_distributed_mode(args):
@@ -501,9 +504,6 @@ def wrap_ddp(model, args):
 # Every collective of the scripts goes through the helpers below. Each hands the backend a copy of its
 # tensor on the device the backend works on (nccl: this process's GPU, hccl: the Gaudi, gloo: the CPU), in
 # a dtype the backend takes, and returns the result on the caller's tensor's device and in its dtype.
-
-BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
-
 
 def backend_device(backend):
     """torch.device on which collectives of `backend` ('nccl', 'hccl', 'gloo') take their tensors."""

@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import errno
 import importlib.util
+import math
 import multiprocessing
 import os
 import random
@@ -1481,16 +1482,21 @@ class DinoCropTransform:
         crop = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + width, top + height))
         if params.flip:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-        x = np.asarray(crop, dtype=np.float32)
+        return self.finish(np.asarray(crop, dtype=np.float32), params)
+
+    @classmethod
+    def finish(cls, x, params, out=None):
+        """The colour operations, grayscale, blur, solarisation and normalisation of a resized view: a
+        float32 (H, W, 3) array of whole levels in [0, 255], changed in place. Returns `out` (3, H, W)."""
         for op, factor in params.jitter:
-            x = getattr(self, op)(x, factor)
+            x = getattr(cls, op)(x, factor)
         if params.grayscale:
             x = cv2.cvtColor(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
         if params.blur_radius:
             x = cv2.GaussianBlur(x, (0, 0), params.blur_radius, borderType=cv2.BORDER_REPLICATE)
         if params.solarize:
             x = np.where(x >= 128, 255. - x, x)
-        return self.normalize(x)
+        return cls.normalize(x, out)
 
     # Colour operations work in place on float32 (H, W, 3) arrays of values in [0, 255]. The blends
     # end like PIL's: clipped to [0, 255] and truncated to whole levels.
@@ -1521,33 +1527,39 @@ class DinoCropTransform:
         cv2.add(hsv, (factor * 360. + 360., 0., 0., 0.), dst=hsv)
         return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=x)
 
-    def normalize(self, x):
-        """(x / 255 - mean) / std per channel, as a contiguous (3, H, W) tensor."""
-        out = torch.empty(3, *x.shape[:2])
+    @classmethod
+    def normalize(cls, x, out=None):
+        """(x / 255 - mean) / std per channel, as a contiguous (3, H, W) tensor (into `out` if given)."""
+        out = torch.empty(3, *x.shape[:2]) if out is None else out
         planes = out.numpy()
         for c in range(3):
-            np.multiply(x[..., c], 1. / (255. * self.STD[c]), out=planes[c])
-            planes[c] -= self.MEAN[c] / self.STD[c]
+            np.multiply(x[..., c], 1. / (255. * cls.STD[c]), out=planes[c])
+            planes[c] -= cls.MEAN[c] / cls.STD[c]
         return out
 
 
 # Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
 # exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
-# packed in one float64 row per view; render_views then renders all views of one size at once with
-# plain batched tensor ops (embedding_bag, index_select, grouped convolutions, elementwise ops), the
-# same steps as DinoCropTransform.render. The parameters stay on the CPU too, so that what decides
-# shapes (tap counts, which views take which operation) is known without waiting for the device.
+# packed in one float64 row per view; render_views then resizes all views of one size at once with
+# batched tensor ops (embedding_bag for PIL's bicubic taps). On an accelerator the colour operations,
+# grayscale, blur, solarisation and normalisation follow as batched tensor ops too (index_select, grouped
+# convolutions, elementwise ops). On a CPU device they run view by view with DinoCropTransform's OpenCV
+# kernels instead: torch's CPU kernels make a pass over memory per elementwise op (the hue shift alone
+# takes 25), OpenCV's one or two, so the batched ops would be slower there than the per-image render.
+# The parameters stay on the CPU, so that what decides shapes (tap counts, which views take which
+# operation) is known without waiting for the device.
 VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
                'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
                'grayscale', 'blur_radius', 'solarize')
 _F = {name: i for i, name in enumerate(VIEW_FIELDS)}
 _IDENTITY_FACTORS = (1., 1., 1., 0.)
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
-CPU_RENDER_CHUNK = 8  # images rendered together on a CPU device
+CPU_RENDER_CHUNK = 8  # images resized together on a CPU device
+OPENCV_ON_CPU = True  # False: the accelerators' tensor ops on CPU tensors too (the tests run both)
 
 
 def hand_over(image, views, max_short_side):
-    """What the loader passes on for the device render: (uint8 (3, H, W) tensor, float64 (views, fields)).
+    """What the loader passes on for the device render: (uint8 (H, W, 3) tensor, float64 (views, fields)).
 
     `views` are CropParams drawn on the PIL `image`. An image whose short side exceeds `max_short_side`
     is first shrunk to it (PIL bicubic, antialiased), and the boxes are scaled with it.
@@ -1567,55 +1579,91 @@ def hand_over(image, views, max_short_side):
         rows.append([top * scale_y, left * scale_x, box_height * scale_y, box_width * scale_x,
                      image.size[1], image.size[0], view.flip, *order, *factors, view.grayscale,
                      view.blur_radius, view.solarize])
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-    return pixels, torch.tensor(rows, dtype=torch.float64)
+    return torch.from_numpy(np.asarray(image).copy()), torch.tensor(rows, dtype=torch.float64)
 
 
 def collate_hand_over(samples):
     """Batch (hand_over result, skipped_index, note) items: images zero-padded to the largest one."""
-    height = max(pixels.shape[1] for (pixels, _), _, _ in samples)
-    width = max(pixels.shape[2] for (pixels, _), _, _ in samples)
-    batch = torch.zeros(len(samples), 3, height, width, dtype=torch.uint8)
+    height = max(pixels.shape[0] for (pixels, _), _, _ in samples)
+    width = max(pixels.shape[1] for (pixels, _), _, _ in samples)
+    batch = torch.empty(len(samples), height, width, 3, dtype=torch.uint8)
     for out, ((pixels, _), _, _) in zip(batch, samples):
-        out[:, :pixels.shape[1], :pixels.shape[2]] = pixels
+        out[:pixels.shape[0], :pixels.shape[1]] = pixels
+        out[pixels.shape[0]:] = 0
+        out[:pixels.shape[0], pixels.shape[1]:] = 0
     params = torch.stack([views for (_, views), _, _ in samples])
     skipped = torch.tensor([index for _, index, _ in samples])
     return (batch, params), skipped, [note for _, _, note in samples]
 
 
+def unpack_view(row):
+    """The CropParams of one packed row (a list of floats), as render_views reads them."""
+    f = _F
+    order = [int(i) for i in row[f['order0']:f['order3'] + 1] if i >= 0]
+    factors = row[f['brightness']:f['hue'] + 1]
+    jitter = tuple((DinoCropTransform.JITTER_OPS[i], factors[i]) for i in order)
+    return CropParams(tuple(row[:4]), bool(row[f['flip']]), jitter, bool(row[f['grayscale']]),
+                      row[f['blur_radius']], bool(row[f['solarize']]))
+
+
 def render_views(pixels, params, sizes):
     """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
 
-    pixels: (B, 3, H, W) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
-    the output side of each view. Consecutive views of the same size are rendered together.
+    pixels: (B, H, W, 3) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
+    the output side of each view. Consecutive views of the same size are resized together.
     """
-    if pixels.device.type == 'cpu' and len(pixels) > CPU_RENDER_CHUNK:
-        # a few images at a time: smaller tensors, whose memory the allocator reuses from call to call
-        chunks = [render_views(pixels[i:i + CPU_RENDER_CHUNK], params[i:i + CPU_RENDER_CHUNK], sizes)
-                  for i in range(0, len(pixels), CPU_RENDER_CHUNK)]
-        return [torch.cat(views) for views in zip(*chunks)]
-    batch, channels, height, width = pixels.shape
-    # (B, C, W, H): each channel's columns, see _resize_views
-    columns = pixels.transpose(2, 3).to(torch.float, memory_format=torch.contiguous_format)
-    views, start = [], 0
+    if _opencv_takes(pixels):
+        return _render_on_cpu(pixels, params, sizes)
+    return _render_batched(pixels, params, sizes)
+
+
+def _opencv_takes(x):
+    return x.device.type == 'cpu' and OPENCV_ON_CPU
+
+
+def _render_batched(pixels, params, sizes):
+    columns = _columns(pixels)
+    views = []
+    for start, end in _size_groups(sizes):
+        group = params[:, start:end].reshape(-1, params.shape[-1])
+        out = _render_group(columns, group, sizes[start])
+        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
+    return views
+
+
+def _render_on_cpu(pixels, params, sizes):
+    """A few images at a time (their intermediate images stay small enough to reuse memory), each view
+    finished by DinoCropTransform.finish in place, straight into the output."""
+    outputs = [torch.empty(len(pixels), 3, size, size) for size in sizes]
+    for first in range(0, len(pixels), CPU_RENDER_CHUNK):
+        chunk = slice(first, first + CPU_RENDER_CHUNK)
+        columns = _columns(pixels[chunk])
+        for start, end in _size_groups(sizes):
+            group = params[chunk, start:end].reshape(-1, params.shape[-1])
+            resized = _resize_views(columns, group, sizes[start]).numpy()
+            for v, row in enumerate(group.tolist()):
+                image, view = divmod(v, end - start)
+                DinoCropTransform.finish(resized[v], unpack_view(row), out=outputs[start + view][first + image])
+    return outputs
+
+
+def _size_groups(sizes):
+    """(start, end) of each run of consecutive views of the same size."""
+    start = 0
     while start < len(sizes):
         end = start
         while end < len(sizes) and sizes[end] == sizes[start]:
             end += 1
-        group = params[:, start:end].reshape(-1, params.shape[-1])
-        out = _render_group(columns, group, sizes[start], end - start)
-        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
+        yield start, end
         start = end
-    return views
 
 
-def _render_group(columns, params, size, per_image):
-    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * per_image."""
+def _render_group(columns, params, size):
+    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * views."""
     device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)
-    image_of_view = torch.arange(len(columns), device=device).repeat_interleave(per_image)
-    x = _resize_views(columns, image_of_view, host, params, size)
+    x = _resize_views(columns, host, size).permute(0, 3, 1, 2).contiguous()
     x = _jitter(x, host, params)
     gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
     if len(gray):
@@ -1633,34 +1681,72 @@ def _render_group(columns, params, size, per_image):
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
 # is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
-# read, each a contiguous vector. The first pass reads each channel's columns and writes the views'
-# columns; one 2-D transpose of all of them (the kind copy_ does in cache-sized tiles) makes row y of
-# view v one line, all its channels side by side, for the second pass.
+# read, each a contiguous vector. The first pass reads each channel's columns and writes each view's
+# columns, channels interleaved; one 2-D transpose of all of them makes row y of view v one line (its
+# pixels with their channels side by side) for the second pass, which so writes (H, W, 3) views.
+# On a CPU device OpenCV rounds and transposes (torch's transposing copy is a few times slower), and the
+# two largest intermediate images reuse memory from call to call (a fresh one costs as much in page
+# faults as the work done on it).
 
-def _resize_views(columns, image_of_view, host, params, size):
-    """columns: the images' columns, (B, C, W, H) floats; returns the resized views (V, C, size, size)."""
+_CPU_SCRATCH = {}
+
+
+def _scratch(name, shape, dtype=torch.float):
+    """A CPU tensor of `shape` kept under `name` for the next call (its contents are overwritten)."""
+    numel = math.prod(shape)
+    if name not in _CPU_SCRATCH or _CPU_SCRATCH[name].numel() < numel:
+        _CPU_SCRATCH[name] = torch.empty(numel, dtype=dtype)
+    return _CPU_SCRATCH[name][:numel].view(shape)
+
+
+def _columns(pixels):
+    """The columns of (B, H, W, C) images as floats, (B, C, W, H)."""
+    if not _opencv_takes(pixels):
+        return pixels.permute(0, 3, 2, 1).to(torch.float, memory_format=torch.contiguous_format)
+    batch, height, width, channels = pixels.shape
+    columns = _scratch('columns', (batch, channels, width, height))
+    for image, out in zip(pixels.numpy(), columns.numpy()):
+        for plane, channel in zip(cv2.split(cv2.transpose(image)), out):
+            np.copyto(channel, plane)
+    return columns
+
+
+def _rounded_transpose(x):
+    """The 2-D x clipped to [0, 255], rounded to whole levels (halves to even) and transposed."""
+    if not _opencv_takes(x):
+        return x.clamp_(0, 255).round_().t().contiguous()
+    levels = torch.from_numpy(cv2.transpose(cv2.add(x.numpy(), 0., dtype=cv2.CV_8U)))  # saturating round
+    return _scratch('rows', levels.shape).copy_(levels)
+
+
+def _resize_views(columns, host, size):
+    """columns: the images' columns, (B, C, W, H) floats; host: (V, fields) float64 rows on the CPU, the
+    views of each image in turn. Returns the resized views (V, size, size, C) in whole levels."""
     f = _F
-    _, channels, width, height = columns.shape
+    batch, channels, width, height = columns.shape
+    device = columns.device
+    params = host.to(device=device, dtype=torch.float32)
     views = len(params)
     flip = params[:, f['flip']] > 0
-    first = (image_of_view[:, None] * channels + torch.arange(channels, device=columns.device)) * width
+    image_of_view = torch.arange(batch, device=device).repeat_interleave(views // batch)
+    first = (image_of_view[:, None, None] * channels + torch.arange(channels, device=device)) * width
     out = _resample(columns.view(-1, height), first, 1, host[:, f['width']],
                     params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    rows = out.clamp_(0, 255).round_().t().contiguous()  # (H, V * C * size): line y * V + v: row y of view v
-    first = torch.arange(views, device=columns.device)[:, None]
-    out = _resample(rows.view(-1, channels * size), first, views, host[:, f['height']],
+    rows = _rounded_transpose(out)  # (H, V * size * C): line y * V + v is row y of view v
+    first = torch.arange(views, device=device)[:, None, None]
+    out = _resample(rows.view(-1, size * channels), first, views, host[:, f['height']],
                     params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    resized = columns.new_empty(views, channels, size, size)  # rounded while moving the channels first
-    return torch.clamp(out.view(views, size, channels, size).transpose(1, 2), 0, 255, out=resized).round_()
+    return out.clamp_(0, 255).round_().view(views, size, size, channels)
 
 
 def _resample(lines, first_line, step, host_length, box, size, flip):
     """Resample box v = (start, length, valid length) to `size` outputs, reading line i of the box of
-    view v, channel c (or all channels: first_line (V, 1)) at lines[first_line[v, c] + i * step]."""
+    view v, channel c at lines[first_line[v, 0, c] + i * step] (first_line (V, 1, C), or (V, 1, 1) when a
+    line holds all channels). Returns the outputs in the order (view, output, channel)."""
     taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
     index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    index = index[:, None] * step + first_line[..., None, None]
-    weight = weight[:, None].expand(index.shape)
+    index = index[:, :, None] * step + first_line[..., None]
+    weight = weight[:, :, None].expand(index.shape)
     return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps),
                            mode='sum')
 

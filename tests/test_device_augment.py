@@ -47,11 +47,15 @@ def both_paths(images, seed, local_crops_number=8, global_crops_size=224, local_
     return diffs, [p for _, p in handed]
 
 
-def test_device_render_equals_cpu_render(photos, monkeypatch):
+# render_views as on a CPU device (batched resize, OpenCV colour view by view), and the accelerators'
+# tensor ops (everything batched), run on CPU tensors
+@pytest.mark.parametrize('opencv', [True, False], ids=['cpu_device', 'accelerator_ops'])
+def test_device_render_equals_cpu_render(photos, monkeypatch, opencv):
     """Every view of several draws (all flips, jitter orders, grey, blur, solarisation are met): the
     tolerances used against PIL for the resize (mean below 1.5 grey levels, each view below 6). The
-    CPU renders the batch a few images at a time: here 4, then the last 2."""
+    CPU device renders the batch a few images at a time: here 4, then the last 2."""
     monkeypatch.setattr(utils, 'CPU_RENDER_CHUNK', 4)
+    monkeypatch.setattr(utils, 'OPENCV_ON_CPU', opencv)
     diffs, params = both_paths(photos * 3, seed=10)
     per_view = [d.mean().item() for d in diffs]
     assert np.mean(per_view) < 1.5 and max(per_view) < 6
@@ -77,17 +81,16 @@ def test_large_images_are_handed_over_shrunk(photos):
     assert params[0][0, f('image_height')] == 192 and params[0][0, f('image_width')] == 256
 
 
-def unpack(rows):
-    """CropParams back from the packed rows render_views reads."""
-    f = utils.VIEW_FIELDS.index
-    views = []
-    for row in rows.tolist():
-        order = [int(i) for i in row[f('order0'):f('order3') + 1] if i >= 0]
-        factors = row[f('brightness'):f('hue') + 1]
-        jitter = tuple((utils.DinoCropTransform.JITTER_OPS[i], factors[i]) for i in order)
-        views.append(utils.CropParams(tuple(row[:4]), bool(row[f('flip')]), jitter, bool(row[f('grayscale')]),
-                                      row[f('blur_radius')], bool(row[f('solarize')])))
-    return views
+def test_packed_rows_read_back_as_the_drawn_views(photos):
+    """hand_over's rows, read back by unpack_view (as the CPU device's render does), are the very
+    CropParams drawn, for an image below the size cap."""
+    augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 2, augment_on='device')
+    for seed in range(20):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        drawn = [t.sample(photos[0]) for t in augmentation.transforms()]
+        rows = utils.hand_over(photos[0], drawn, augmentation.max_short_side)[1]
+        assert [utils.unpack_view(row) for row in rows.tolist()] == drawn
 
 
 def test_device_path_statistics(photos):
@@ -96,7 +99,7 @@ def test_device_path_statistics(photos):
     torch.manual_seed(0)
     random.seed(0)
     augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1, augment_on='device')
-    draws = [unpack(augmentation(photo)[1]) for _ in range(2000)]
+    draws = [[utils.unpack_view(row) for row in augmentation(photo)[1].tolist()] for _ in range(2000)]
     area = photo.size[0] * photo.size[1]
     views = {'global1': (0, (0.4, 1.), 1.0, 0.), 'global2': (1, (0.4, 1.), 0.1, 0.2), 'local': (2, (0.05, 0.4), 0.5, 0.)}
     for name, (position, scale, blur_p, solarize_p) in views.items():

@@ -1622,6 +1622,7 @@ def _opencv_takes(x):
 
 
 def _render_batched(pixels, params, sizes):
+    """render_views on an accelerator: every step batched over all views of one size."""
     columns = _columns(pixels)
     views = []
     for start, end in _size_groups(sizes):
@@ -1691,11 +1692,11 @@ def _render_group(columns, params, size):
 _CPU_SCRATCH = {}
 
 
-def _scratch(name, shape, dtype=torch.float):
-    """A CPU tensor of `shape` kept under `name` for the next call (its contents are overwritten)."""
+def _scratch(name, shape):
+    """A float CPU tensor of `shape` kept under `name` for the next call (its contents are overwritten)."""
     numel = math.prod(shape)
     if name not in _CPU_SCRATCH or _CPU_SCRATCH[name].numel() < numel:
-        _CPU_SCRATCH[name] = torch.empty(numel, dtype=dtype)
+        _CPU_SCRATCH[name] = torch.empty(numel)
     return _CPU_SCRATCH[name][:numel].view(shape)
 
 

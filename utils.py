@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import errno
 import importlib.util
+import itertools
 import math
 import multiprocessing
 import os
@@ -1625,8 +1626,7 @@ def _render_batched(pixels, params, sizes):
     """render_views on an accelerator: every step batched over all views of one size."""
     columns = _columns(pixels)
     views = []
-    for start, end in _size_groups(sizes):
-        group = params[:, start:end].reshape(-1, params.shape[-1])
+    for start, end, group in _size_groups(params, sizes):
         out = _render_group(columns, group, sizes[start])
         views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
     return views
@@ -1639,23 +1639,20 @@ def _render_on_cpu(pixels, params, sizes):
     for first in range(0, len(pixels), CPU_RENDER_CHUNK):
         chunk = slice(first, first + CPU_RENDER_CHUNK)
         columns = _columns(pixels[chunk])
-        for start, end in _size_groups(sizes):
-            group = params[chunk, start:end].reshape(-1, params.shape[-1])
-            resized = _resize_views(columns, group, sizes[start]).numpy()
+        for start, end, group in _size_groups(params[chunk], sizes):
+            resized = _resize_views(columns, group, group.float(), sizes[start]).numpy()
             for v, row in enumerate(group.tolist()):
                 image, view = divmod(v, end - start)
                 DinoCropTransform.finish(resized[v], unpack_view(row), out=outputs[start + view][first + image])
     return outputs
 
 
-def _size_groups(sizes):
-    """(start, end) of each run of consecutive views of the same size."""
+def _size_groups(params, sizes):
+    """(start, end, their rows (B * views, fields)) of each run of consecutive views of the same size."""
     start = 0
-    while start < len(sizes):
-        end = start
-        while end < len(sizes) and sizes[end] == sizes[start]:
-            end += 1
-        yield start, end
+    for _, run in itertools.groupby(sizes):
+        end = start + len(list(run))
+        yield start, end, params[:, start:end].reshape(-1, params.shape[-1])
         start = end
 
 
@@ -1664,7 +1661,7 @@ def _render_group(columns, params, size):
     device = columns.device
     host = params
     params = params.to(device=device, dtype=torch.float32)
-    x = _resize_views(columns, host, size).permute(0, 3, 1, 2).contiguous()
+    x = _resize_views(columns, host, params, size).permute(0, 3, 1, 2).contiguous()
     x = _jitter(x, host, params)
     gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
     if len(gray):
@@ -1720,13 +1717,13 @@ def _rounded_transpose(x):
     return _scratch('rows', levels.shape).copy_(levels)
 
 
-def _resize_views(columns, host, size):
+def _resize_views(columns, host, params, size):
     """columns: the images' columns, (B, C, W, H) floats; host: (V, fields) float64 rows on the CPU, the
-    views of each image in turn. Returns the resized views (V, size, size, C) in whole levels."""
+    views of each image in turn; params: the same as float32 on the device. Returns the resized views
+    (V, size, size, C) in whole levels."""
     f = _F
     batch, channels, width, height = columns.shape
     device = columns.device
-    params = host.to(device=device, dtype=torch.float32)
     views = len(params)
     flip = params[:, f['flip']] > 0
     image_of_view = torch.arange(batch, device=device).repeat_interleave(views // batch)

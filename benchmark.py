@@ -22,6 +22,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import main_dino
+import imagedata
+import multicrop
 import utils
 import vision_transformer as vits
 
@@ -97,8 +99,8 @@ def view_source(args, device):
         images = synthetic_crops(args, device)
         return lambda: images
     augmentation = augmentation_for(args, 'device')
-    shapes = utils.SyntheticShapes('train', length=args.batch_size_per_device, image_size=500, seed=args.seed)
-    batch, _, _ = utils.collate_hand_over([(augmentation(shapes.render(i).resize((500, 375))), -1, '')
+    shapes = imagedata.SyntheticShapes('train', length=args.batch_size_per_device, image_size=500, seed=args.seed)
+    batch, _, _ = multicrop.collate_hand_over([(augmentation(shapes.render(i).resize((500, 375))), -1, '')
                                            for i in range(args.batch_size_per_device)])
     return lambda: main_dino.views_on_device(batch, args, device)
 
@@ -235,7 +237,7 @@ def benchmark_data(args):
             'decode_only': time_per_image(paths, lambda image: image),
             'original': time_per_image(paths, lambda image: [t(image) for t in original]),
             'cpu': time_per_image(paths, cpu),
-            'device': time_per_image(paths, on_device, collate=utils.collate_hand_over),
+            'device': time_per_image(paths, on_device, collate=multicrop.collate_hand_over),
         }
         device_share, cpu_render_images_per_s = time_renders(args, device, paths, cpu, on_device)
     chosen = shares[args.augment_on]
@@ -274,7 +276,7 @@ def time_per_image(paths, transform, collate=None):
     timer, outputs = StepTimer('cpu'), []
     for path in paths:
         with timer:
-            outputs.append(transform(utils.pil_loader(path)))
+            outputs.append(transform(imagedata.pil_loader(path)))
     seconds, cpu_seconds = statistics.median(timer.seconds()), statistics.median(timer.cpu_seconds())
     if collate is not None:
         timer = StepTimer('cpu')
@@ -289,19 +291,19 @@ def time_renders(args, device, paths, cpu, on_device):
     """Images/s of the batched device render (median over batches, on `device`; also per CPU second on a
     CPU), and of today's per-image CPU render of the same views (CPU time, one thread; parameters drawn
     beforehand)."""
-    images = [utils.pil_loader(path) for path in paths]
+    images = [imagedata.pil_loader(path) for path in paths]
     handed = [(on_device(image), -1, '') for image in images]
     sizes = [t.size for t in on_device.transforms()]
     timer = StepTimer(device.type)
     batch = args.batch_size_per_device
     for i in range(args.warmup_steps + args.steps):
-        pixels, params = utils.collate_hand_over(handed[i * batch:(i + 1) * batch])[0]
+        pixels, params = multicrop.collate_hand_over(handed[i * batch:(i + 1) * batch])[0]
         pixels = pixels.to(device)
         if i < args.warmup_steps:
-            utils.render_views(pixels, params, sizes)
+            multicrop.render_views(pixels, params, sizes)
             continue
         with timer:
-            utils.render_views(pixels, params, sizes)
+            multicrop.render_views(pixels, params, sizes)
     render = {'images_per_s': batch / statistics.median(timer.seconds())}
     if device.type == 'cpu':
         render['images_per_cpu_second'] = batch / statistics.median(timer.cpu_seconds())
@@ -330,9 +332,9 @@ def original_augmentation(global_crops_scale, local_crops_scale, local_crops_num
     def view(size, scale, *extra):
         crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=transforms.InterpolationMode.BICUBIC)
         return transforms.Compose([crop, flip_and_color_jitter, *extra, normalize])
-    return ([view(global_crops_size, global_crops_scale, utils.GaussianBlur(1.0)),
-             view(global_crops_size, global_crops_scale, utils.GaussianBlur(0.1), utils.Solarization(0.2))]
-            + [view(local_crops_size, local_crops_scale, utils.GaussianBlur(p=0.5))] * local_crops_number)
+    return ([view(global_crops_size, global_crops_scale, multicrop.GaussianBlur(1.0)),
+             view(global_crops_size, global_crops_scale, multicrop.GaussianBlur(0.1), multicrop.Solarization(0.2))]
+            + [view(local_crops_size, local_crops_scale, multicrop.GaussianBlur(p=0.5))] * local_crops_number)
 
 
 def write_test_jpegs(root, count, args):
@@ -340,7 +342,7 @@ def write_test_jpegs(root, count, args):
     folder = os.path.join(root, 'images')
     os.makedirs(folder)
     side = max(args.image_width, args.image_height)
-    shapes = utils.SyntheticShapes('train', length=count, image_size=side, seed=args.seed)
+    shapes = imagedata.SyntheticShapes('train', length=count, image_size=side, seed=args.seed)
     paths = [os.path.join(folder, f'{i:05d}.jpg') for i in range(count)]
     for i, path in enumerate(paths):
         shapes.render(i).resize((args.image_width, args.image_height), Image.BILINEAR).save(path, quality=90)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms
 
+import evaluation
+import imagedata
 import utils
 
 BLOCKS = (['original', 'strong'] + [f'jpegqual/{q}' for q in (3, 5, 8, 10, 15, 20, 30, 50, 75)]
@@ -76,7 +78,7 @@ def eval_copy_detection(args):
             queries, database = pca.apply(queries), pca.apply(database)
         queries = F.normalize(queries, dim=1, p=2)
         database = F.normalize(database, dim=1, p=2)
-        copydays.evaluate(utils.nearest_neighbours(database, queries, TOP_K)[1].cpu().numpy())
+        copydays.evaluate(evaluation.nearest_neighbours(database, queries, TOP_K)[1].cpu().numpy())
 
 
 def cls_gem_features(model, images):
@@ -93,7 +95,7 @@ def extract(model, paths, device, args):
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
     dataset = ImageListDataset(paths, transform)
-    return utils.extract_features(model, utils.feature_loader(dataset, args), device, autocast=args.autocast,
+    return evaluation.extract_features(model, evaluation.feature_loader(dataset, args), device, autocast=args.autocast,
                                   store_on_device=args.store_on_device, forward=cls_gem_features)
 
 
@@ -124,7 +126,7 @@ def learn_whitening(features, centred=False):
         eigenvalues = np.linalg.eigvalsh(moment)
         kept = int((eigenvalues > eigenvalues.max() * 1e-5).sum())
         print(f"Whitening keeps the {kept} of {dim} dimensions spanned by the whitening images.")
-    pca = utils.PCA(dim=kept, whit=0.5)
+    pca = evaluation.PCA(dim=kept, whit=0.5)
     pca.mean = mean.cpu().numpy()
     pca.train_pca(moment)
     return pca
@@ -180,7 +182,7 @@ class CopydaysDataset:
         for block in self.blocks:
             rows = ids[start:start + len(self.files[block])]
             start += len(rows)
-            aps = [utils.compute_ap(np.flatnonzero(np.isin(row, pos)), len(pos))
+            aps = [evaluation.compute_ap(np.flatnonzero(np.isin(row, pos)), len(pos))
                    for row, pos in zip(rows, self.positives[block])]
             maps[block] = float(np.mean(aps))
             print(f"eval on {block} mAP={maps[block]:.3f}")
@@ -200,7 +202,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        img = utils.pil_loader(self.paths[index])
+        img = imagedata.pil_loader(self.paths[index])
         return (self.transform(img) if self.transform is not None else img), index
 
 

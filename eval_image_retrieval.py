@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile
 from torchvision import transforms
 
+import evaluation
+import imagedata
 import utils
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True  # as the original: read truncated JPEGs rather than stop
@@ -71,8 +73,8 @@ def report(ranks, gnd, dataset):
     """Print mAP and mP@k for the Medium and Hard protocols of the revisited datasets."""
     medium = [{'ok': np.concatenate([g['easy'], g['hard']]), 'junk': np.asarray(g['junk'])} for g in gnd]
     hard = [{'ok': np.asarray(g['hard']), 'junk': np.concatenate([g['junk'], g['easy']])} for g in gnd]
-    map_m, _, mpr_m, _ = utils.compute_map(ranks, medium, KAPPAS)
-    map_h, _, mpr_h, _ = utils.compute_map(ranks, hard, KAPPAS)
+    map_m, _, mpr_m, _ = evaluation.compute_map(ranks, medium, KAPPAS)
+    map_h, _, mpr_h, _ = evaluation.compute_map(ranks, hard, KAPPAS)
     print(f">> {dataset}: mAP M: {np.around(map_m * 100, decimals=2)}, H: {np.around(map_h * 100, decimals=2)}")
     print(f">> {dataset}: mP@k{np.array(KAPPAS)} M: {np.around(mpr_m * 100, decimals=2)}, "
           f"H: {np.around(mpr_h * 100, decimals=2)}")
@@ -80,7 +82,7 @@ def report(ranks, gnd, dataset):
 
 def extract(model, dataset, device, args):
     """Features in dataset order; images differ in size, so one image per batch."""
-    return utils.extract_features(model, utils.feature_loader(dataset, args, batch_size=1), device,
+    return evaluation.extract_features(model, evaluation.feature_loader(dataset, args, batch_size=1), device,
                                   multiscale=args.multiscale, autocast=args.autocast,
                                   store_on_device=args.store_on_device)
 
@@ -116,7 +118,7 @@ class OxfordParisDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index):
-        img = utils.pil_loader(os.path.join(self.dir_images, self.samples[index] + '.jpg'))
+        img = imagedata.pil_loader(os.path.join(self.dir_images, self.samples[index] + '.jpg'))
         if self.boxes is not None:
             img = img.crop(tuple(float(c) for c in self.boxes[index]))
         if self.imsize is not None:

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torchvision import datasets
 
+import checkpoints
+import evaluation
+import imagedata
 import utils
 
 FEATURE_FILES = ('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth')
@@ -66,12 +69,12 @@ def eval_knn(args):
 
 def extract_feature_pipeline(args, device):
     # ============ preparing data ... ============
-    transform = utils.center_crop_transform(utils.eval_crop_size(args.data_path))
-    dataset_train = first_batches(utils.build_eval_split(args.data_path, 'train', transform), args)
-    dataset_val = first_batches(utils.build_eval_split(args.data_path, 'val', transform), args)
-    utils.check_matching_classes(dataset_train, dataset_val, args.data_path)
+    transform = evaluation.center_crop_transform(evaluation.eval_crop_size(args.data_path))
+    dataset_train = first_batches(evaluation.build_eval_split(args.data_path, 'train', transform), args)
+    dataset_val = first_batches(evaluation.build_eval_split(args.data_path, 'val', transform), args)
+    evaluation.check_matching_classes(dataset_train, dataset_val, args.data_path)
     check_nb_knn(args.nb_knn, len(dataset_train))
-    loader_train, loader_val = (utils.feature_loader(utils.ReturnIndexDataset(ds), args)
+    loader_train, loader_val = (evaluation.feature_loader(imagedata.ReturnIndexDataset(ds), args)
                                 for ds in (dataset_train, dataset_val))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
@@ -86,7 +89,7 @@ def extract_feature_pipeline(args, device):
     for name, loader in (('train', loader_train), ('test', loader_val)):
         print(f"Extracting features for {name} set...")
         writer = tensorboard_writer(args, f'{name}_features')
-        feats = utils.extract_features(model, loader, device, autocast=args.autocast,
+        feats = evaluation.extract_features(model, loader, device, autocast=args.autocast,
                                        store_on_device=args.store_on_device, summary_writer=writer)
         if writer is not None:
             writer.close()
@@ -127,7 +130,7 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
     for start in metric_logger.log_every(starts, 10, 'k-NN'):
         queries = test_features[start:start + chunk_size]
         targets = test_labels[start:start + chunk_size].view(-1, 1)
-        similarities, indices = utils.nearest_neighbours(train_features, queries, k_max)
+        similarities, indices = evaluation.nearest_neighbours(train_features, queries, k_max)
         neighbour_labels = train_labels[indices]
         for i, k in enumerate(ks):
             ranked = rank_classes(similarities[:, :k], neighbour_labels[:, :k], T, num_classes)
@@ -182,7 +185,7 @@ def extract_features(model, data_loader, use_cuda=True, multiscale=False):
     """The original's signature: features of a loader of (images, indices), on the model's device (on the host
     when use_cuda is false), in dataset order."""
     device = next(model.parameters()).device
-    return utils.extract_features(model, data_loader, device, multiscale=multiscale, store_on_device=use_cuda)
+    return evaluation.extract_features(model, data_loader, device, multiscale=multiscale, store_on_device=use_cuda)
 
 
 class ReturnIndexDataset(datasets.ImageFolder):
@@ -196,7 +199,7 @@ class ReturnIndexDataset(datasets.ImageFolder):
 def dump_features(folder, train_features, test_features, train_labels, test_labels):
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
-        utils.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
+        checkpoints.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
     print(f"Features and labels saved in {folder}")
 
 
@@ -228,7 +231,7 @@ def check_args(args):
         utils.fail(f"--temperature must be positive, got {args.temperature}")
     if args.load_features:
         utils.check_input_folder(args.load_features, '--load_features')
-    elif not utils.is_synthetic(args.data_path):
+    elif not imagedata.is_synthetic(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
     for flag in ('dump_features', 'dump_tb_events'):
         if getattr(args, flag):

@@ -9,6 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+import checkpoints
+import evaluation
+import imagedata
 import utils
 
 HEAD_FLAGS_HINT = ("was it trained with another --arch, --patch_size, --n_last_blocks, --avgpool_patchtokens or "
@@ -59,9 +62,9 @@ def eval_linear(args):
     linear_classifier = utils.wrap_ddp(LinearClassifier(embed_dim, num_labels=args.num_labels).to(device), args)
 
     # ============ preparing data ... ============
-    crop_size = utils.eval_crop_size(args.data_path)
-    dataset_val = utils.build_eval_split(args.data_path, 'val', utils.center_crop_transform(crop_size))
-    dataset_val = utils.limit_dataset(dataset_val, args.data_limit)
+    crop_size = evaluation.eval_crop_size(args.data_path)
+    dataset_val = evaluation.build_eval_split(args.data_path, 'val', evaluation.center_crop_transform(crop_size))
+    dataset_val = imagedata.limit_dataset(dataset_val, args.data_limit)
     check_num_labels(dataset_val, args)
     val_loader = make_val_loader(dataset_val, args)
 
@@ -77,9 +80,9 @@ def eval_linear(args):
         transforms.ToTensor(),
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
-    dataset_train = utils.build_eval_split(args.data_path, 'train', train_transform)
-    dataset_train = utils.limit_dataset(dataset_train, args.data_limit)
-    utils.check_matching_classes(dataset_train, dataset_val, args.data_path)
+    dataset_train = evaluation.build_eval_split(args.data_path, 'train', train_transform)
+    dataset_train = imagedata.limit_dataset(dataset_train, args.data_limit)
+    evaluation.check_matching_classes(dataset_train, dataset_val, args.data_path)
     check_num_labels(dataset_train, args)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=utils.get_world_size(),
                                                   rank=utils.get_rank(), shuffle=True)
@@ -99,7 +102,7 @@ def eval_linear(args):
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     to_restore = {'epoch': 0, 'best_acc': 0.}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
-    utils.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
+    checkpoints.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
                                   optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
 
@@ -126,7 +129,7 @@ def eval_linear(args):
             'scheduler': scheduler.state_dict(),
             'best_acc': best_acc,
         }
-        utils.save_on_master(utils.to_cpu(save_dict), checkpoint_path)
+        checkpoints.save_on_master(checkpoints.to_cpu(save_dict), checkpoint_path)
     if summary_writer is not None:
         summary_writer.close()
     print("Training of the supervised linear classifier on frozen features completed.\n"
@@ -219,7 +222,7 @@ def make_val_loader(dataset, args):
 
 
 def check_num_labels(dataset, args):
-    num_classes = len(utils.dataset_classes(dataset))
+    num_classes = len(evaluation.dataset_classes(dataset))
     if num_classes > args.num_labels:
         utils.fail(f"--num_labels {args.num_labels} is smaller than the {num_classes} classes found in "
                    f"{args.data_path}; pass --num_labels {num_classes} (or more)")
@@ -270,7 +273,7 @@ def check_args(args):
     utils.check_at_least(args, 1, 'epochs', 'n_last_blocks', 'val_freq', 'num_labels', 'data_limit')
     if not 0 < args.lr < float('inf'):
         utils.fail(f"--lr must be positive, got {args.lr}")
-    if not utils.is_synthetic(args.data_path):
+    if not imagedata.is_synthetic(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
     utils.check_output_dir(args.output_dir)
 

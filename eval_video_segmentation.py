@@ -19,6 +19,7 @@ from PIL import Image
 from skimage.morphology import disk
 from tqdm import tqdm
 
+import evaluation
 import utils
 
 # The original normalises frames with this std (0.228, not ImageNet's 0.229 for red).
@@ -47,7 +48,7 @@ def get_args_parser():
 def eval_davis(args):
     device = utils.start_run(args, join_group=False)
     videos = list_videos(args.data_path)
-    model = utils.load_frozen_vit(args, device)
+    model = evaluation.load_frozen_vit(args, device)
     color_palette = davis_palette()
     staging = start_staging(args.output_dir)
 

@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
+import imagedata
+import multicrop
 import utils
 from vision_transformer import DINOHead
 
@@ -112,7 +115,7 @@ def train_dino(args):
     device = utils.start_run(args)
     resolve_augment_on(args)
     utils.fix_random_seeds(args.seed)
-    stop = utils.StopSignal()  # SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 0 (130 on SIGINT)
+    stop = checkpoints.StopSignal()  # SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 0 (130 on SIGINT)
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
@@ -186,7 +189,7 @@ def train_one_epoch(run, data_loader, epoch, start_step, meters):
                              lr=run.optimizer.param_groups[0]["lr"], wd=run.optimizer.param_groups[0]["weight_decay"])
         run.collapse_watch.update(epoch, *figures)
         step += 1
-        utils.fault_point('step')
+        checkpoints.fault_point('step')
         if step < iters_per_epoch and run.stop.requested(device):
             break
         if args.saveckp_every_iters and step % args.saveckp_every_iters == 0 and step < iters_per_epoch:
@@ -362,16 +365,16 @@ class DataAugmentationDINO(object):
     """Two global views (always blurred; rarely blurred and sometimes solarised) and local views.
 
     With augment_on='device' the views are only drawn here: the call returns the image and their
-    parameters (utils.hand_over), which views_on_device renders on the training device.
+    parameters (multicrop.hand_over), which views_on_device renders on the training device.
     """
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96, augment_on='cpu'):
-        self.global_transfo1 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
-        self.global_transfo2 = utils.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
+        self.global_transfo1 = multicrop.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
+        self.global_transfo2 = multicrop.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
                                                        solarize_p=0.2)
         self.local_crops_number = local_crops_number
-        self.local_transfo = utils.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
+        self.local_transfo = multicrop.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
         self.augment_on = augment_on
         # images are handed over with the short side at most twice the global crop size: the smallest
         # regions drawn (40% of the area for a global crop, 5% for a local one, of a 448-pixel side) still
@@ -383,7 +386,7 @@ class DataAugmentationDINO(object):
 
     def __call__(self, image):
         if self.augment_on == 'device':
-            return utils.hand_over(image, [t.sample(image) for t in self.transforms()], self.max_short_side)
+            return multicrop.hand_over(image, [t.sample(image) for t in self.transforms()], self.max_short_side)
         return [t(image) for t in self.transforms()]
 
 
@@ -399,29 +402,29 @@ def views_on_device(images, args, device):
         return [im.to(device, non_blocking=True) for im in images]
     pixels, params = images
     sizes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
-    return utils.render_views(pixels.to(device, non_blocking=True), params, sizes)
+    return multicrop.render_views(pixels.to(device, non_blocking=True), params, sizes)
 
 
 def build_data_loader(args):
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.global_crops_size, args.local_crops_size, args.augment_on)
-    if utils.is_synthetic(args.data_path):
-        dataset = utils.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
+    if imagedata.is_synthetic(args.data_path):
+        dataset = imagedata.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
                                         transform=transform)
         description = f"synthetic shapes: {len(dataset)} images"
     else:
-        dataset, description = utils.build_training_images(args.data_path, transform)
+        dataset, description = imagedata.build_training_images(args.data_path, transform)
     print(f"Data source: {description}")
-    dataset = utils.limit_dataset(dataset, args.data_limit)
+    dataset = imagedata.limit_dataset(dataset, args.data_limit)
     global_batch = args.batch_size_per_device * utils.get_world_size()
     if len(dataset) < global_batch:
         utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
                    "lower --batch_size_per_device or add images")
     # augmentations are seeded per (seed, epoch, image): results do not depend on --num_workers and a run
     # resumes exactly, even mid-epoch; unreadable images are replaced unless --strict_data
-    dataset = utils.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
+    dataset = imagedata.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
     dataset[(0, 0)]  # a dataset of unreadable files fails here, before any output is written
-    sampler = utils.ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
+    sampler = imagedata.ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
                                      shuffle=True, seed=args.seed)
     return torch.utils.data.DataLoader(
         dataset,
@@ -431,9 +434,9 @@ def build_data_loader(args):
         pin_memory=args.device == 'cuda',
         drop_last=True,
         persistent_workers=False,
-        worker_init_fn=utils.StopSignal.ignore_in_worker,
+        worker_init_fn=checkpoints.StopSignal.ignore_in_worker,
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds, drawn apart from the model's RNG
-        collate_fn=utils.collate_hand_over if args.augment_on == 'device' else None,
+        collate_fn=multicrop.collate_hand_over if args.augment_on == 'device' else None,
     )
 
 
@@ -458,8 +461,8 @@ class TrainingRun:
     schedules: tuple
     iters_per_epoch: int
     collapse_watch: 'CollapseWatch | None' = None
-    skipped: utils.SkippedImages = dataclasses.field(default_factory=utils.SkippedImages)
-    stop: 'utils.StopSignal | None' = None
+    skipped: imagedata.SkippedImages = dataclasses.field(default_factory=imagedata.SkippedImages)
+    stop: 'checkpoints.StopSignal | None' = None
     summary_writer: object = None
 
     def state_objects(self):
@@ -470,9 +473,9 @@ class TrainingRun:
     def checkpoint_dict(self, **extra):
         """State dicts, args, the random states (captured now), `extra` and the skipped images, on the CPU."""
         save_dict = {name: obj.state_dict() for name, obj in self.state_objects().items() if obj is not None}
-        save_dict.update(args=self.args, rng_state=utils.rng_state(), **extra,
+        save_dict.update(args=self.args, rng_state=checkpoints.rng_state(), **extra,
                          skipped_images=self.skipped.state_dict())
-        return utils.to_cpu(save_dict)
+        return checkpoints.to_cpu(save_dict)
 
     def resume(self, path):
         """Load the checkpoint at `path` if there is one: state dicts, random states, skipped images.
@@ -481,10 +484,10 @@ class TrainingRun:
         (a checkpoint written mid-epoch), or None.
         """
         to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
-        utils.restart_from_checkpoint(path, run_variables=to_restore, **self.state_objects())
+        checkpoints.restart_from_checkpoint(path, run_variables=to_restore, **self.state_objects())
         start_epoch, start_step = to_restore["epoch"], to_restore["step"]
         restore_random_states(to_restore["rng_state"], resuming=start_epoch > 0 or start_step > 0)
-        self.skipped = utils.SkippedImages(to_restore["skipped_images"])
+        self.skipped = imagedata.SkippedImages(to_restore["skipped_images"])
         return start_epoch, start_step, to_restore["epoch_meters"]
 
 
@@ -631,8 +634,8 @@ def end_epoch(run, epoch, metric_logger):
         with (Path(args.output_dir) / "log.txt").open("a") as f:
             f.write(json.dumps(log_stats) + "\n")
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        utils.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
-    utils.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
+        checkpoints.save_on_master(save_dict, os.path.join(args.output_dir, f'checkpoint{epoch:04}.pth'))
+    checkpoints.save_on_master(save_dict, os.path.join(args.output_dir, 'checkpoint.pth'))
 
 
 def save_resumable_checkpoint(run, epoch, step, metric_logger):
@@ -644,13 +647,13 @@ def save_resumable_checkpoint(run, epoch, step, metric_logger):
     epoch_meters = meter_states(metric_logger)
     path = os.path.join(run.args.output_dir, 'checkpoint.pth')
     if utils.is_main_process():
-        utils.save_checkpoint(run.checkpoint_dict(epoch=epoch, step=step, epoch_meters=epoch_meters), path)
+        checkpoints.save_checkpoint(run.checkpoint_dict(epoch=epoch, step=step, epoch_meters=epoch_meters), path)
     return path
 
 
 def restore_random_states(state, resuming):
     if state is not None:
-        utils.set_rng_state(state)
+        checkpoints.set_rng_state(state)
     elif resuming:
         print("Note: the checkpoint holds no random states (older format); training continues, but will not "
               "repeat an uninterrupted run bit for bit.")

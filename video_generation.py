@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import evaluation
+import imagedata
 import utils
 
 FOURCC = {'mp4': 'mp4v', 'avi': 'XVID'}
@@ -62,7 +64,7 @@ def generate(args):
         utils.fail(f"no frames ({', '.join(IMAGE_EXTENSIONS)}) in {frames_folder}")
 
     device = utils.start_run(args, show_args=False, join_group=False)
-    model = utils.load_frozen_vit(args, device, attention_weights=True)
+    model = evaluation.load_frozen_vit(args, device, attention_weights=True)
     attention_folder = os.path.join(args.output_path, 'attention')
     inference(model, frame_list, attention_folder, args, device)
     generate_video_from_images(attention_folder, args.output_path, args)
@@ -97,10 +99,10 @@ def inference(model, frame_list, out_folder, args, device):
     print(f"Generating attention images to {out_folder}")
     os.makedirs(out_folder, exist_ok=True)
     size = None if args.resize is None else args.resize[0] if len(args.resize) == 1 else tuple(args.resize)
-    transform = utils.attention_transform(size)
+    transform = evaluation.attention_transform(size)
     batch, names = [], []
     for path in tqdm(frame_list, desc='Attention', unit='frame'):
-        img = utils.crop_to_patch_multiple(transform(load_frame(path)), args.patch_size)
+        img = evaluation.crop_to_patch_multiple(transform(load_frame(path)), args.patch_size)
         if batch and (len(batch) == args.batch_size or img.shape != batch[0].shape):
             write_attention_images(model, batch, names, out_folder, args, device)
             batch, names = [], []
@@ -114,12 +116,12 @@ def write_attention_images(model, batch, names, out_folder, args, device):
         attentions = model.cls_attention_maps(torch.stack(batch).to(device), args.renormalise_heads)
     utils.mark_step()
     mean_maps = attentions.mean(dim=1).cpu()  # (batch, h, w): average over heads
-    masks = utils.attention_mass_masks(mean_maps, args.threshold) if args.outline and args.threshold > 0 else None
+    masks = evaluation.attention_mass_masks(mean_maps, args.threshold) if args.outline and args.threshold > 0 else None
     for i, name in enumerate(names):
-        image = utils.colorize(utils.upsample_patches(mean_maps[i], args.patch_size).numpy(), 'inferno')
+        image = evaluation.colorize(evaluation.upsample_patches(mean_maps[i], args.patch_size).numpy(), 'inferno')
         if masks is not None:
-            mask = utils.upsample_patches(masks[i], args.patch_size).numpy()
-            image = utils.draw_mask(image, mask, color=OUTLINE_COLOR, fill=False)
+            mask = evaluation.upsample_patches(masks[i], args.patch_size).numpy()
+            image = evaluation.draw_mask(image, mask, color=OUTLINE_COLOR, fill=False)
         Image.fromarray(image).save(os.path.join(out_folder, f'attn-{name}.jpg'))
 
 
@@ -158,7 +160,7 @@ def natural_key(name):
 
 def load_frame(path):
     try:
-        return utils.pil_loader(path)
+        return imagedata.pil_loader(path)
     except utils.DataError as exc:
         utils.fail(f"{exc}; remove or replace the frame")
 

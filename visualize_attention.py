@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import evaluation
+import imagedata
 import utils
 
 SAMPLE_IMAGE = 'chelsea'  # scikit-image's sample photograph (a cat), shipped with the package
@@ -32,24 +34,24 @@ def get_args_parser():
 def visualize(args):
     device = utils.start_run(args, show_args=False, join_group=False)
     img = load_image(args.image_path)
-    model = utils.load_frozen_vit(args, device, attention_weights=True)
+    model = evaluation.load_frozen_vit(args, device, attention_weights=True)
 
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
-    img = utils.attention_transform(size)(img)
-    img = utils.crop_to_patch_multiple(img, args.patch_size).unsqueeze(0)
+    img = evaluation.attention_transform(size)(img)
+    img = evaluation.crop_to_patch_multiple(img, args.patch_size).unsqueeze(0)
     with utils.autocast_context(device.type, args.autocast):
         attentions = model.cls_attention_maps(img.to(device))[0].cpu()  # (heads, h, w)
 
     os.makedirs(args.output_dir, exist_ok=True)
     image = to_uint8_image(img[0])
     save(image, os.path.join(args.output_dir, 'img.png'))
-    maps = utils.upsample_patches(attentions, args.patch_size).numpy()
+    maps = evaluation.upsample_patches(attentions, args.patch_size).numpy()
     for head, head_map in enumerate(maps):
-        save(utils.colorize(head_map), os.path.join(args.output_dir, f'attn-head{head}.png'))
+        save(evaluation.colorize(head_map), os.path.join(args.output_dir, f'attn-head{head}.png'))
     if args.threshold is not None:
-        masks = utils.upsample_patches(utils.attention_mass_masks(attentions, args.threshold), args.patch_size)
+        masks = evaluation.upsample_patches(evaluation.attention_mass_masks(attentions, args.threshold), args.patch_size)
         for head, mask in enumerate(masks.numpy()):
-            save(utils.draw_mask(image, mask), os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
+            save(evaluation.draw_mask(image, mask), os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
 
 
 def load_image(image_path):
@@ -61,7 +63,7 @@ def load_image(image_path):
     if not os.path.isfile(image_path):
         utils.fail(f"--image_path {image_path} is not a file; pass the path of an image")
     try:
-        return utils.pil_loader(image_path)
+        return imagedata.pil_loader(image_path)
     except utils.DataError as exc:
         utils.fail(f"{exc} (is it an image?)")
 

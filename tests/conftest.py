@@ -98,9 +98,9 @@ def signal_when_waiting(cmd, env, marker, send, timeout=300):
 @pytest.fixture(scope='module')
 def small_image_folder(tmp_path_factory):
     """train/ (11 images) and val/ (7 images) ImageFolders of 2 classes: odd sizes on purpose."""
-    import utils
+    import imagedata
     root = tmp_path_factory.mktemp('folder')
-    shapes = utils.SyntheticShapes('train', image_size=48)
+    shapes = imagedata.SyntheticShapes('train', image_size=48)
     for split, count in (('train', 11), ('val', 7)):
         for i in range(count):
             label = i % 2

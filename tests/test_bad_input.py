@@ -22,6 +22,7 @@ import eval_knn
 import eval_linear
 import eval_video_segmentation
 import main_dino
+import checkpoints
 import utils
 import visualize_attention
 from conftest import REPO, TINY_TRAIN_ARGS, script_env
@@ -215,7 +216,7 @@ FURTHER = {
 @pytest.fixture
 def restored_process_state():
     """main() of the training and evaluation scripts installs signal handlers and a print for rank 0."""
-    handlers = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}
+    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
     saved_print = builtins.print
     yield
     builtins.print = saved_print

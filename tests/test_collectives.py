@@ -16,6 +16,8 @@ import torch.nn as nn
 
 import eval_knn
 import main_dino
+import checkpoints
+import imagedata
 import utils
 from conftest import REPO, TINY_TRAIN_ARGS, run_torchrun
 
@@ -172,7 +174,7 @@ def test_every_collective_of_the_scripts_reaches_its_backend_on_its_device(monke
     logger = utils.MetricLogger()
     logger.update(loss=1.5)
     logger.update(loss=0.5)
-    skipped = utils.SkippedImages({'this_epoch': [3]})
+    skipped = imagedata.SkippedImages({'this_epoch': [3]})
     skipped.merge(8, 'cpu')
     args = argparse.Namespace(output_dir=str(tmp_path), saveckp_freq=0)
     run = main_dino.TrainingRun(args, 'cpu', nn.Linear(2, 2), None, None, None, None, None, None, 1, skipped=skipped)
@@ -182,7 +184,7 @@ def test_every_collective_of_the_scripts_reaches_its_backend_on_its_device(monke
     assert utils.load_checkpoint_or_exit(tmp_path / 'checkpoint.pth')['skipped_images']['warned'] == [3]
 
     # the rest of the training loop: stop requests, the DINO centre, meter states of a stopped epoch
-    stop = utils.StopSignal.__new__(utils.StopSignal)  # no signal handlers installed in the test process
+    stop = checkpoints.StopSignal.__new__(checkpoints.StopSignal)  # no signal handlers installed in the test process
     stop.received = None
     assert stop.requested('cpu') is False
     loss = main_dino.DINOLoss(4, 2, 0.04, 0.04, 0, 1, center_momentum=0.)

@@ -10,6 +10,8 @@ import torch
 from torchvision import datasets
 
 import main_dino
+import checkpoints
+import imagedata
 import utils
 from test_robustness import RUN_ARGS, assert_same_run, killed, noise_image, save, train
 
@@ -30,7 +32,7 @@ def write_images(root, *names):
 def train_here(monkeypatch, capsys):
     """Train in this process (faster than a subprocess) on one thread; returns the printed output."""
     monkeypatch.setattr(builtins, 'print', builtins.print)  # start_run replaces it
-    handlers = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}
+    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 
@@ -65,7 +67,7 @@ def test_a_nested_folder_gives_every_image_once_in_a_fixed_order_despite_link_lo
     (root / '2026' / 'cam1' / 'back').symlink_to(root / '2026')  # a loop: listed once
     (root / '2026' / 'again').symlink_to(root / '2026' / 'cam2')  # a second way in: listed once
 
-    dataset, description = utils.build_training_images(str(root))
+    dataset, description = imagedata.build_training_images(str(root))
     expected = ['b.jpeg', 'top.JPG', '2026/cam-2/w.bmp', '2026/cam1/x.png', '2026/cam1/y.WebP',
                 '2026/cam2/anim.gif', '2026/cam2/z.tif', 'linked/o.png']
     assert dataset.paths == [str(root / name) for name in expected]
@@ -77,12 +79,12 @@ def test_an_imagefolder_keeps_torchvision_order(tmp_path):
     names = ['n1/a.JPEG', 'n1/x/b.png', 'n1/x-y/c.jpg', 'n1/x/z/d.jpg', 'n1/x.y/e.tif', 'n1-b/f.jpg', 'N2/g.jpg',
              'n1/.jpg', 'n1/h.txt', 'n3 c/i.bmp', 'n3 c/j.ppm']
     touch(root, *names)
-    dataset, description = utils.build_training_images(str(root))
+    dataset, description = imagedata.build_training_images(str(root))
     assert dataset.paths == [path for path, _ in datasets.ImageFolder(str(root)).samples]
     assert description == f"ImageFolder {root}: 10 images in 4 class folders (labels unused)"
 
     touch(root, 'n1-b/k.gif')  # Pillow reads it, ImageFolder skips it: included, and said so
-    dataset, description = utils.build_training_images(str(root))
+    dataset, description = imagedata.build_training_images(str(root))
     assert str(root / 'n1-b' / 'k.gif') in dataset.paths and len(dataset) == 11
     assert "1 of them of types torchvision's ImageFolder skips (.gif)" in description
 
@@ -91,11 +93,11 @@ def test_a_list_file_reads_relative_and_absolute_paths_and_skips_comments(tmp_pa
     write_images(tmp_path / 'data', 'a.png', 'sub/b.jpg')
     (tmp_path / 'data' / 'list.txt').write_text(
         f"# my images\na.png\n\n  sub/b.jpg  \n{tmp_path / 'data' / 'a.png'}\nmissing.jpg\r\n")
-    dataset, description = utils.build_training_images(str(tmp_path / 'data' / 'list.txt'))
+    dataset, description = imagedata.build_training_images(str(tmp_path / 'data' / 'list.txt'))
     assert dataset.paths == [str(tmp_path / 'data' / name) for name in ('a.png', 'sub/b.jpg', 'a.png', 'missing.jpg')]
     assert description == f"list file {tmp_path / 'data' / 'list.txt'}: 4 images listed"
     with pytest.raises(utils.DataError, match='missing.jpg'):  # --strict_data stops there
-        utils.ReproducibleSamples(dataset, seed=0, strict=True)[(0, 3)]
+        imagedata.ReproducibleSamples(dataset, seed=0, strict=True)[(0, 3)]
     assert dataset[1][0].size == (12, 12)
 
 
@@ -144,4 +146,4 @@ def test_unusable_data_paths_are_one_clear_line(tmp_path):
                           ('photo.jpg', 'is an image; pass the folder'), ('archive.tar', 'not UTF-8 text'),
                           ('comments.txt', 'lists no image paths')]:
         with pytest.raises(SystemExit, match=f'^error: --data_path {tmp_path / path} .*{message}'):
-            utils.build_training_images(str(tmp_path / path))
+            imagedata.build_training_images(str(tmp_path / path))

@@ -1,4 +1,4 @@
-"""--augment_on device: views drawn in the loader as before, rendered in batches by utils.render_views
+"""--augment_on device: views drawn in the loader as before, rendered in batches by multicrop.render_views
 (on CPU tensors here), equal to today's per-image CPU render."""
 import random
 import signal
@@ -10,6 +10,8 @@ from PIL import Image
 
 import benchmark
 import main_dino
+import imagedata
+import multicrop
 import utils
 from conftest import TINY_TRAIN_ARGS, run_script
 from test_speed import assert_view_statistics, vit_tiny_training_flops_per_image
@@ -20,7 +22,7 @@ STD = torch.tensor(utils.IMAGENET_STD)[:, None, None]
 @pytest.fixture(scope='module')
 def photos():
     """Two photograph-like images of different sizes and shapes (the batch pads them to a common size)."""
-    shapes = utils.SyntheticShapes('train', image_size=500, seed=3)
+    shapes = imagedata.SyntheticShapes('train', image_size=500, seed=3)
     return [shapes.render(7).resize((500, 375), Image.BILINEAR), shapes.render(2).resize((300, 420), Image.BILINEAR)]
 
 
@@ -36,8 +38,8 @@ def both_paths(images, seed, local_crops_number=8, global_crops_size=224, local_
             torch.manual_seed(seed + i)
             random.seed(seed + i)
             out.append(augmentation(image))
-    batch, skipped, notes = utils.collate_hand_over([(h, -1, '') for h in handed])
-    got = utils.render_views(*batch, [t.size for t in device.transforms()])
+    batch, skipped, notes = multicrop.collate_hand_over([(h, -1, '') for h in handed])
+    got = multicrop.render_views(*batch, [t.size for t in device.transforms()])
     assert len(got) == 2 + local_crops_number and skipped.tolist() == [-1] * len(images)
     diffs = []
     for view, rendered in enumerate(got):
@@ -54,8 +56,8 @@ def test_device_render_equals_cpu_render(photos, monkeypatch, opencv):
     """Every view of several draws (all flips, jitter orders, grey, blur, solarisation are met): the
     tolerances used against PIL for the resize (mean below 1.5 grey levels, each view below 6). The
     CPU device renders the batch a few images at a time: here 4, then the last 2."""
-    monkeypatch.setattr(utils, 'CPU_RENDER_CHUNK', 4)
-    monkeypatch.setattr(utils, 'OPENCV_ON_CPU', opencv)
+    monkeypatch.setattr(multicrop, 'CPU_RENDER_CHUNK', 4)
+    monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', opencv)
     diffs, params = both_paths(photos * 3, seed=10)
     per_view = [d.mean().item() for d in diffs]
     assert np.mean(per_view) < 1.5 and max(per_view) < 6
@@ -63,7 +65,7 @@ def test_device_render_equals_cpu_render(photos, monkeypatch, opencv):
     # differs: a whole level here and there where a float lands on the other side of a rounding step)
     assert np.mean(per_view) < 0.05 and max(per_view) < 0.5
     rows = torch.cat(params)
-    f = utils.VIEW_FIELDS.index
+    f = multicrop.VIEW_FIELDS.index
     for field in ('flip', 'grayscale', 'solarize'):
         assert 0 < rows[:, f(field)].sum() < len(rows), field
     assert 0 < (rows[:, f('blur_radius')] > 0).sum() < len(rows)
@@ -77,7 +79,7 @@ def test_large_images_are_handed_over_shrunk(photos):
     diffs, params = both_paths([big], seed=3, local_crops_number=2, global_crops_size=96, local_crops_size=48)
     per_view = [d.mean().item() for d in diffs]
     assert np.mean(per_view) < 1.5 and max(per_view) < 6
-    f = utils.VIEW_FIELDS.index
+    f = multicrop.VIEW_FIELDS.index
     assert params[0][0, f('image_height')] == 192 and params[0][0, f('image_width')] == 256
 
 
@@ -89,8 +91,8 @@ def test_packed_rows_read_back_as_the_drawn_views(photos):
         torch.manual_seed(seed)
         random.seed(seed)
         drawn = [t.sample(photos[0]) for t in augmentation.transforms()]
-        rows = utils.hand_over(photos[0], drawn, augmentation.max_short_side)[1]
-        assert [utils.unpack_view(row) for row in rows.tolist()] == drawn
+        rows = multicrop.hand_over(photos[0], drawn, augmentation.max_short_side)[1]
+        assert [multicrop.unpack_view(row) for row in rows.tolist()] == drawn
 
 
 def test_device_path_statistics(photos):
@@ -99,7 +101,7 @@ def test_device_path_statistics(photos):
     torch.manual_seed(0)
     random.seed(0)
     augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), 1, augment_on='device')
-    draws = [[utils.unpack_view(row) for row in augmentation(photo)[1].tolist()] for _ in range(2000)]
+    draws = [[multicrop.unpack_view(row) for row in augmentation(photo)[1].tolist()] for _ in range(2000)]
     area = photo.size[0] * photo.size[1]
     views = {'global1': (0, (0.4, 1.), 1.0, 0.), 'global2': (1, (0.4, 1.), 0.1, 0.2), 'local': (2, (0.05, 0.4), 0.5, 0.)}
     for name, (position, scale, blur_p, solarize_p) in views.items():

@@ -1,6 +1,6 @@
 """Faults of a long multi-process run: a killed rank restarted by torchrun, a full disk, a dead loader worker.
 
-Faults are injected through utils.fault_point (DINO_FAULT), at chosen iterations and checkpoint writes.
+Faults are injected through checkpoints.fault_point (DINO_FAULT), at chosen iterations and checkpoint writes.
 """
 import argparse
 import builtins
@@ -10,6 +10,7 @@ import signal
 import pytest
 
 import main_dino
+import checkpoints
 import utils
 from conftest import run_torchrun
 from test_robustness import RUN_ARGS, assert_same_run
@@ -36,12 +37,12 @@ def test_rank_killed_mid_epoch_is_restarted_by_torchrun_and_ends_as_the_uninterr
 @pytest.fixture
 def train_here(monkeypatch):
     """Run main_dino in this process (no start-up cost), as its command line would; restore what it changes."""
-    handlers = {signum: signal.getsignal(signum) for signum in (*utils.StopSignal.SIGNALS, signal.SIGCHLD)}
+    handlers = {signum: signal.getsignal(signum) for signum in (*checkpoints.StopSignal.SIGNALS, signal.SIGCHLD)}
     monkeypatch.setattr(builtins, 'print', builtins.print)
 
     def train(out, *extra, fault=''):
         monkeypatch.setenv('DINO_FAULT', fault)
-        utils._fault_counts.clear()
+        checkpoints._fault_counts.clear()
         parser = argparse.ArgumentParser(parents=[main_dino.get_args_parser()])
         args = parser.parse_args(list(map(str, [*RUN_ARGS, '--epochs', '2', '--output_dir', out, *extra])))
         main_dino.check_args(args)

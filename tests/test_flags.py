@@ -19,6 +19,9 @@ import torch.nn.functional as F
 import eval_knn
 import eval_linear
 import main_dino
+import checkpoints
+import evaluation
+import imagedata
 import utils
 import vision_transformer as vits
 from PIL import Image
@@ -36,7 +39,7 @@ FLAG_TRAIN_ARGS = ['--arch', 'vit_tiny', '--patch_size', '16', '--data_path', 's
 @pytest.fixture(autouse=True)
 def keep_signal_handlers():
     """main_dino installs its stop-signal handlers in this process: put pytest's back afterwards."""
-    saved = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}
+    saved = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
@@ -278,8 +281,8 @@ def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypa
     torch.save({'teacher': {f'backbone.{k}': v for k, v in teacher.state_dict().items()},
                 'student': {f'module.backbone.{k}': v for k, v in student.state_dict().items()}}, checkpoint)
     stored = []
-    extract_features = utils.extract_features
-    monkeypatch.setattr(utils, 'extract_features',
+    extract_features = evaluation.extract_features
+    monkeypatch.setattr(evaluation, 'extract_features',
                         lambda *a, **k: stored.append(k['store_on_device']) or extract_features(*a, **k))
     eval_knn.main([str(a) for a in ['--arch', 'vit_tiny', '--pretrained_weights', checkpoint, '--checkpoint_key',
                                     'student', '--store_on_device', 'false', '--data_path', small_image_folder,
@@ -287,7 +290,7 @@ def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypa
     assert stored == [False, False]
     from torchvision import datasets
     images = torch.stack([image for image, _ in datasets.ImageFolder(small_image_folder / 'val',
-                                                                     utils.center_crop_transform(224))])
+                                                                     evaluation.center_crop_transform(224))])
     with torch.no_grad():
         expected, other = (F.normalize(model(images), dim=1) for model in (student, teacher))
     features = utils.load_checkpoint_or_exit(tmp_path / 'feats' / 'testfeat.pth')
@@ -304,7 +307,7 @@ def test_knn_student_key_host_storage_and_temperature(tmp_path, capsys, monkeypa
         eval_knn.main(['--load_features', str(folder), '--nb_knn', '3', '--temperature', temperature, *CPU])
         assert f'3-NN classifier result: Top1: {top1}, Top5: 100.0' in capsys.readouterr().out
 
-    utils.save_checkpoint(torch.tensor([0, 1]), folder / 'trainlabels.pth')  # 3 features, 2 labels
+    checkpoints.save_checkpoint(torch.tensor([0, 1]), folder / 'trainlabels.pth')  # 3 features, 2 labels
     with pytest.raises(SystemExit, match='the features and labels do not fit together'):
         eval_knn.main(['--load_features', str(folder), '--nb_knn', '1', *CPU])
 
@@ -410,7 +413,7 @@ def test_visualize_attention_of_an_image_file_with_one_size_and_no_threshold(tmp
     for head in range(3):
         saved = np.asarray(Image.open(tmp_path / 'out' / f'attn-head{head}.png'))
         assert saved.shape == (48, 80, 3)
-        np.testing.assert_array_equal(saved, utils.colorize(utils.upsample_patches(maps[head], 16).numpy()))
+        np.testing.assert_array_equal(saved, evaluation.colorize(evaluation.upsample_patches(maps[head], 16).numpy()))
 
 
 def test_video_generation_from_a_folder_of_frames_resized_without_outline(tmp_path, tiny_vit_weights):
@@ -441,7 +444,7 @@ def test_video_generation_from_a_folder_of_frames_resized_without_outline(tmp_pa
                                             utils.IMAGENET_STD)
         with torch.no_grad():
             mean_map = model.cls_attention_maps(x[None])[0].mean(0)
-        expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
+        expected = evaluation.colorize(evaluation.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
         saved = np.asarray(Image.open(attention / f'attn-frame-{t}.jpg')).astype(np.float32)
         assert saved.shape == (32, 48, 3) and np.abs(saved - expected).mean() < 4  # JPEG noise only
         ok, frame = video.read()  # the video holds the frames in natural order
@@ -560,7 +563,7 @@ def test_retrieval_on_rparis6k_multiscale_with_the_default_imsize(tmp_path, monk
     weights, model = tiny_vit_weights
     folder = tmp_path / 'rparis6k' / 'jpg'
     folder.mkdir(parents=True)
-    shapes = utils.SyntheticShapes('train', image_size=64)
+    shapes = imagedata.SyntheticShapes('train', image_size=64)
     sizes = [(300, 200), (64, 48), (48, 64), (80, 80), (64, 64), (96, 64)]
     names = [f'paris_{i}' for i in range(len(sizes))]
     for i, (name, size) in enumerate(zip(names, sizes)):
@@ -569,8 +572,8 @@ def test_retrieval_on_rparis6k_multiscale_with_the_default_imsize(tmp_path, monk
     with open(tmp_path / 'rparis6k' / 'gnd_rparis6k.pkl', 'wb') as f:
         pickle.dump({'imlist': names, 'qimlist': names[:2], 'gnd': gnd}, f)
     extracted, reported = [], []
-    extract_features = utils.extract_features
-    monkeypatch.setattr(utils, 'extract_features', lambda *a, **k: extracted.append(extract_features(*a, **k))
+    extract_features = evaluation.extract_features
+    monkeypatch.setattr(evaluation, 'extract_features', lambda *a, **k: extracted.append(extract_features(*a, **k))
                         or extracted[-1])
     monkeypatch.setattr(eval_image_retrieval, 'report', lambda ranks, gnd, dataset: reported.append(dataset))
     parser = argparse.ArgumentParser(parents=[eval_image_retrieval.get_args_parser()])

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import eval_knn
 import eval_linear
+import evaluation
+import imagedata
 import utils
 import vision_transformer as vits
 from conftest import REPO, run_script, run_torchrun
@@ -74,7 +76,7 @@ def check_against_brute_force(train, train_labels, test, test_labels, ks, T, num
                                     chunk_size=chunk_size)
     for k in ks:
         neighbours, rankings = brute_force_knn(train, train_labels, test, k, T, num_classes)
-        sims, indices = utils.nearest_neighbours(train, test, k)
+        sims, indices = evaluation.nearest_neighbours(train, test, k)
         assert indices.tolist() == neighbours
         ranked = eval_knn.rank_classes(sims, train_labels[indices], T, num_classes)
         assert ranked[:, :5].tolist() == [r[:5] for r in rankings]
@@ -111,7 +113,7 @@ def test_knn_ties_go_to_lower_index_then_lower_class():
     train = torch.tensor([[1., 0.], [1., 0.], [0., 1.]])
     train_labels = torch.tensor([2, 1, 0])
     query = torch.tensor([[1., 0.]])
-    sims, indices = utils.nearest_neighbours(train, query, 2)
+    sims, indices = evaluation.nearest_neighbours(train, query, 2)
     assert indices.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
     assert eval_knn.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
     assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([1]), 2, 0.07, 3) == (100., 100.)
@@ -153,7 +155,7 @@ def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, 
     from torchvision import datasets
     model = vits.vit_tiny(patch_size=16).eval()
     model.load_state_dict(torch.load(random_vit_tiny))
-    folder = datasets.ImageFolder(small_image_folder / 'val', transform=utils.center_crop_transform(224))
+    folder = datasets.ImageFolder(small_image_folder / 'val', transform=evaluation.center_crop_transform(224))
     with torch.no_grad():
         expected = F.normalize(torch.cat([model(img[None]) for img, _ in folder]), dim=1)
     torch.testing.assert_close(load(tmp_path / 'two' / 'testfeat.pth'), expected, atol=1e-5, rtol=1e-4)
@@ -193,7 +195,7 @@ def test_knn_end_to_end_on_synthetic_and_load_features(tmp_path, capsys, tiny_di
     transform = transforms.Compose([
         transforms.Resize(73, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(64),
         transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    shapes = utils.SyntheticShapes('val', image_size=64)
+    shapes = imagedata.SyntheticShapes('val', image_size=64)
     with torch.no_grad():
         expected = F.normalize(model(torch.stack([transform(shapes.render(i)) for i in range(6)])), dim=1)
     torch.testing.assert_close(test_feats[:6], expected, atol=1e-5, rtol=1e-4)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import eval_copy_detection
 import eval_image_retrieval
+import evaluation
 import utils
 import vision_transformer as vits
 from test_retrieval import CLUTTER, IMSIZE, parse_args, random_crops, write_copydays, write_revisitop
@@ -169,14 +170,14 @@ def test_video_frames_are_the_originals_head_mean_of_raw_attention(tmp_path, tin
     Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(frames / 'frame-0000.jpg')
     args = video_generation.get_args_parser().parse_args(['--input_path', str(frames), '--patch_size', '16'])
     assert (args.outline, args.renormalise_heads) == (False, False)
-    coloured, colorize = [], utils.colorize
-    monkeypatch.setattr(utils, 'colorize', lambda values, *a: coloured.append(values) or colorize(values, *a))
+    coloured, colorize = [], evaluation.colorize
+    monkeypatch.setattr(evaluation, 'colorize', lambda values, *a: coloured.append(values) or colorize(values, *a))
     video_generation.inference(tiny_vit, [str(frames / 'frame-0000.jpg')], str(tmp_path / 'attention'), args,
                                torch.device('cpu'))
     saved = np.asarray(Image.open(tmp_path / 'attention' / 'attn-frame-0000.jpg')).astype(np.float32)
 
     # the original: [CLS] rows of get_last_selfattention, nearest-upsampled, averaged over heads, inferno
-    img = utils.attention_transform()(Image.open(frames / 'frame-0000.jpg').convert('RGB'))[None]
+    img = evaluation.attention_transform()(Image.open(frames / 'frame-0000.jpg').convert('RGB'))[None]
     with torch.no_grad():
         rows = tiny_vit.get_last_selfattention(img)[0, :, 0, 1:].reshape(-1, 3, 4)
     expected = F.interpolate(rows[None], scale_factor=16, mode='nearest')[0].mean(dim=0).numpy()

@@ -32,7 +32,8 @@ from argparse import Namespace
 import pytest
 import torch
 
-import utils
+import checkpoints
+import imagedata
 import vision_transformer as vits
 from conftest import REPO, script_env
 
@@ -190,7 +191,7 @@ def fixtures(tmp_path_factory):
     from test_video_attention import write_davis_video, write_test_video
 
     root = tmp_path_factory.mktemp('readme_data')
-    shapes = utils.SyntheticShapes('train', length=40, image_size=32)
+    shapes = imagedata.SyntheticShapes('train', length=40, image_size=32)
     for split, indices in (('train', range(32)), ('val', range(32, 40))):
         for i in indices:
             img, label = shapes[i]
@@ -240,7 +241,7 @@ def free_port():
 def run_in_process(script, argv, cwd, line):
     """The script as `python script argv` would run it, in this process (saves starting Python and torch)."""
     old_argv, old_cwd, out = sys.argv, os.getcwd(), io.StringIO()
-    handlers = {signum: signal.getsignal(signum) for signum in utils.StopSignal.SIGNALS}  # training sets its own
+    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}  # training sets its own
     sys.argv = [str(REPO / script), *argv]
     os.chdir(cwd)
     try:

@@ -14,6 +14,7 @@ from skimage import data as skdata
 
 import eval_copy_detection
 import eval_image_retrieval
+import evaluation
 import utils
 import vision_transformer as vits
 from conftest import run_torchrun
@@ -202,14 +203,14 @@ def naive_map(ranks, gnd, kappas):
 
 
 def test_compute_ap_hand_worked():
-    assert utils.compute_ap([0, 1], 2) == pytest.approx(1.)
+    assert evaluation.compute_ap([0, 1], 2) == pytest.approx(1.)
     # one positive at position 2 (0-based 1): trapezoid between precision 0 and 1/2 over recall 0..1
-    assert utils.compute_ap([1], 1) == pytest.approx(0.25)
+    assert evaluation.compute_ap([1], 1) == pytest.approx(0.25)
     # reversed ranking of 5 with positives last: (0 + 1/4)/2 * 1/2 + (1/4 + 2/5)/2 * 1/2
-    assert utils.compute_ap([3, 4], 2) == pytest.approx(0.225)
+    assert evaluation.compute_ap([3, 4], 2) == pytest.approx(0.225)
     # a positive never retrieved still counts in the recall step
-    assert utils.compute_ap([0], 2) == pytest.approx(0.5)
-    assert utils.compute_ap([], 3) == 0.
+    assert evaluation.compute_ap([0], 2) == pytest.approx(0.5)
+    assert evaluation.compute_ap([], 3) == 0.
 
 
 def test_compute_map_hand_worked():
@@ -219,22 +220,22 @@ def test_compute_map_hand_worked():
     with_junk = np.array([[9, 0, 7, 1, 2]]).T
     truncated = np.array([[0, 5, 6]]).T  # positive 1 missing from a top-3 ranking
     gnd = [{'ok': [0, 1], 'junk': []}]
-    mean_ap, aps, pr, prs = utils.compute_map(perfect, gnd, kappas)
+    mean_ap, aps, pr, prs = evaluation.compute_map(perfect, gnd, kappas)
     assert mean_ap == pytest.approx(1.) and pr == pytest.approx([1., 1., 1.])
-    mean_ap, _, pr, _ = utils.compute_map(reversed_, gnd, kappas)
+    mean_ap, _, pr, _ = evaluation.compute_map(reversed_, gnd, kappas)
     # positives at 1-based positions 4 and 5; precision at k is cut at the last positive (5), as the authors do
     assert mean_ap == pytest.approx(0.225) and pr == pytest.approx([0., 0.4, 0.4])
-    mean_ap, _, pr, _ = utils.compute_map(with_junk, [{'ok': [0, 1], 'junk': [9, 7]}], kappas)
+    mean_ap, _, pr, _ = evaluation.compute_map(with_junk, [{'ok': [0, 1], 'junk': [9, 7]}], kappas)
     assert mean_ap == pytest.approx(1.) and pr == pytest.approx([1., 1., 1.])
-    mean_ap, _, pr, _ = utils.compute_map(with_junk, gnd, kappas)  # same ranking, junk counted as wrong
+    mean_ap, _, pr, _ = evaluation.compute_map(with_junk, gnd, kappas)  # same ranking, junk counted as wrong
     assert mean_ap == pytest.approx(((0 + 1 / 2) / 2 + (1 / 3 + 2 / 4) / 2) / 2)  # positions 1 and 3
-    mean_ap, _, pr, _ = utils.compute_map(truncated, gnd, kappas)
+    mean_ap, _, pr, _ = evaluation.compute_map(truncated, gnd, kappas)
     assert mean_ap == pytest.approx(0.5) and pr == pytest.approx([1., 1., 1.])
-    mean_ap, _, pr, _ = utils.compute_map(np.array([[5, 6, 7]]).T, gnd, kappas)
+    mean_ap, _, pr, _ = evaluation.compute_map(np.array([[5, 6, 7]]).T, gnd, kappas)
     assert mean_ap == 0. and pr == pytest.approx([0., 0., 0.])
     # a query without positives is excluded from the means
     two = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]]).T
-    mean_ap, aps, pr, prs = utils.compute_map(two, [{'ok': [], 'junk': [1]}, {'ok': [4], 'junk': []}], kappas)
+    mean_ap, aps, pr, prs = evaluation.compute_map(two, [{'ok': [], 'junk': [1]}, {'ok': [4], 'junk': []}], kappas)
     assert np.isnan(aps[0]) and np.isnan(prs[0]).all() and mean_ap == pytest.approx(1.) and aps[1] == 1.
 
 
@@ -251,7 +252,7 @@ def test_compute_map_matches_naive_implementation_on_random_rankings():
             gnd.append({'ok': np.flatnonzero(labels == 1), 'junk': np.flatnonzero(labels == 2)})
         if all(len(g['ok']) == 0 for g in gnd):
             continue
-        mean_ap, aps, pr, _ = utils.compute_map(ranks, gnd, kappas)
+        mean_ap, aps, pr, _ = evaluation.compute_map(ranks, gnd, kappas)
         expected_map, expected_aps, expected_pr = naive_map(ranks, gnd, kappas)
         assert mean_ap == pytest.approx(expected_map)
         assert aps[~np.isnan(aps)] == pytest.approx(expected_aps)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 
 import main_dino
+import checkpoints
+import imagedata
 import utils
 import vision_transformer as vits
 from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env, signal_when_waiting
@@ -113,19 +115,19 @@ def test_log_is_trimmed_to_the_checkpoint(tmp_path):
 
 def test_random_states_round_trip_through_a_checkpoint(tmp_path):
     utils.fix_random_seeds(3)
-    state = utils.rng_state()
+    state = checkpoints.rng_state()
     expected = (np.random.rand(), torch.rand(2), random.random())
-    utils.save_checkpoint({'rng_state': state}, tmp_path / 'c.pth')
+    checkpoints.save_checkpoint({'rng_state': state}, tmp_path / 'c.pth')
     np.random.rand(5), torch.rand(5)
-    utils.set_rng_state(utils.load_checkpoint_or_exit(tmp_path / 'c.pth')['rng_state'])
+    checkpoints.set_rng_state(utils.load_checkpoint_or_exit(tmp_path / 'c.pth')['rng_state'])
     got = (np.random.rand(), torch.rand(2), random.random())
     assert got[0] == expected[0] and torch.equal(got[1], expected[1]) and got[2] == expected[2]
 
 
 def test_augmentations_depend_on_seed_epoch_and_index_only():
-    dataset = utils.SyntheticShapes('train', length=6, image_size=48,
+    dataset = imagedata.SyntheticShapes('train', length=6, image_size=48,
                                     transform=main_dino.DataAugmentationDINO((0.4, 1), (0.05, 0.4), 2, 32, 16))
-    samples = utils.ReproducibleSamples(dataset, seed=0)
+    samples = imagedata.ReproducibleSamples(dataset, seed=0)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     first = samples[(1, 4)][0]
@@ -137,7 +139,7 @@ def test_augmentations_depend_on_seed_epoch_and_index_only():
 
 
 def test_resumable_sampler_skips_the_done_part_of_the_epoch():
-    sampler = utils.ResumableSampler(list(range(10)), num_replicas=2, rank=1, shuffle=True, seed=0)
+    sampler = imagedata.ResumableSampler(list(range(10)), num_replicas=2, rank=1, shuffle=True, seed=0)
     sampler.set_epoch(3)
     full = list(sampler)
     sampler.set_epoch(3, start=2)
@@ -177,7 +179,7 @@ def test_malicious_pickle_is_refused_by_every_loading_path(tmp_path, fmt):
     with pytest.raises(SystemExit) as pretrained:
         utils.load_pretrained_weights(torch.nn.Linear(1, 1), str(path), 'teacher', 'vit_tiny', 16)
     with pytest.raises(SystemExit) as resume:
-        utils.restart_from_checkpoint(str(path), run_variables={'epoch': 0}, student=torch.nn.Linear(1, 1))
+        checkpoints.restart_from_checkpoint(str(path), run_variables={'epoch': 0}, student=torch.nn.Linear(1, 1))
     for exc in (load, pretrained, resume):
         message = str(exc.value)
         assert message.startswith('error: ') and '\n' not in message
@@ -206,11 +208,11 @@ def test_released_checkpoint_formats_still_load(tmp_path):
 
 def test_truncated_checkpoint_without_fallback_stops_and_keeps_files(tmp_path):
     path = tmp_path / 'checkpoint.pth'
-    utils.save_checkpoint({'epoch': 3, 'student': torch.nn.Linear(4, 4).state_dict()}, path)
+    checkpoints.save_checkpoint({'epoch': 3, 'student': torch.nn.Linear(4, 4).state_dict()}, path)
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     with pytest.raises(SystemExit) as exc:
-        utils.restart_from_checkpoint(str(path), run_variables={'epoch': 0})
+        checkpoints.restart_from_checkpoint(str(path), run_variables={'epoch': 0})
     message = str(exc.value)
     assert 'is damaged' in message and 'no intact numbered checkpoint' in message and '\n' not in message
     assert path.read_bytes() == data[:len(data) // 2]
@@ -218,11 +220,11 @@ def test_truncated_checkpoint_without_fallback_stops_and_keeps_files(tmp_path):
 
 def test_fallback_refuses_an_unsafe_numbered_checkpoint(tmp_path):
     marker = tmp_path / 'marker'
-    utils.save_checkpoint({'epoch': 1}, tmp_path / 'checkpoint0000.pth')
+    checkpoints.save_checkpoint({'epoch': 1}, tmp_path / 'checkpoint0000.pth')
     write_malicious(tmp_path / 'checkpoint0002.pth', marker, 'zip')
     (tmp_path / 'checkpoint.pth').write_bytes(b'PK\x03\x04 cut short')
     with pytest.raises(SystemExit) as exc:
-        utils.restart_from_checkpoint(str(tmp_path / 'checkpoint.pth'), run_variables={'epoch': 0})
+        checkpoints.restart_from_checkpoint(str(tmp_path / 'checkpoint.pth'), run_variables={'epoch': 0})
     assert str(exc.value).startswith(f"error: refusing to load {tmp_path / 'checkpoint0002.pth'}")
     assert not marker.exists()
 
@@ -262,7 +264,7 @@ def make_bad_image_folder(root):
 def test_convertible_images_become_rgb_with_the_right_pixels(tmp_path):
     def load(img, name, **kwargs):
         save(img, tmp_path / name, **kwargs)
-        return utils.pil_loader(tmp_path / name)
+        return imagedata.pil_loader(tmp_path / name)
 
     rgba = Image.new('RGBA', (2, 1))
     rgba.putpixel((0, 0), (0, 0, 255, 255))
@@ -283,7 +285,7 @@ def test_convertible_images_become_rgb_with_the_right_pixels(tmp_path):
 def test_tiny_image_gives_full_size_crops(tmp_path):
     transform = main_dino.DataAugmentationDINO((0.4, 1), (0.05, 0.4), 2, 32, 16)
     save(noise_image(np.random.default_rng(0), (3, 2)), tmp_path / 't.png')
-    crops = transform(utils.pil_loader(tmp_path / 't.png'))
+    crops = transform(imagedata.pil_loader(tmp_path / 't.png'))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert all(torch.isfinite(c).all() for c in crops)
 

@@ -12,6 +12,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
 import main_dino
+import imagedata
+import multicrop
 import utils
 import vision_transformer as vits
 from benchmark import original_augmentation
@@ -177,7 +179,7 @@ def test_lower_precision_rounds_like_bf16_autocast(monkeypatch):
 @pytest.fixture(scope='module')
 def photo():
     """A 500x375 image with texture, edges and colour, like an ImageNet photograph."""
-    return utils.SyntheticShapes('train', image_size=500, seed=3).render(7).resize((500, 375), Image.BILINEAR)
+    return imagedata.SyntheticShapes('train', image_size=500, seed=3).render(7).resize((500, 375), Image.BILINEAR)
 
 
 def test_views_match_original_pipeline_for_the_same_seed(photo):
@@ -207,21 +209,21 @@ def test_colour_operations_match_pil(photo, op, factors):
     pixels = np.asarray(image, dtype=np.float32)
     reference = getattr(TF, f'adjust_{op}')
     for factor in factors:
-        got = getattr(utils.DinoCropTransform, op)(pixels.copy(), factor)
+        got = getattr(multicrop.DinoCropTransform, op)(pixels.copy(), factor)
         diff = np.abs(got - np.asarray(reference(image, factor), dtype=np.float32))
         assert diff.mean() < (1.5 if op == 'hue' else 1.0), (op, factor)
 
 
 def test_blur_grayscale_solarize_match_pil(photo):
     image = photo.resize((96, 96), Image.BICUBIC)
-    transform = utils.DinoCropTransform(96, (1., 1.), blur_p=0.)
+    transform = multicrop.DinoCropTransform(96, (1., 1.), blur_p=0.)
     std = torch.tensor(utils.IMAGENET_STD)[:, None, None]
     box = (0, 0, 96, 96)
     cases = [(dict(blur_radius=1.5), image.filter(ImageFilter.GaussianBlur(1.5))),
              (dict(grayscale=True), image.convert('L').convert('RGB')),
              (dict(solarize=True), ImageOps.solarize(image))]
     for change, expected in cases:
-        params = utils.CropParams(box, False, (), False, 0., False)._replace(**change)
+        params = multicrop.CropParams(box, False, (), False, 0., False)._replace(**change)
         got = transform.render(image, params)
         assert ((got - TF.normalize(TF.to_tensor(expected), utils.IMAGENET_MEAN, utils.IMAGENET_STD))
                 * std * 255).abs().mean() < 0.6, change
@@ -273,7 +275,7 @@ def assert_view_statistics(name, draws, area, scale, blur_p, solarize_p):
     assert rate_is([p.blur_radius > 0 for p in draws], blur_p), name
     assert rate_is([p.solarize for p in draws], solarize_p), name
     assert uniform_in([p.blur_radius for p in draws if p.blur_radius > 0], 0.1, 2.0), name
-    factors = {op: [f for p in draws for o, f in p.jitter if o == op] for op in utils.DinoCropTransform.JITTER_OPS}
+    factors = {op: [f for p in draws for o, f in p.jitter if o == op] for op in multicrop.DinoCropTransform.JITTER_OPS}
     for op, (lo, hi) in {'brightness': (0.6, 1.4), 'contrast': (0.6, 1.4), 'saturation': (0.8, 1.2),
                          'hue': (-0.1, 0.1)}.items():
         assert len(factors[op]) == sum(bool(p.jitter) for p in draws)  # all four, when jitter applies
@@ -284,8 +286,8 @@ def assert_view_statistics(name, draws, area, scale, blur_p, solarize_p):
 
 def test_rendered_views_apply_their_parameters(photo):
     """Rendering follows the drawn parameters: flips mirror, grayscale views have equal channels."""
-    transform = utils.DinoCropTransform(96, (0.3, 0.3), blur_p=0.)
-    base = utils.CropParams((50, 60, 200, 200), False, (), False, 0., False)
+    transform = multicrop.DinoCropTransform(96, (0.3, 0.3), blur_p=0.)
+    base = multicrop.CropParams((50, 60, 200, 200), False, (), False, 0., False)
     plain = transform.render(photo, base)
     flipped = transform.render(photo, base._replace(flip=True))
     torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import eval_video_segmentation as evs
+import evaluation
 import utils
 from conftest import run_script
 
@@ -265,13 +266,13 @@ def test_cls_attention_maps_are_the_last_attention_row_summing_to_one(model):
 
 def test_attention_mass_masks_keep_the_stated_fraction():
     maps = torch.tensor([[[0.5, 0.1], [0.3, 0.1]]])
-    assert utils.attention_mass_masks(maps, 0.6).tolist() == [[[True, False], [True, False]]]
-    assert utils.attention_mass_masks(maps, 0.4).tolist() == [[[True, False], [False, False]]]
+    assert evaluation.attention_mass_masks(maps, 0.6).tolist() == [[[True, False], [True, False]]]
+    assert evaluation.attention_mass_masks(maps, 0.4).tolist() == [[[True, False], [False, False]]]
     torch.manual_seed(0)
     maps = torch.rand(4, 6, 7) ** 3
     maps = maps / maps.sum(dim=(-2, -1), keepdim=True)
     for threshold in (0.3, 0.6, 0.9):
-        masks = utils.attention_mass_masks(maps, threshold)
+        masks = evaluation.attention_mass_masks(maps, threshold)
         for m, keep in zip(maps, masks):
             kept = m[keep]
             assert kept.sum() >= threshold - 1e-6               # at least the stated mass ...
@@ -281,13 +282,13 @@ def test_attention_mass_masks_keep_the_stated_fraction():
 
 def test_attention_transform_resizes_like_torchvision_and_normalises():
     img = Image.new('RGB', (451, 300), (255, 128, 0))
-    assert utils.attention_transform(72)(img).shape == (3, 72, 108)  # short side 72, int(72 * 451 / 300)
-    assert utils.attention_transform(72)(img.transpose(Image.Transpose.ROTATE_90)).shape == (3, 108, 72)
-    assert utils.attention_transform((72, 100))(img).shape == (3, 72, 100)
-    pixel = utils.attention_transform()(img)[:, 0, 0]
+    assert evaluation.attention_transform(72)(img).shape == (3, 72, 108)  # short side 72, int(72 * 451 / 300)
+    assert evaluation.attention_transform(72)(img.transpose(Image.Transpose.ROTATE_90)).shape == (3, 108, 72)
+    assert evaluation.attention_transform((72, 100))(img).shape == (3, 72, 100)
+    pixel = evaluation.attention_transform()(img)[:, 0, 0]
     expected = [(1 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (0 - 0.406) / 0.225]
     torch.testing.assert_close(pixel, torch.tensor(expected))
-    assert utils.crop_to_patch_multiple(torch.zeros(1, 3, 72, 108), 16).shape == (1, 3, 64, 96)
+    assert evaluation.crop_to_patch_multiple(torch.zeros(1, 3, 72, 108), 16).shape == (1, 3, 64, 96)
 
 
 def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
@@ -303,10 +304,10 @@ def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
 
     # the same maps and masks computed here, then checked against the saved overlays
     from skimage import data
-    img = utils.attention_transform((72, 100))(Image.fromarray(data.chelsea()))
-    img = utils.crop_to_patch_multiple(img, 16).unsqueeze(0)
+    img = evaluation.attention_transform((72, 100))(Image.fromarray(data.chelsea()))
+    img = evaluation.crop_to_patch_multiple(img, 16).unsqueeze(0)
     maps = model.cls_attention_maps(img)[0]
-    masks = utils.upsample_patches(utils.attention_mass_masks(maps, 0.6), 16).numpy()
+    masks = evaluation.upsample_patches(evaluation.attention_mass_masks(maps, 0.6), 16).numpy()
     image = np.asarray(Image.open(out / 'img.png')).astype(np.float32)
     for head, mask in enumerate(masks):
         overlay = np.asarray(Image.open(out / f'mask_th0.6_head{head}.png')).astype(np.float32)
@@ -318,7 +319,7 @@ def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
         blended = image[inside] * 0.5 + np.array([255, 0, 0]) * 0.5
         np.testing.assert_allclose(overlay[inside], blended, atol=1)
         heat = np.asarray(Image.open(out / f'attn-head{head}.png'))
-        np.testing.assert_array_equal(heat, utils.colorize(utils.upsample_patches(maps[head], 16).numpy()))
+        np.testing.assert_array_equal(heat, evaluation.colorize(evaluation.upsample_patches(maps[head], 16).numpy()))
 
 
 def test_visualize_attention_rejects_a_file_that_is_not_an_image(tmp_path):
@@ -368,12 +369,12 @@ def test_video_generation_from_a_video_file_then_video_only(tmp_path, weights, m
 
     # with both options, an attention image is the inferno-coloured mean over heads of the renormalised maps,
     # outlined (the original's frames, the default, are checked in test_original.py)
-    frame = utils.attention_transform()(Image.open(out / 'frames' / 'frame-0003.jpg').convert('RGB'))
+    frame = evaluation.attention_transform()(Image.open(out / 'frames' / 'frame-0003.jpg').convert('RGB'))
     mean_map = model.cls_attention_maps(frame.unsqueeze(0))[0].mean(dim=0)
-    expected = utils.colorize(utils.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
+    expected = evaluation.colorize(evaluation.upsample_patches(mean_map, 16).numpy(), 'inferno').astype(np.float32)
     saved = np.asarray(Image.open(attention_images[3])).astype(np.float32)
-    outline = utils.upsample_patches(utils.attention_mass_masks(mean_map, 0.6), 16).numpy()
-    outlined = utils.draw_mask(expected.astype(np.uint8), outline, color=(255, 255, 255), fill=False)
+    outline = evaluation.upsample_patches(evaluation.attention_mass_masks(mean_map, 0.6), 16).numpy()
+    outlined = evaluation.draw_mask(expected.astype(np.uint8), outline, color=(255, 255, 255), fill=False)
     error = np.abs(saved - outlined)
     assert np.median(error) <= 3 and error.mean() < 8  # JPEG noise (ringing along the outline)
     assert np.abs(saved - expected).mean() > 2 * error.mean()  # the outline is there

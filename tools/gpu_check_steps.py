@@ -54,9 +54,9 @@ def requirements():
 
 def _render(job):
     """Write images [start, stop) of the synthetic training set as PNGs of an ImageFolder (one class folder)."""
-    import utils
+    import imagedata
     root, start, stop, size = job
-    shapes = utils.SyntheticShapes('train', length=stop, image_size=size)
+    shapes = imagedata.SyntheticShapes('train', length=stop, image_size=size)
     for index in range(start, stop):
         shapes.render(index).save(Path(root) / 'all' / f'{index:06d}.png')
 

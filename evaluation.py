@@ -1,0 +1,309 @@
+"""What the evaluations of frozen features share: evaluation splits and transforms, feature extraction,
+nearest neighbours, the retrieval metrics and PCA whitening, the frozen ViT and its attention maps. Used by
+eval_knn, eval_linear, eval_copy_detection, eval_image_retrieval, eval_video_segmentation and the attention
+scripts."""
+import os
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import imagedata
+import utils
+
+
+# Synthetic images are rendered and evaluated at this side (the tests train on 64-pixel crops of
+# them); real data keeps the original resize 256 / centre crop 224.
+SYNTHETIC_EVAL_SIZE = 64
+
+
+def eval_crop_size(data_path):
+    """Side of the evaluation crops: 224, or SYNTHETIC_EVAL_SIZE for the built-in synthetic data."""
+    return SYNTHETIC_EVAL_SIZE if imagedata.is_synthetic(data_path) else 224
+
+
+def center_crop_transform(crop_size=224):
+    """Bicubic resize of the short side to crop_size * 256 / 224, centre crop, ImageNet normalisation."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.Resize(crop_size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(crop_size),
+        transforms.ToTensor(),
+        transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
+    ])
+
+
+def build_eval_split(data_path, split, transform=None):
+    """The `split` ('train' or 'val') ImageFolder under data_path, or that split of the synthetic data."""
+    if imagedata.is_synthetic(data_path):
+        return imagedata.SyntheticShapes(split, image_size=SYNTHETIC_EVAL_SIZE, transform=transform)
+    root = os.path.join(data_path, split)
+    if not os.path.isdir(root):
+        utils.fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
+             "(one sub-folder of images per class), or be 'synthetic'")
+    return imagedata.build_image_folder(root, transform)
+
+
+def dataset_classes(dataset):
+    """Class names of an ImageFolder or SyntheticShapes, also through Subset wrappers."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return list(dataset.classes)
+
+
+def check_matching_classes(dataset_train, dataset_val, data_path):
+    """Labels are folder indices, so train/ and val/ must hold the same class folders."""
+    train_classes, val_classes = dataset_classes(dataset_train), dataset_classes(dataset_val)
+    if train_classes != val_classes:
+        odd = sorted(set(train_classes) ^ set(val_classes))[:3]
+        utils.fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "
+             f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
+
+
+def feature_loader(dataset, args, batch_size=None):
+    """Loader for extract_features: dataset order (no shuffling), each process reading its share under
+    torchrun. `batch_size` defaults to --batch_size_per_device."""
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if utils.is_dist_avail_and_initialized() else None
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size_per_device,
+                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda',
+                                       drop_last=False)
+
+
+def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
+    """Features averaged over rescaled copies of the input, then L2-normalised."""
+    total = None
+    for scale in scales:
+        inp = samples if scale == 1 else F.interpolate(samples, scale_factor=scale, mode='bilinear',
+                                                       align_corners=False)
+        feats = model(inp).clone()
+        total = feats if total is None else total + feats
+    total = total / len(scales)
+    return F.normalize(total, dim=-1)
+
+
+@torch.no_grad()
+def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
+                     forward=None, summary_writer=None):
+    """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
+
+    The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
+    DistributedSampler: samples it repeats to even out processes are written once.
+    `forward(model, images)` overrides the plain `model(images)` call. With a
+    summary_writer, the throughput is also written as TensorBoard scalars.
+    """
+    global_batch = (data_loader.batch_size or 1) * utils.get_world_size()
+    metric_logger = utils.MetricLogger(delimiter="  ", batch_size=global_batch, summary_writer=summary_writer)
+    features = None
+    forward = forward or (lambda m, x: multi_scale(x, m) if multiscale else m(x))
+    epoch = 0 if summary_writer is not None else None
+    for samples, index in metric_logger.log_every(data_loader, 10, 'Extracting features', epoch):
+        samples = samples.to(device, non_blocking=True)
+        index = index.to(device, non_blocking=True)
+        with utils.autocast_context(device.type, autocast):
+            feats = forward(model, samples)
+        feats = feats.float()
+        utils.mark_step()
+        if features is None:
+            storage = device if store_on_device else 'cpu'
+            features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
+            print(f"Storing features into tensor of shape {tuple(features.shape)}")
+        feats, index = utils.all_gather(feats), utils.all_gather(index)
+        features.index_copy_(0, index.to(features.device), feats.to(features.device))
+    return features
+
+
+# =====================================================================================
+# Retrieval metrics and PCA whitening (eval_image_retrieval: revisited Oxford/Paris; eval_copy_detection)
+# =====================================================================================
+
+def nearest_neighbours(database, queries, k):
+    """(similarities, indices) of the k most similar database rows of each query (dot product), nearest first.
+
+    Rows whose k-th similarity is shared with rows left out (then the (k+1)-th equals the k-th)
+    are redone exactly, so that equal similarities always go to the lower database index,
+    whatever the device's top-k does.
+    """
+    similarity = queries @ database.t()
+    values, indices = similarity.topk(min(k + 1, similarity.shape[1]), dim=1)
+    tied_rows = (values[:, k] == values[:, k - 1]) if values.shape[1] > k else torch.zeros(0, dtype=torch.bool)
+    values, indices = values[:, :k], indices[:, :k]
+    kth = values[:, -1:]
+    for row in tied_rows.nonzero().flatten().tolist():
+        above = (similarity[row] > kth[row]).nonzero().flatten()
+        level = (similarity[row] == kth[row]).nonzero().flatten()[:k - len(above)]
+        indices[row] = torch.cat((above, level))
+        values[row] = similarity[row, indices[row]]
+    # order: decreasing similarity, then increasing index
+    indices, order = indices.sort(dim=1)
+    values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
+    return values, indices.gather(1, order)
+
+
+def compute_ap(ranks, nres):
+    """Average precision of one query: trapezoidal area under its precision-recall curve.
+
+    `ranks`: sorted 0-based positions of the positives that were retrieved; `nres`: number of
+    positives in the database (retrieved or not), so a positive missing from `ranks` lowers the AP.
+    This is the AP of the revisited Oxford/Paris and INRIA Holidays evaluation packages.
+    """
+    ranks = np.asarray(ranks, dtype=np.float64)
+    found_before = np.arange(len(ranks))
+    precision_left = np.where(ranks == 0, 1., found_before / np.maximum(ranks, 1.))
+    precision_right = (found_before + 1) / (ranks + 1)
+    return float(np.sum(precision_left + precision_right) / (2. * nres))
+
+
+def compute_map(ranks, gnd, kappas=()):
+    """Mean average precision and mean precision at `kappas`, as the revisited Oxford/Paris authors define them.
+
+    `ranks`: (database size x number of queries) array, column i the database indices in the order
+    retrieved for query i. `gnd[i]['ok']` lists the positives of query i, `gnd[i]['junk']` images
+    that are dropped from its ranking before scoring. Following the authors' code, precision at k
+    is measured at min(k, position of the last positive retrieved). Queries without positives get
+    NaN in `aps`/`prs` and are left out of the means. Returns (map, aps, pr, prs).
+    """
+    ranks = np.asarray(ranks)
+    aps = np.full(len(gnd), np.nan)
+    prs = np.full((len(gnd), len(kappas)), np.nan)
+    for i, query_gnd in enumerate(gnd):
+        positives = np.asarray(query_gnd['ok'])
+        if positives.size == 0:
+            continue
+        positions = np.flatnonzero(np.isin(ranks[:, i], positives))
+        junk = np.flatnonzero(np.isin(ranks[:, i], np.asarray(query_gnd.get('junk', []))))
+        positions = positions - np.searchsorted(junk, positions)  # junk ranked earlier does not count
+        aps[i] = compute_ap(positions, len(positives))
+        prs[i] = _precision_at(positions + 1, kappas)
+    scored = ~np.isnan(aps)
+    if not scored.any():
+        return float('nan'), aps, np.full(len(kappas), np.nan), prs
+    return float(aps[scored].mean()), aps, prs[scored].mean(axis=0), prs
+
+
+def _precision_at(positions, kappas):
+    """Precision at each k of 1-based positive positions, cut at the last positive as the authors do."""
+    if positions.size == 0:
+        return np.zeros(len(kappas))
+    cuts = np.minimum(positions.max(), np.asarray(kappas))
+    return np.array([(positions <= cut).sum() / cut for cut in cuts])
+
+
+class PCA:
+    """PCA (whitening) learned from a covariance matrix; keeps the `dim` leading components.
+
+    Components are scaled by eigenvalue ** -whit: whit=0.5 whitens fully, whit=0 only rotates.
+    Eigenvalues below 1e-5 of the largest are raised to that floor, as in the original. `mean`,
+    when set, is subtracted before projecting.
+    """
+
+    def __init__(self, dim=256, whit=0.5):
+        self.dim = dim
+        self.whit = whit
+        self.mean = None
+
+    def train_pca(self, cov):
+        eigenvalues, eigenvectors = np.linalg.eigh(cov)
+        eigenvalues = np.maximum(eigenvalues, eigenvalues.max() * 1e-5)
+        order = np.argsort(eigenvalues)[::-1][:self.dim]
+        print(f"keeping {eigenvalues[order].sum() / eigenvalues.sum() * 100:.2f} % of the energy")
+        self.dvt = (eigenvectors[:, order] / eigenvalues[order] ** self.whit).T
+
+    def apply(self, x):
+        """Project rows of a numpy array or a torch tensor (any device), returning the same kind."""
+        if isinstance(x, np.ndarray):
+            mean = 0 if self.mean is None else np.asarray(self.mean)
+            return (x - mean) @ self.dvt.T.astype(x.dtype)
+        dvt = torch.as_tensor(self.dvt, dtype=x.dtype, device=x.device)
+        if self.mean is not None:
+            x = x - torch.as_tensor(self.mean, dtype=x.dtype, device=x.device)
+        return x @ dvt.T
+
+
+# =====================================================================================
+# Frozen ViT (attention scripts, eval_video_segmentation) and attention maps (visualize_attention, video_generation)
+# =====================================================================================
+
+def load_frozen_vit(args, device, attention_weights=False):
+    """The ViT of --arch/--patch_size with --pretrained_weights (--checkpoint_key), frozen, in eval mode.
+
+    `attention_weights`: without --pretrained_weights, download the released weights the original's attention
+    scripts show (ATTENTION_WEIGHTS) rather than those its evaluations use.
+    """
+    model, _ = utils.build_backbone(args.arch, args.patch_size)
+    print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
+    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
+                            released=utils.ATTENTION_WEIGHTS if attention_weights else None)
+    for param in model.parameters():
+        param.requires_grad = False
+    return model.eval().to(device)
+
+
+def attention_transform(size=None):
+    """PIL image -> ImageNet-normalised (3, H, W) tensor, as torchvision's Resize, ToTensor and Normalize.
+
+    `size`: None keeps the image, one int sets the short side (aspect kept), (h, w) the exact size; bilinear.
+    (Written with PIL and numpy: importing torchvision costs these small scripts seconds.)
+    """
+    mean, std = np.asarray(utils.IMAGENET_MEAN, dtype=np.float32), np.asarray(utils.IMAGENET_STD, dtype=np.float32)
+
+    def transform(img):
+        if size is not None:
+            img = img.resize(resized_shape(img.size, size), Image.BILINEAR)
+        pixels = (np.asarray(img.convert('RGB'), dtype=np.float32) / 255. - mean) / std
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+    return transform
+
+
+def resized_shape(image_size, size):
+    """(width, height) after a torchvision-style Resize(size) of an image of (width, height) image_size."""
+    width, height = image_size
+    if not isinstance(size, int):
+        return size[1], size[0]
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def crop_to_patch_multiple(images, patch_size):
+    """Drop the bottom rows and right columns that do not fill a whole patch."""
+    height, width = images.shape[-2:]
+    return images[..., :height - height % patch_size, :width - width % patch_size]
+
+
+def attention_mass_masks(maps, threshold):
+    """Per map, the highest-attention patches that together hold `threshold` of its mass (boolean, same shape).
+
+    As in the original: sort ascending and keep the patches where the cumulative share exceeds 1 - threshold.
+    """
+    flat = maps.flatten(-2)
+    values, order = torch.sort(flat, dim=-1)
+    share = torch.cumsum(values / values.sum(dim=-1, keepdim=True), dim=-1)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, order, share > 1 - threshold)
+    return keep.reshape(maps.shape)
+
+
+def upsample_patches(maps, patch_size):
+    """Patch-grid maps (..., h, w) -> pixel maps (..., h * patch_size, w * patch_size), nearest neighbour."""
+    return maps.repeat_interleave(patch_size, dim=-2).repeat_interleave(patch_size, dim=-1)
+
+
+def colorize(values, colormap='viridis'):
+    """A 2-D map min-max scaled and coloured (RGB uint8), as matplotlib's imsave does."""
+    values = np.asarray(values, dtype=np.float32)
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    gray = np.clip(scaled * 256, 0, 255).astype(np.uint8)
+    code = {'viridis': cv2.COLORMAP_VIRIDIS, 'inferno': cv2.COLORMAP_INFERNO}[colormap]
+    return cv2.cvtColor(cv2.applyColorMap(gray, code), cv2.COLOR_BGR2RGB)
+
+
+def draw_mask(image, mask, color=(255, 0, 0), alpha=0.5, fill=True):
+    """Copy of an RGB uint8 image with `mask` blended in `color` (when fill) and its outline drawn."""
+    out = image.copy()
+    if fill:
+        out[mask] = (out[mask] * (1 - alpha) + np.asarray(color) * alpha).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, color, 1)
+    return out

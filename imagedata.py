@@ -1,0 +1,424 @@
+"""Image data of training and evaluation: the built-in synthetic shapes, image folders and list files (the
+tree scan), PIL loading, resumable seeded sampling, and the unreadable images a run skips. Used by every script."""
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFile, UnidentifiedImageError
+
+import utils
+
+
+def limit_dataset(dataset, limit):
+    """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit <= 0:
+        utils.fail(f"--data_limit must be positive, got {limit}")
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values.tolist()
+    return torch.utils.data.Subset(dataset, indices)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Procedural labelled images: one shape class per label, drawn on textured backgrounds.
+
+    Every image is generated on the fly from (seed, split, index), so the dataset is deterministic,
+    needs no download and comes at any size. Colours, position, size and rotation are random for
+    every class alike, so only the shape tells the classes apart.
+    """
+    SHAPES = ['disk', 'square', 'triangle', 'cross', 'ring', 'star', 'bar', 'hexagon', 'crescent', 'dots']
+    SPLIT_LENGTHS = {'train': 2000, 'val': 500}
+
+    def __init__(self, split='train', length=None, image_size=224, seed=0, transform=None):
+        if split not in self.SPLIT_LENGTHS:
+            utils.fail(f"unknown synthetic split {split}; use train or val")
+        self.split, self.image_size, self.seed, self.transform = split, image_size, seed, transform
+        self.length = length or self.SPLIT_LENGTHS[split]
+        self.classes = list(self.SHAPES)
+        self.targets = [i % len(self.SHAPES) for i in range(self.length)]
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        img = self.render(index)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+    def render(self, index):
+        rng = np.random.default_rng([self.seed, 1 if self.split == 'val' else 0, index])
+        size = self.image_size
+        img = self._background(rng, size)
+        shape = self.SHAPES[self.targets[index]]
+        radius = size * rng.uniform(0.2, 0.35)
+        center = rng.uniform(radius, size - radius, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        self._draw_shape(ImageDraw.Draw(img), shape, center, radius, angle, colour)
+        return img
+
+    @staticmethod
+    def _background(rng, size):
+        """Two random colours mixed by smooth low-frequency noise."""
+        coarse = rng.random((4, 4)).astype(np.float32)
+        noise = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                           dtype=np.float32)[..., None] / 255.
+        low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        pixels = low * (1 - noise) + high * noise + rng.normal(0, 8, (size, size, 3))
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+    @staticmethod
+    def _polygon(center, radius, angle, corners, inner=None):
+        points = []
+        for i in range(corners * (2 if inner else 1)):
+            r = inner * radius if inner and i % 2 else radius
+            a = angle + np.pi * i / corners if inner else angle + 2 * np.pi * i / corners
+            points.append((center[0] + r * np.cos(a), center[1] + r * np.sin(a)))
+        return points
+
+    def _draw_shape(self, draw, shape, center, radius, angle, colour):
+        cx, cy = center
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        width = max(2, int(radius * 0.3))
+        if shape == 'disk':
+            draw.ellipse(box, fill=colour)
+        elif shape == 'ring':
+            draw.ellipse(box, outline=colour, width=width)
+        elif shape == 'square':
+            draw.polygon(self._polygon(center, radius, angle, 4), fill=colour)
+        elif shape == 'triangle':
+            draw.polygon(self._polygon(center, radius, angle, 3), fill=colour)
+        elif shape == 'hexagon':
+            draw.polygon(self._polygon(center, radius, angle, 6), outline=colour, width=width)
+        elif shape == 'star':
+            draw.polygon(self._polygon(center, radius, angle, 5, inner=0.4), fill=colour)
+        elif shape in ('cross', 'bar'):
+            directions = [angle, angle + np.pi / 2] if shape == 'cross' else [angle]
+            for a in directions:
+                dx, dy = radius * np.cos(a), radius * np.sin(a)
+                draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=colour, width=width)
+        elif shape == 'crescent':
+            draw.chord(box, start=np.degrees(angle), end=np.degrees(angle) + 180, fill=colour)
+        elif shape == 'dots':
+            for corner in self._polygon(center, radius * 0.7, angle, 3):
+                r = radius * 0.25
+                draw.ellipse([corner[0] - r, corner[1] - r, corner[0] + r, corner[1] + r], fill=colour)
+
+
+def is_synthetic(data_path):
+    return str(data_path).strip().lower() == 'synthetic'
+
+
+def to_rgb(img):
+    """8-bit RGB version of a PIL image of any mode.
+
+    16-bit grey levels are scaled down (PIL would clip them to 255), and transparent pixels are
+    composited on white (PIL would keep whatever colour lies under them, often black).
+    """
+    if img.mode.startswith('I'):  # I;16*, or I as 16-bit PNGs load in some Pillow versions
+        levels = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257
+        img = Image.fromarray(np.rint(levels).astype(np.uint8))
+    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert('RGB')
+    return img.convert('RGB')
+
+
+def pil_loader(path):
+    """Open an image file as 8-bit RGB, naming the file when it cannot be read (DataError)."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so that truncated files fail here
+            return to_rgb(img)
+    except UnidentifiedImageError:
+        raise utils.DataError(f"cannot read image {path}: empty, or not in an image format Pillow knows") from None
+    except Exception as exc:
+        raise utils.DataError(f"cannot read image {path}: {exc}") from None
+
+
+def build_image_folder(root, transform=None):
+    """torchvision ImageFolder with a clear error when the folder is missing or holds no images."""
+    from torchvision import datasets
+    if not os.path.isdir(root):
+        utils.fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
+             "or 'synthetic'")
+    try:
+        return datasets.ImageFolder(root, transform=transform, loader=pil_loader)
+    except (FileNotFoundError, RuntimeError) as exc:
+        utils.fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+
+
+# Training images come from an ImageFolder, a folder of images at any depth, or a text file listing
+# image paths. All three become ImageFiles in one fixed order, so that runs and resumes are reproducible.
+
+# torchvision's ImageFolder extensions, in case this Pillow lacks one of the formats (e.g. WebP)
+TORCHVISION_IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+_IDENTIFY_ONLY_FORMATS = {'MPEG'}  # Pillow reads their size but cannot decode their pixels
+
+
+def image_extensions():
+    """Lower-case extensions of the formats this Pillow can decode (plugins registered so far included)."""
+    Image.init()
+    decodable = {fmt for fmt, (factory, _) in Image.OPEN.items() if fmt not in _IDENTIFY_ONLY_FORMATS
+                 and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    pillow = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in decodable}
+    return tuple(sorted(pillow.union(TORCHVISION_IMAGE_EXTENSIONS)))
+
+
+def _extension(name):
+    return name[name.rfind('.'):].lower()
+
+
+def scan_image_tree(root):
+    """Image files under `root` at any depth, as {folder relative to root: [file names]}.
+
+    One os.scandir per folder and no stat per file. Symbolic links are followed; a folder reached
+    again (through a link loop, or a second link to it) is listed once, under its own path where it
+    has one inside root. Unreadable folders are reported, not silently left out.
+    """
+    extensions = image_extensions()
+    found, seen, pending, linked = {}, set(), [('', root)], []
+    while pending or linked:  # depth first, sub-folders by name, so that the result never varies
+        if not pending:  # folders reached through links come after all the others
+            pending, linked = linked[::-1], []
+        relative, folder = pending.pop()
+        try:
+            identity = os.stat(folder)
+            if (identity.st_dev, identity.st_ino) in seen:
+                continue
+            seen.add((identity.st_dev, identity.st_ino))
+            names, subfolders, links = [], [], []
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        (links if entry.is_symlink() else subfolders).append(
+                            (os.path.join(relative, entry.name), entry.path))
+                    elif entry.name.lower().endswith(extensions):
+                        names.append(entry.name)
+        except OSError as exc:
+            print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
+            continue
+        if names:
+            found[relative] = names
+        pending.extend(sorted(subfolders, reverse=True))
+        linked.extend(sorted(links))
+    return found
+
+
+def _class_folder(relative):
+    return relative.split(os.sep, 1)[0]
+
+
+def imagefolder_order(root, found):
+    """Paths of scan_image_tree's images in ImageFolder's order: by class folder, then folder path, then
+    file name (images at the top level first)."""
+    paths = []
+    for relative in sorted(found, key=lambda relative: (_class_folder(relative), relative)):
+        prefix = os.path.join(root, relative, '')
+        paths.extend([prefix + name for name in sorted(found[relative])])
+    return paths
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images at the given paths, as (image, 0) pairs: training ignores labels."""
+
+    def __init__(self, paths, transform=None):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        img = pil_loader(self.paths[index])
+        return (img if self.transform is None else self.transform(img)), 0
+
+
+def build_training_images(data_path, transform=None):
+    """ImageFiles of a folder of images (at any depth) or of a list file, and one line saying what was found."""
+    data_path = os.path.expanduser(data_path)
+    if os.path.isdir(data_path):
+        paths, description = _folder_images(data_path)
+    elif os.path.isfile(data_path):
+        paths, description = _listed_images(data_path)
+    else:
+        utils.fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
+             "a text file listing image paths, or 'synthetic'")
+    return ImageFiles(paths, transform), description
+
+
+def _folder_images(root):
+    found = scan_image_tree(root)
+    paths = imagefolder_order(root, found)
+    if not paths:
+        utils.fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
+             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+    classes = {_class_folder(relative) for relative in found if relative}
+    with os.scandir(root) as entries:
+        subfolders = sum(1 for entry in entries if entry.is_dir())
+    if '' in found or len(classes) < subfolders:
+        return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
+                       f"({len(found.get('', ()))} at its top level)")
+    description = f"ImageFolder {root}: {len(paths)} images in {len(classes)} class folders (labels unused)"
+    others = [name for names in found.values() for name in names
+              if not name.lower().endswith(TORCHVISION_IMAGE_EXTENSIONS)]
+    if others:  # earlier versions read the folder with torchvision's ImageFolder
+        kinds = ', '.join(sorted({_extension(name) for name in others}))
+        description += (f", {len(others)} of them of types torchvision's ImageFolder skips ({kinds}): runs begun "
+                        "before this version had fewer images and do not resume exactly")
+    return paths, description
+
+
+def _listed_images(list_path):
+    """Paths of a text file: one per line, absolute or relative to the file's folder; blank lines and #
+    comments skipped. Listed files that are missing are kept: they count as unreadable images."""
+    if list_path.lower().endswith(image_extensions()):
+        utils.fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
+             "image paths, or 'synthetic'")
+    try:
+        with open(list_path, encoding='utf-8-sig') as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        utils.fail(f"--data_path {list_path} is a file but not a text list of image paths (not UTF-8 text); pass a "
+             "folder of images, a text file with one image path per line, or 'synthetic'")
+    except OSError as exc:
+        utils.fail(f"--data_path {list_path}: cannot read it ({exc.strerror})")
+    folder = os.path.dirname(os.path.abspath(list_path))
+    paths = [os.path.join(folder, line) for line in map(str.strip, lines) if line and not line.startswith('#')]
+    if not paths:
+        utils.fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
+             "folder or absolute)")
+    return paths, f"list file {list_path}: {len(paths)} images listed"
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that yields (epoch, index) pairs and can start an epoch part-way through.
+
+    Passing the epoch with each index lets ReproducibleSamples seed its augmentations without any
+    state in the DataLoader workers.
+    """
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.start = 0
+
+    def set_epoch(self, epoch, start=0):
+        """Shuffle for `epoch` and skip this process's first `start` samples of it."""
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        return iter([(self.epoch, index) for index in indices])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class ReproducibleSamples(torch.utils.data.Dataset):
+    """Items of `dataset` for keys (epoch, index), with the augmentation randomness seeded by them.
+
+    Each item is (image, skipped_index, note). Seeding per (seed, epoch, index) makes training
+    independent of the number of DataLoader workers and lets a run resume exactly mid-epoch; the
+    caller's random states are left untouched. An unreadable image is replaced by the next readable
+    one of the dataset, and reported as skipped_index with the reason in note (-1 and '' otherwise);
+    with strict=True its DataError is raised instead.
+    """
+
+    def __init__(self, dataset, seed, strict=False):
+        self.dataset, self.seed, self.strict = dataset, seed, strict
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        note = ''
+        with _random_states_kept():
+            for offset in range(len(self.dataset)):
+                _seed_random_states(self.seed, epoch, index)
+                try:
+                    image = self.dataset[(index + offset) % len(self.dataset)][0]
+                    return image, (index if note else -1), note
+                except utils.DataError as exc:
+                    if self.strict:
+                        raise
+                    note = note or str(exc)
+        raise utils.DataError(f"none of the {len(self.dataset)} images of the dataset can be read (the first: {note}); "
+                        "check --data_path")
+
+
+@contextlib.contextmanager
+def _random_states_kept():
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
+
+
+def _seed_random_states(*keys):
+    """Seed Python, NumPy and the torch CPU generator (only: CUDA's serves the model) from `keys`."""
+    words = np.random.SeedSequence(keys).generate_state(2)
+    seed = int(words[0]) << 32 | int(words[1])
+    random.seed(seed)
+    np.random.seed(words[0])
+    torch.default_generator.manual_seed(seed)
+
+
+class SkippedImages:
+    """Unreadable training images: one warning per file, and a count per epoch over workers and processes."""
+
+    def __init__(self, state=None):
+        state = state or {}
+        self.warned = set(state.get('warned', ()))
+        self.this_epoch = set(state.get('this_epoch', ()))
+
+    def note(self, indices, notes):
+        """Record a batch's (skipped_index, note) pairs as ReproducibleSamples returned them."""
+        for index, note in zip(indices.tolist(), notes):
+            if index < 0:
+                continue
+            self.this_epoch.add(index)
+            if index not in self.warned:
+                self.warned.add(index)
+                utils._builtin_print(f"warning: {note}; skipped (another image of the dataset takes its place; "
+                               "--strict_data stops instead)", flush=True)
+
+    def merge(self, dataset_size, device):
+        """Share what every process met (a collective when distributed)."""
+        if not utils.is_dist_avail_and_initialized():
+            return
+        mask = torch.zeros(dataset_size, dtype=torch.int32, device=device)
+        mask[sorted(self.this_epoch)] = 1
+        mask = utils.all_reduce(mask)
+        self.this_epoch = set(mask.nonzero().flatten().tolist())
+        self.warned |= self.this_epoch
+
+    def end_epoch(self):
+        """Number of distinct unreadable images met this epoch (call merge first); starts a new count."""
+        count, self.this_epoch = len(self.this_epoch), set()
+        return count
+
+    def state_dict(self):
+        return {'warned': sorted(self.warned), 'this_epoch': sorted(self.this_epoch)}
+
+
+class ReturnIndexDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that items are (image, index) instead of (image, label)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        img, _ = self.dataset[idx]
+        return img, idx

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-import main_dino
 import imagedata
+import main_dino
 import multicrop
 import utils
 import vision_transformer as vits
@@ -101,7 +101,7 @@ def view_source(args, device):
     augmentation = augmentation_for(args, 'device')
     shapes = imagedata.SyntheticShapes('train', length=args.batch_size_per_device, image_size=500, seed=args.seed)
     batch, _, _ = multicrop.collate_hand_over([(augmentation(shapes.render(i).resize((500, 375))), -1, '')
-                                           for i in range(args.batch_size_per_device)])
+                                               for i in range(args.batch_size_per_device)])
     return lambda: main_dino.views_on_device(batch, args, device)
 
 

@@ -107,7 +107,7 @@ def _load_state_dict_or_fail(module, state_dict, what, path, hint=DEFAULT_MISMAT
         detail = str(exc).strip().splitlines()
         detail = next((line.strip() for line in detail if 'size mismatch' in line), detail[0] if detail else '')
         utils.fail(f"{path} does not fit this run's {what} ({detail[:200]}); {hint} "
-             "Use a matching setting or another --output_dir")
+                   "Use a matching setting or another --output_dir")
 
 
 def restart_from_checkpoint(ckp_path, run_variables=None, mismatch_hint=DEFAULT_MISMATCH_HINT, **kwargs):
@@ -169,7 +169,7 @@ def _read_checkpoint_or_fallback(ckp_path):
         print(f"Resuming from {candidate} instead, the newest intact numbered checkpoint")
         return checkpoint, candidate
     utils.fail(f"{damage}, and no intact numbered checkpoint was found beside it to resume from; "
-         "move it away to start from scratch, or use another --output_dir")
+               "move it away to start from scratch, or use another --output_dir")
 
 
 def _remove_interrupted_writes(ckp_path):
@@ -225,8 +225,9 @@ class StopSignal:
 
     def _remember(self, signum, frame):
         if signum == signal.SIGINT and self.received == signal.SIGINT:
-            utils._builtin_print("Interrupted again: stopping now, without a new checkpoint; the last one written is "
-                           "kept. Run the same command to resume from it.", file=sys.stderr, flush=True)
+            utils.print_on_every_process("Interrupted again: stopping now, without a new checkpoint; the last one "
+                                         "written is kept. Run the same command to resume from it.",
+                                         file=sys.stderr, flush=True)
             raise SystemExit(130)
         self.received = signum
 
@@ -286,7 +287,7 @@ def fault_point(name):
 
 
 def _inject_fault(action, description):
-    utils._builtin_print(f"DINO_FAULT: {description}", flush=True)
+    utils.print_on_every_process(f"DINO_FAULT: {description}", flush=True)
     if action == 'kill':
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == 'enospc':
@@ -310,7 +311,7 @@ def _wait_for_stop_signal(announcement):
             handlers[signum](signum, frame)
     for signum in handlers:  # before the announcement: a signal sent as soon as it is read is not lost
         signal.signal(signum, note)
-    utils._builtin_print(announcement, flush=True)
+    utils.print_on_every_process(announcement, flush=True)
     while not arrived:
         time.sleep(0.05)
     for signum, handler in handlers.items():

@@ -96,7 +96,7 @@ def extract(model, paths, device, args):
     ])
     dataset = ImageListDataset(paths, transform)
     return evaluation.extract_features(model, evaluation.feature_loader(dataset, args), device, autocast=args.autocast,
-                                  store_on_device=args.store_on_device, forward=cls_gem_features)
+                                       store_on_device=args.store_on_device, forward=cls_gem_features)
 
 
 def warn_if_whitening_set_small(num_images, feature_dim, centred=False):

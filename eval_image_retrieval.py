@@ -83,8 +83,8 @@ def report(ranks, gnd, dataset):
 def extract(model, dataset, device, args):
     """Features in dataset order; images differ in size, so one image per batch."""
     return evaluation.extract_features(model, evaluation.feature_loader(dataset, args, batch_size=1), device,
-                                  multiscale=args.multiscale, autocast=args.autocast,
-                                  store_on_device=args.store_on_device)
+                                       multiscale=args.multiscale, autocast=args.autocast,
+                                       store_on_device=args.store_on_device)
 
 
 def load_weights(model, args):

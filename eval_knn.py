@@ -90,7 +90,7 @@ def extract_feature_pipeline(args, device):
         print(f"Extracting features for {name} set...")
         writer = tensorboard_writer(args, f'{name}_features')
         feats = evaluation.extract_features(model, loader, device, autocast=args.autocast,
-                                       store_on_device=args.store_on_device, summary_writer=writer)
+                                            store_on_device=args.store_on_device, summary_writer=writer)
         if writer is not None:
             writer.close()
         features.append(F.normalize(feats, dim=1, p=2))

@@ -103,7 +103,7 @@ def eval_linear(args):
     to_restore = {'epoch': 0, 'best_acc': 0.}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     checkpoints.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
-                                  optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
+                                        optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
 
     # ============ training ... ============

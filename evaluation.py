@@ -42,7 +42,7 @@ def build_eval_split(data_path, split, transform=None):
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         utils.fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
-             "(one sub-folder of images per class), or be 'synthetic'")
+                   "(one sub-folder of images per class), or be 'synthetic'")
     return imagedata.build_image_folder(root, transform)
 
 
@@ -59,13 +59,14 @@ def check_matching_classes(dataset_train, dataset_val, data_path):
     if train_classes != val_classes:
         odd = sorted(set(train_classes) ^ set(val_classes))[:3]
         utils.fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "
-             f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
+                   f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
 
 
 def feature_loader(dataset, args, batch_size=None):
     """Loader for extract_features: dataset order (no shuffling), each process reading its share under
     torchrun. `batch_size` defaults to --batch_size_per_device."""
-    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if utils.is_dist_avail_and_initialized() else None
+    distributed = utils.is_dist_avail_and_initialized()
+    sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else None
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size_per_device,
                                        num_workers=args.num_workers, pin_memory=args.device == 'cuda',
                                        drop_last=False)
@@ -234,7 +235,7 @@ def load_frozen_vit(args, device, attention_weights=False):
     model, _ = utils.build_backbone(args.arch, args.patch_size)
     print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
     utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size,
-                            released=utils.ATTENTION_WEIGHTS if attention_weights else None)
+                                  released=utils.ATTENTION_WEIGHTS if attention_weights else None)
     for param in model.parameters():
         param.requires_grad = False
     return model.eval().to(device)

@@ -146,7 +146,7 @@ def build_image_folder(root, transform=None):
     from torchvision import datasets
     if not os.path.isdir(root):
         utils.fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
-             "or 'synthetic'")
+                   "or 'synthetic'")
     try:
         return datasets.ImageFolder(root, transform=transform, loader=pil_loader)
     except (FileNotFoundError, RuntimeError) as exc:
@@ -247,7 +247,7 @@ def build_training_images(data_path, transform=None):
         paths, description = _listed_images(data_path)
     else:
         utils.fail(f"--data_path {data_path} is not a folder or a file (it does not exist); pass a folder of images, "
-             "a text file listing image paths, or 'synthetic'")
+                   "a text file listing image paths, or 'synthetic'")
     return ImageFiles(paths, transform), description
 
 
@@ -256,7 +256,7 @@ def _folder_images(root):
     paths = imagefolder_order(root, found)
     if not paths:
         utils.fail(f"--data_path {root} holds no image files, neither at its top level nor in any sub-folder (looked "
-             f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
+                   f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
     classes = {_class_folder(relative) for relative in found if relative}
     with os.scandir(root) as entries:
         subfolders = sum(1 for entry in entries if entry.is_dir())
@@ -278,20 +278,20 @@ def _listed_images(list_path):
     comments skipped. Listed files that are missing are kept: they count as unreadable images."""
     if list_path.lower().endswith(image_extensions()):
         utils.fail(f"--data_path {list_path} is an image; pass the folder holding the images, a text file listing "
-             "image paths, or 'synthetic'")
+                   "image paths, or 'synthetic'")
     try:
         with open(list_path, encoding='utf-8-sig') as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         utils.fail(f"--data_path {list_path} is a file but not a text list of image paths (not UTF-8 text); pass a "
-             "folder of images, a text file with one image path per line, or 'synthetic'")
+                   "folder of images, a text file with one image path per line, or 'synthetic'")
     except OSError as exc:
         utils.fail(f"--data_path {list_path}: cannot read it ({exc.strerror})")
     folder = os.path.dirname(os.path.abspath(list_path))
     paths = [os.path.join(folder, line) for line in map(str.strip, lines) if line and not line.startswith('#')]
     if not paths:
         utils.fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
-             "folder or absolute)")
+                   "folder or absolute)")
     return paths, f"list file {list_path}: {len(paths)} images listed"
 
 
@@ -349,7 +349,7 @@ class ReproducibleSamples(torch.utils.data.Dataset):
                         raise
                     note = note or str(exc)
         raise utils.DataError(f"none of the {len(self.dataset)} images of the dataset can be read (the first: {note}); "
-                        "check --data_path")
+                              "check --data_path")
 
 
 @contextlib.contextmanager
@@ -388,8 +388,8 @@ class SkippedImages:
             self.this_epoch.add(index)
             if index not in self.warned:
                 self.warned.add(index)
-                utils._builtin_print(f"warning: {note}; skipped (another image of the dataset takes its place; "
-                               "--strict_data stops instead)", flush=True)
+                utils.print_on_every_process(f"warning: {note}; skipped (another image of the dataset takes its place; "
+                                             "--strict_data stops instead)", flush=True)
 
     def merge(self, dataset_size, device):
         """Share what every process met (a collective when distributed)."""

@@ -115,7 +115,8 @@ def train_dino(args):
     device = utils.start_run(args)
     resolve_augment_on(args)
     utils.fix_random_seeds(args.seed)
-    stop = checkpoints.StopSignal()  # SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 0 (130 on SIGINT)
+    # SIGTERM/SIGUSR1/SIGINT: finish the step, write a checkpoint, exit 0 (130 on SIGINT)
+    stop = checkpoints.StopSignal()
 
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
@@ -372,7 +373,7 @@ class DataAugmentationDINO(object):
                  global_crops_size=224, local_crops_size=96, augment_on='cpu'):
         self.global_transfo1 = multicrop.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=1.0)
         self.global_transfo2 = multicrop.DinoCropTransform(global_crops_size, global_crops_scale, blur_p=0.1,
-                                                       solarize_p=0.2)
+                                                           solarize_p=0.2)
         self.local_crops_number = local_crops_number
         self.local_transfo = multicrop.DinoCropTransform(local_crops_size, local_crops_scale, blur_p=0.5)
         self.augment_on = augment_on
@@ -410,7 +411,7 @@ def build_data_loader(args):
                                      args.global_crops_size, args.local_crops_size, args.augment_on)
     if imagedata.is_synthetic(args.data_path):
         dataset = imagedata.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
-                                        transform=transform)
+                                            transform=transform)
         description = f"synthetic shapes: {len(dataset)} images"
     else:
         dataset, description = imagedata.build_training_images(args.data_path, transform)
@@ -425,7 +426,7 @@ def build_data_loader(args):
     dataset = imagedata.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
     dataset[(0, 0)]  # a dataset of unreadable files fails here, before any output is written
     sampler = imagedata.ResumableSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(),
-                                     shuffle=True, seed=args.seed)
+                                         shuffle=True, seed=args.seed)
     return torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,

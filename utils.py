@@ -1,9 +1,10 @@
-"""Helpers shared by the DINO training and evaluation scripts.
+"""Helpers shared by the DINO training and evaluation scripts, and the original DINO's utils names.
 
 Sections: argument checking; shared flags, devices and precision; distributed runs; models;
-optimisation, schedules and seeds; checkpoints; stopping on signals and the fault hook; released
-weights and pretrained backbones; logging and metrics; training augmentation; datasets and image
-loading; evaluation data and feature extraction; retrieval metrics; frozen ViT and attention maps.
+optimisation, schedules and seeds; checkpoint reads; released weights and pretrained backbones;
+logging and metrics. The larger concerns have modules of their own: multicrop (training augmentation),
+imagedata (datasets and image loading), evaluation (what the evaluations share) and checkpoints
+(writes, resume, stop signals).
 """
 import argparse
 import builtins
@@ -366,7 +367,8 @@ def _rendezvous(args, timeout):
     return {'store': dist.PrefixStore(f'restart{attempt}', store)}
 
 
-_builtin_print = builtins.print
+# print() of every process, also once setup_for_distributed silenced print() on all but rank 0
+print_on_every_process = builtins.print
 
 
 def setup_for_distributed(is_master):
@@ -377,7 +379,7 @@ def setup_for_distributed(is_master):
     def print_on_master(*args, **kwargs):
         force = kwargs.pop('force', False)
         if is_master or force:
-            _builtin_print(*args, **kwargs)
+            print_on_every_process(*args, **kwargs)
 
     builtins.print = print_on_master
 
@@ -419,7 +421,7 @@ def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and
         leave_process_group()
         return result
     except KeyboardInterrupt:
-        _builtin_print("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
+        print_on_every_process("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
         raise SystemExit(130) from None
     except DataError as exc:
         fail(f"{data_error_message(exc)}; {data_hint}")
@@ -748,7 +750,7 @@ class LARS(torch.optim.Optimizer):
 
 
 # =====================================================================================
-# Checkpoints: atomic writes, checked reads, resume, RNG state (main_dino, eval_linear, eval_knn)
+# Checkpoint reads: tensors and plain values only (resume, evaluations, released weights)
 # =====================================================================================
 
 def _numpy_scalar_globals():

@@ -49,9 +49,10 @@ def visualize(args):
     for head, head_map in enumerate(maps):
         save(evaluation.colorize(head_map), os.path.join(args.output_dir, f'attn-head{head}.png'))
     if args.threshold is not None:
-        masks = evaluation.upsample_patches(evaluation.attention_mass_masks(attentions, args.threshold), args.patch_size)
-        for head, mask in enumerate(masks.numpy()):
-            save(evaluation.draw_mask(image, mask), os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
+        masks = evaluation.attention_mass_masks(attentions, args.threshold)
+        for head, mask in enumerate(evaluation.upsample_patches(masks, args.patch_size).numpy()):
+            save(evaluation.draw_mask(image, mask),
+                 os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
 
 
 def load_image(image_path):

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 import benchmark
+import checkpoints
 import eval_copy_detection
 import eval_image_retrieval
 import eval_knn
 import eval_linear
 import eval_video_segmentation
 import main_dino
-import checkpoints
 import utils
 import visualize_attention
 from conftest import REPO, TINY_TRAIN_ARGS, script_env

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import eval_knn
-import main_dino
 import checkpoints
+import eval_knn
 import imagedata
+import main_dino
 import utils
 from conftest import REPO, TINY_TRAIN_ARGS, run_torchrun
 

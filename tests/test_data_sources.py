@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision import datasets
 
-import main_dino
 import checkpoints
 import imagedata
+import main_dino
 import utils
 from test_robustness import RUN_ARGS, assert_same_run, killed, noise_image, save, train
 

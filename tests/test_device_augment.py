@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import benchmark
-import main_dino
 import imagedata
+import main_dino
 import multicrop
 import utils
 from conftest import TINY_TRAIN_ARGS, run_script

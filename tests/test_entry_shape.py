@@ -37,3 +37,34 @@ def test_main_parses_through_utils_and_runs_under_main_guard(name):
     guard = tree.body[-1]
     assert isinstance(guard, ast.If) and ast.unparse(guard.test) == "__name__ == '__main__'"
     assert [ast.unparse(statement) for statement in guard.body] == ['main()']
+
+
+# the shared modules, each above the ones it may import; scripts may import any of them
+MODULE_LAYERS = {'vision_transformer': set(), 'utils': {'vision_transformer'},
+                 'imagedata': {'utils'}, 'multicrop': {'utils'}, 'checkpoints': {'utils'},
+                 'evaluation': {'utils', 'imagedata', 'vision_transformer'}}
+
+
+def local_imports(name):
+    """The repository's modules that `name`.py imports, at any depth of its code."""
+    tree = ast.parse(open(os.path.join(REPO, f'{name}.py')).read())
+    local = set(SCRIPTS) | set(MODULE_LAYERS) | {'hubconf'}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found & local
+
+
+@pytest.mark.parametrize('name', sorted(MODULE_LAYERS))
+def test_shared_modules_import_only_the_layers_below(name):
+    assert local_imports(name) <= MODULE_LAYERS[name]
+
+
+@pytest.mark.parametrize('name', SCRIPTS + ['hubconf'])
+def test_scripts_import_modules_not_scripts(name):
+    # benchmark times main_dino's own training step on main_dino's own objects
+    allowed = set(MODULE_LAYERS) | ({'main_dino'} if name == 'benchmark' else set())
+    assert local_imports(name) <= allowed

@@ -9,8 +9,8 @@ import signal
 
 import pytest
 
-import main_dino
 import checkpoints
+import main_dino
 import utils
 from conftest import run_torchrun
 from test_robustness import RUN_ARGS, assert_same_run

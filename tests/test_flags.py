@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import eval_knn
 import eval_linear
-import main_dino
-import checkpoints
 import evaluation
 import imagedata
+import main_dino
 import utils
 import vision_transformer as vits
 from PIL import Image

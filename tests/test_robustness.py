@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-import main_dino
 import checkpoints
 import imagedata
+import main_dino
 import utils
 import vision_transformer as vits
 from conftest import REPO, TINY_TRAIN_ARGS, run_script, run_torchrun, script_env, signal_when_waiting
@@ -126,7 +126,7 @@ def test_random_states_round_trip_through_a_checkpoint(tmp_path):
 
 def test_augmentations_depend_on_seed_epoch_and_index_only():
     dataset = imagedata.SyntheticShapes('train', length=6, image_size=48,
-                                    transform=main_dino.DataAugmentationDINO((0.4, 1), (0.05, 0.4), 2, 32, 16))
+                                        transform=main_dino.DataAugmentationDINO((0.4, 1), (0.05, 0.4), 2, 32, 16))
     samples = imagedata.ReproducibleSamples(dataset, seed=0)
     torch.manual_seed(123)
     before = torch.get_rng_state()

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from torchvision.transforms import functional as TF
 
-import main_dino
 import imagedata
+import main_dino
 import multicrop
 import utils
 import vision_transformer as vits

@@ -26,6 +26,7 @@ def get_args_parser():
                         help='Temperature T of the neighbour weights exp(similarity / T).')
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
     utils.add_extraction_args(parser)
+    evaluation.add_eval_size_args(parser)
     parser.add_argument('--dump_features', default=None,
                         help='Folder where to save the computed features and labels; empty for no saving.')
     parser.add_argument('--load_features', default=None,
@@ -69,7 +70,7 @@ def eval_knn(args):
 
 def extract_feature_pipeline(args, device):
     # ============ preparing data ... ============
-    transform = evaluation.center_crop_transform(evaluation.eval_crop_size(args.data_path))
+    transform = evaluation.center_crop_transform(args.crop_size, args.resize)
     dataset_train = first_batches(evaluation.build_eval_split(args.data_path, 'train', transform), args)
     dataset_val = first_batches(evaluation.build_eval_split(args.data_path, 'val', transform), args)
     evaluation.check_matching_classes(dataset_train, dataset_val, args.data_path)
@@ -233,6 +234,7 @@ def check_args(args):
         utils.check_input_folder(args.load_features, '--load_features')
     elif not imagedata.is_synthetic(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
+    evaluation.check_eval_sizes(args)
     for flag in ('dump_features', 'dump_tb_events'):
         if getattr(args, flag):
             utils.check_output_dir(getattr(args, flag), f'--{flag}')

@@ -26,6 +26,7 @@ def get_args_parser():
                         help="""Also use the average of the last block's patch tokens (the paper uses it
         with ViT-Base, not with ViT-Small).""")
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
+    evaluation.add_eval_size_args(parser)
     parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
     parser.add_argument('--lr', default=0.001, type=float, help="""Peak learning rate for a batch of 256,
         scaled linearly with the global batch size and decayed to 0 with a cosine; worth tuning per model.""")
@@ -62,8 +63,8 @@ def eval_linear(args):
     linear_classifier = utils.wrap_ddp(LinearClassifier(embed_dim, num_labels=args.num_labels).to(device), args)
 
     # ============ preparing data ... ============
-    crop_size = evaluation.eval_crop_size(args.data_path)
-    dataset_val = evaluation.build_eval_split(args.data_path, 'val', evaluation.center_crop_transform(crop_size))
+    val_transform = evaluation.center_crop_transform(args.crop_size, args.resize)
+    dataset_val = evaluation.build_eval_split(args.data_path, 'val', val_transform)
     dataset_val = imagedata.limit_dataset(dataset_val, args.data_limit)
     check_num_labels(dataset_val, args)
     val_loader = make_val_loader(dataset_val, args)
@@ -75,7 +76,7 @@ def eval_linear(args):
         return
 
     train_transform = transforms.Compose([
-        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomResizedCrop(args.crop_size),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
@@ -275,6 +276,7 @@ def check_args(args):
         utils.fail(f"--lr must be positive, got {args.lr}")
     if not imagedata.is_synthetic(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
+    evaluation.check_eval_sizes(args)
     utils.check_output_dir(args.output_dir)
 
 

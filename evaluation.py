@@ -3,6 +3,7 @@ nearest neighbours, the retrieval metrics and PCA whitening, the frozen ViT and 
 eval_knn, eval_linear, eval_copy_detection, eval_image_retrieval, eval_video_segmentation and the attention
 scripts."""
 import os
+import sys
 
 import cv2
 import numpy as np
@@ -24,11 +25,56 @@ def eval_crop_size(data_path):
     return SYNTHETIC_EVAL_SIZE if imagedata.is_synthetic(data_path) else 224
 
 
-def center_crop_transform(crop_size=224):
-    """Bicubic resize of the short side to crop_size * 256 / 224, centre crop, ImageNet normalisation."""
+def add_eval_size_args(parser):
+    """--resize and --crop_size: the size the evaluations see their images at (the original's 256 and 224)."""
+    parser.add_argument('--resize', default=None, type=int, help="""Side in pixels the short side of every image
+        is resized to (bicubic) before the centre crop; default crop_size * 256 / 224 (256 for 224, the original's).""")
+    parser.add_argument('--crop_size', default=None, type=int, help="""Side in pixels of the square centre crop the
+        network sees: 224 by default, as in the original (64 with --data_path synthetic). For small images, use the
+        training resolution, e.g. --resize 64 --crop_size 64 for a model trained with --global_crops_size 64.""")
+    return parser
+
+
+def check_eval_sizes(args):
+    """Fill in the default --crop_size and --resize and check them: a crop must hold one ViT patch and fit in the
+    resized image."""
+    crop_given = args.crop_size is not None
+    if not crop_given:
+        args.crop_size = eval_crop_size(args.data_path)
+    if args.resize is None:
+        args.resize = default_resize(args.crop_size)
+    utils.check_at_least(args, 1, 'crop_size', 'resize')
+    vit = args.arch in utils.VIT_ARCHS
+    utils.check_image_size(args.crop_size, args.patch_size if vit else 1, '--crop_size')
+    if args.resize < args.crop_size:
+        utils.fail(f"--resize {args.resize} is smaller than --crop_size {args.crop_size}: the centre crop would be "
+                   f"padded with black; pass --resize {args.crop_size} or more")
+    if vit and args.crop_size % args.patch_size:
+        print(f"warning: --crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}: the ViT "
+              f"ignores the last {args.crop_size % args.patch_size} pixel rows and columns", file=sys.stderr)
+    if not crop_given:
+        suggest_training_crop_size(args)
+
+
+def suggest_training_crop_size(args):
+    """One line naming the global crop size of a training checkpoint evaluated at another size."""
+    trained = (utils.training_args(args.pretrained_weights) or {}).get('global_crops_size')
+    if trained and trained != args.crop_size:
+        print(f"Evaluating at --resize {args.resize} --crop_size {args.crop_size}; {args.pretrained_weights} was "
+              f"trained on {trained}-pixel global crops: pass --crop_size {trained} to evaluate at that size")
+
+
+def default_resize(crop_size):
+    """The short side resized to before a centre crop of crop_size: the original's 256 for 224, same ratio."""
+    return crop_size * 256 // 224
+
+
+def center_crop_transform(crop_size=224, resize=None):
+    """Bicubic resize of the short side to `resize` (default crop_size * 256 / 224), centre crop, ImageNet
+    normalisation."""
     from torchvision import transforms
     return transforms.Compose([
-        transforms.Resize(crop_size * 256 // 224, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(resize or default_resize(crop_size), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(crop_size),
         transforms.ToTensor(),
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),

@@ -913,7 +913,7 @@ def take_model_from_checkpoint(parser, args, argv=None):
     Flags given on the command line (`argv`, default sys.argv[1:], parsed by `parser`) win, but must agree with
     the checkpoint; released backbone files (no `args`) leave the flags as they are.
     """
-    trained = _training_args(getattr(args, 'pretrained_weights', ''))
+    trained = training_args(getattr(args, 'pretrained_weights', ''))
     if not trained or 'arch' not in trained:
         return
     names = ['arch', 'patch_size'] if 'patch_size' in trained and trained['arch'] in VIT_ARCHS else ['arch']
@@ -934,7 +934,7 @@ def take_model_from_checkpoint(parser, args, argv=None):
 _NOT_GIVEN = object()
 
 
-def _training_args(path):
+def training_args(path):
     """The `args` saved in a training checkpoint, as a dict; None for other files (their loader reports errors)."""
     if not path or not os.path.isfile(path):
         return None

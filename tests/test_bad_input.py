@@ -1,6 +1,7 @@
 """User mistakes: each gives one `error:` line and a non-zero exit, with no traceback, and creates or changes
 nothing (the test's folder is hashed before and after). Most are caught by a script's check_args and run
 in this process through its main(argv); Ctrl-C needs a real process."""
+import argparse
 import builtins
 import hashlib
 import os
@@ -26,6 +27,7 @@ import main_dino
 import utils
 import visualize_attention
 from conftest import REPO, TINY_TRAIN_ARGS, script_env
+from tools import export_backbone
 from test_video_attention import write_davis_video
 
 TINY = ['--arch', 'vit_tiny', '--patch_size', '16', '--device', 'cpu']
@@ -144,6 +146,36 @@ def knn_checkpoint_key_absent(tmp, weights):
         ["has no 'student' network (it holds teacher)", '--checkpoint_key']
 
 
+EXPORT_TINY = ['--arch', 'vit_tiny', '--patch_size', '16']  # the export runs on the CPU: no --device
+
+
+def export_file(tmp, contents, *argv):
+    torch.save(contents, tmp / 'in.pth')
+    return export_backbone, ['--pretrained_weights', tmp / 'in.pth', '--output_dir', tmp / 'out', *argv]
+
+
+def export_not_a_checkpoint(tmp, weights):
+    (tmp / 'notes.pth').write_text('not a checkpoint')
+    return export_backbone, ['--pretrained_weights', tmp / 'notes.pth', '--output_dir', tmp / 'out'], \
+        ['notes.pth is damaged or not a PyTorch checkpoint']
+
+
+def export_linear_head(tmp, weights):
+    head = utils.SingleProcess(eval_linear.LinearClassifier(192, num_labels=10))
+    return (*export_file(tmp, {'epoch': 1, 'state_dict': head.state_dict()}, *EXPORT_TINY),
+            ["has no 'teacher' network (it holds state_dict)"])
+
+
+def export_part_of_a_backbone(tmp, weights):
+    part = {k: v for k, v in torch.load(weights).items() if not k.startswith('blocks.11.')}
+    return (*export_file(tmp, part, *EXPORT_TINY), ['lacks 12 of the backbone', 'blocks.11.'])
+
+
+def export_resnet_checkpoint(tmp, weights):
+    return (*export_file(tmp, {'teacher': {}, 'args': argparse.Namespace(arch='resnet50')}),
+            ['--arch resnet50', "timm's VisionTransformer has models for DINO's ViTs only"])
+
+
 CASES = {
     'video_segmentation_into_earlier_results': video_segmentation_into_earlier_results,
     'main_dino_local_crops_number_-1': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--local_crops_number', '-1',
@@ -210,6 +242,20 @@ FURTHER = {
     'visualize_resnet_arch': lambda tmp, w: (visualize_attention, [*TINY, '--arch', 'resnet18',
                                                                    '--output_dir', tmp / 'o'],
                                              ['--arch resnet18', 'attention maps', 'vit_small']),
+    # evaluation sizes (issue 25)
+    'knn_crop_below_patch': lambda tmp, w: (eval_knn, [*TINY, '--crop_size', '8', '--data_path', 'synthetic'],
+                                            ['--crop_size 8 is smaller than one 16-pixel patch']),
+    'linear_resize_below_crop': lambda tmp, w: (eval_linear, [*TINY, '--resize', '48', '--crop_size', '64',
+                                                              '--data_path', 'synthetic', '--output_dir', tmp / 'o'],
+                                                ['--resize 48 is smaller than --crop_size 64', 'padded']),
+    # the timm export (issue 25)
+    'export_not_a_checkpoint': export_not_a_checkpoint,
+    'export_linear_head_checkpoint': export_linear_head,
+    'export_part_of_a_backbone': export_part_of_a_backbone,
+    'export_resnet_checkpoint': export_resnet_checkpoint,
+    'export_img_size_below_patch': lambda tmp, w: (export_backbone, [*EXPORT_TINY, '--pretrained_weights', w,
+                                                                     '--img_size', '8', '--output_dir', tmp / 'o'],
+                                                   ['--img_size 8', '16-pixel patch']),
 }
 
 

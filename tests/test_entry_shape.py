@@ -9,14 +9,14 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ['main_dino', 'eval_knn', 'eval_linear', 'eval_copy_detection', 'eval_image_retrieval',
-           'eval_video_segmentation', 'visualize_attention', 'video_generation', 'benchmark']
+           'eval_video_segmentation', 'visualize_attention', 'video_generation', 'benchmark', 'tools/export_backbone']
 REQUIRED = {'video_generation': ['--input_path', 'video.mp4']}  # flags argparse itself insists on
 
 
 @pytest.mark.parametrize('name', SCRIPTS)
 def test_help_and_a_bad_flag_value(name, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    script = importlib.import_module(name)
+    script = importlib.import_module(name.replace('/', '.'))
     with pytest.raises(SystemExit) as exit_info:
         script.main(['--help'])
     assert exit_info.value.code == 0 and '--patch_size' in capsys.readouterr().out

@@ -1,4 +1,5 @@
 """k-NN and linear evaluation of frozen features: eval_knn.py, eval_linear.py, hubconf.py."""
+import argparse
 import json
 import math
 import re
@@ -189,22 +190,27 @@ def test_knn_end_to_end_on_synthetic_and_load_features(tmp_path, capsys, tiny_di
     assert train_labels.tolist() == [i % 10 for i in range(256)]
     teacher = {k.removeprefix('backbone.'): v for k, v in load(tiny_dino_checkpoint)['teacher'].items()
                if k.startswith('backbone.')}
-    model = vits.vit_tiny(patch_size=16).eval()
-    model.load_state_dict(teacher)
-    from torchvision import transforms
-    transform = transforms.Compose([
-        transforms.Resize(73, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(64),
-        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    shapes = imagedata.SyntheticShapes('val', image_size=64)
-    with torch.no_grad():
-        expected = F.normalize(model(torch.stack([transform(shapes.render(i)) for i in range(6)])), dim=1)
-    torch.testing.assert_close(test_feats[:6], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(test_feats[:6], synthetic_val_features(teacher, 73, 64, 6), atol=1e-5, rtol=1e-4)
 
     reloaded = run_inprocess(capsys, eval_knn, '--load_features', tmp_path / 'feats', '--nb_knn', '10', '20', *CPU)
     assert knn_results(reloaded) == trained_res
     assert eval_knn.knn_classifier(train_feats, train_labels, test_feats, test_labels, 20, 0.07) == \
         pytest.approx(trained_res[20], abs=1e-9)
     assert {p.name for p in (tmp_path / 'tb').iterdir()} == {'train_features', 'test_features', '10-NN', '20-NN'}
+
+
+def synthetic_val_features(state_dict, resize, crop, count):
+    """Independently: the first `count` 64-pixel synthetic val renders, short side resized to `resize` (bicubic),
+    centre-cropped to `crop`, through a vit_tiny/16 with `state_dict`, L2-normalised."""
+    from torchvision import transforms
+    model = vits.vit_tiny(patch_size=16).eval()
+    model.load_state_dict(state_dict)
+    transform = transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(crop),
+        transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    shapes = imagedata.SyntheticShapes('val', image_size=64)
+    with torch.no_grad():
+        return F.normalize(model(torch.stack([transform(shapes.render(i)) for i in range(count)])), dim=1)
 
 
 def test_linear_eval_logs_resumes_and_evaluates(tmp_path, capsys, tiny_dino_checkpoint):
@@ -280,6 +286,71 @@ def test_linear_head_learns_separable_features_with_avgpool_one_block_and_val_fr
         features = eval_linear.frozen_features(model, x, 1, True)
     torch.testing.assert_close(features[:, 0::2], tokens[:, 0])
     torch.testing.assert_close(features[:, 1::2], tokens[:, 1:].mean(1))
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation size: --resize and --crop_size
+# ----------------------------------------------------------------------------------------
+
+def parsed(script, *argv):
+    parser = argparse.ArgumentParser(parents=[script.get_args_parser()])
+    return utils.parse_checked_args(parser, script.check_args, [str(a) for a in argv])
+
+
+def test_default_sizes_are_the_originals_and_a_checkpoint_names_its_training_size(tmp_path, capsys,
+                                                                                 small_image_folder):
+    for script, extra in ((eval_knn, []), (eval_linear, ['--output_dir', tmp_path])):
+        args = parsed(script, '--data_path', small_image_folder, *extra)
+        assert (args.resize, args.crop_size) == (256, 224)  # the original's Resize(256), CenterCrop(224)
+        args = parsed(script, '--data_path', 'synthetic', *extra)
+        assert (args.resize, args.crop_size) == (73, 64)
+        assert parsed(script, '--crop_size', 96, '--data_path', small_image_folder, *extra).resize == 109
+    parsed(eval_knn, '--crop_size', 40, '--data_path', small_image_folder)
+    assert capsys.readouterr().err.splitlines() == ["warning: --crop_size 40 is not a multiple of --patch_size 16: "
+                                                    "the ViT ignores the last 8 pixel rows and columns"]
+    checkpoint = tmp_path / 'checkpoint.pth'
+    torch.save({'teacher': {}, 'args': argparse.Namespace(arch='vit_tiny', patch_size=16, global_crops_size=64)},
+               checkpoint)
+    capsys.readouterr()
+    args = parsed(eval_knn, '--pretrained_weights', checkpoint, '--data_path', small_image_folder)
+    assert (args.resize, args.crop_size) == (256, 224)  # suggested, not taken
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"Evaluating at --resize 256 --crop_size 224; {checkpoint} was trained on 64-pixel global crops: "
+        "pass --crop_size 64 to evaluate at that size")
+    args = parsed(eval_linear, '--pretrained_weights', checkpoint, '--data_path', small_image_folder,
+                  '--crop_size', 64, '--resize', 64, '--output_dir', tmp_path)
+    assert (args.resize, args.crop_size) == (64, 64) and 'global crops' not in capsys.readouterr().out
+
+
+def test_knn_at_32_pixels_extracts_features_of_32_pixel_crops(tmp_path, capsys, random_vit_tiny):
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', 'synthetic',
+              '--max_batches', '1', '--batch_size_per_device', '8', '--nb_knn', '5', *CPU]
+    run_inprocess(capsys, eval_knn, *common, '--dump_features', tmp_path / 'default')
+    run_inprocess(capsys, eval_knn, *common, '--resize', '32', '--crop_size', '32', '--dump_features', tmp_path / '32')
+    default, small = (utils.load_checkpoint_or_exit(tmp_path / name / 'testfeat.pth') for name in ('default', '32'))
+    assert (default - small).abs().max() > 0.1
+
+    expected = synthetic_val_features(torch.load(random_vit_tiny), 32, 32, 8)
+    torch.testing.assert_close(small, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_trains_and_validates_at_the_crop_size(tmp_path, capsys, monkeypatch, random_vit_tiny):
+    from torchvision import transforms
+    built = {}
+    build_eval_split = evaluation.build_eval_split
+
+    def recording(data_path, split, transform=None):
+        built[split] = [t for t in transform.transforms if not isinstance(t, (transforms.ToTensor,
+                                                                               transforms.Normalize))]
+        return build_eval_split(data_path, split, transform)
+    monkeypatch.setattr(evaluation, 'build_eval_split', recording)
+    run_inprocess(capsys, eval_linear, '--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path',
+                  'synthetic', '--data_limit', '8', '--batch_size_per_device', '8', '--num_labels', '10',
+                  '--epochs', '1', '--resize', '40', '--crop_size', '32', '--output_dir', tmp_path, *CPU)
+    resize, crop = built['val']
+    assert (resize.size, resize.interpolation, crop.size) == (40, transforms.InterpolationMode.BICUBIC, (32, 32))
+    random_crop, flip = built['train']
+    assert random_crop.size == (32, 32) and random_crop.scale == (0.08, 1.0) and flip.p == 0.5
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ A line no table covers fails, naming the line and what to add.
 """
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import re
@@ -74,6 +75,7 @@ APPEND = {
     'eval_video_segmentation.py': [],
     'visualize_attention.py': ['--image_size', '64'],
     'video_generation.py': [],
+    'tools/export_backbone.py': [],
 }
 LOADS_WEIGHTS = set(APPEND) - {'main_dino.py'}
 MULTI_PROCESS_SCRIPT = 'eval_image_retrieval.py'  # leaves its process group at the end
@@ -133,7 +135,7 @@ def launcher_namespace(command):
 
 
 def script_parser(script):
-    module = __import__(script[:-3])
+    module = importlib.import_module(script[:-3].replace('/', '.'))
     parser = module.get_args_parser()
     return parser if parser.add_help else argparse.ArgumentParser(parents=[parser])
 
@@ -184,7 +186,8 @@ def weights_stand_in(script, args, argv, root):
 @pytest.fixture(scope='module')
 def fixtures(tmp_path_factory):
     """Data in the READMEs' layouts, stand-ins for the released weights, and the working folder in which
-    the evaluation lines run: ./dino_vit_small/checkpoint.pth (a training checkpoint, with its args),
+    the evaluation lines run: ./dino_vit_small/checkpoint.pth and ./output_quickstart/checkpoint.pth (training
+    checkpoints, with their args),
     dino_deitsmall16_pretrain.pth, ./features and ./linear_vit_small written by earlier README lines."""
     from PIL import Image
     from test_retrieval import write_copydays, write_revisitop
@@ -219,6 +222,10 @@ def fixtures(tmp_path_factory):
     backbone = {f'backbone.{k}': v for k, v in vits.vit_tiny(patch_size=16).state_dict().items()}
     torch.save({'teacher': backbone, 'student': backbone, 'epoch': 1,
                 'args': Namespace(arch='vit_tiny', patch_size=16)}, work / 'dino_vit_small' / 'checkpoint.pth')
+    (work / 'output_quickstart').mkdir()  # what the quick start's training writes
+    torch.save({'teacher': backbone, 'student': backbone, 'epoch': 3,
+                'args': Namespace(arch='vit_tiny', patch_size=16, global_crops_size=64)},
+               work / 'output_quickstart' / 'checkpoint.pth')
     (work / 'features').mkdir()
     for name, tensor in zip(('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth'),
                             (torch.nn.functional.normalize(torch.randn(200, 8), dim=1),
@@ -328,6 +335,14 @@ def test_readme_line(readme, line, what, fixtures, tmp_path):
         run_launched(command, argv, cwd, line)
     else:
         run_in_process(command['script'], argv, cwd, line)
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run installs and tests exactly as README.md's test command does (e.g. timm next to pytest)."""
+    readme = [line for block in re.findall(r'```bash\n(.*?)```', (REPO / 'README.md').read_text(), flags=re.S)
+              for line in block.splitlines() if 'python -m pytest' in line]
+    ci = [line for line in (REPO / '.ci' / 'run').read_text().splitlines() if 'python -m pytest' in line]
+    assert len(readme) == 1 and ci == readme
 
 
 def test_a_line_no_table_covers_fails_naming_it(tmp_path):

@@ -38,7 +38,8 @@ import vision_transformer as vits
 from conftest import REPO, script_env
 
 READMES = [REPO / 'README.md', REPO / '..' / 'shared' / 'reference' / 'habana-dino-README.md']
-SETUP_COMMANDS = ('git clone', 'cd ', 'pip install', 'python -m pip install', 'wget ', 'tar ', 'python -m pytest')
+SETUP_COMMANDS = ('git clone', 'cd ', 'pip install', 'python -m pip install', 'wget ', 'tar ', 'python -m pytest',
+                  'python3 -m venv', '. ', 'tensorboard ')
 # README path -> fixture path, relative to the fixture root (the values are built by the `fixtures` fixture)
 PATHS = {
     '/data/pytorch/imagenet/ILSVRC2012/train': 'imagenet/train',
@@ -67,7 +68,7 @@ APPEND = {
     'main_dino.py': ['--epochs', '1', '--data_limit', '16', '--batch_size_per_device', '8', '--global_crops_size',
                      '32', '--local_crops_size', '16', '--local_crops_number', '1', '--out_dim', '64',
                      '--num_workers', '0', '--warmup_epochs', '0', '--freeze_last_layer', '0'],
-    'eval_knn.py': ['--num_workers', '0', '--batch_size_per_device', '8', '--nb_knn', '5'],
+    'eval_knn.py': ['--num_workers', '0', '--batch_size_per_device', '8', '--nb_knn', '5', '--max_batches', '2'],
     'eval_linear.py': ['--num_workers', '0', '--epochs', '1', '--batch_size_per_device', '8'],
     'eval_copy_detection.py': ['--num_workers', '0', '--imsize', '64'],
     'eval_image_retrieval.py': ['--num_workers', '0'],
@@ -184,7 +185,8 @@ def weights_stand_in(script, args, argv, root):
 @pytest.fixture(scope='module')
 def fixtures(tmp_path_factory):
     """Data in the READMEs' layouts, stand-ins for the released weights, and the working folder in which
-    the evaluation lines run: ./dino_vit_small/checkpoint.pth (a training checkpoint, with its args),
+    the evaluation lines run: ./dino_vit_small/checkpoint.pth and ./output_quickstart/checkpoint.pth (training
+    checkpoints, with their args),
     dino_deitsmall16_pretrain.pth, ./features and ./linear_vit_small written by earlier README lines."""
     from PIL import Image
     from test_retrieval import write_copydays, write_revisitop
@@ -219,6 +221,7 @@ def fixtures(tmp_path_factory):
     backbone = {f'backbone.{k}': v for k, v in vits.vit_tiny(patch_size=16).state_dict().items()}
     torch.save({'teacher': backbone, 'student': backbone, 'epoch': 1,
                 'args': Namespace(arch='vit_tiny', patch_size=16)}, work / 'dino_vit_small' / 'checkpoint.pth')
+    shutil.copytree(work / 'dino_vit_small', work / 'output_quickstart')  # the quick start's training run
     (work / 'features').mkdir()
     for name, tensor in zip(('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth'),
                             (torch.nn.functional.normalize(torch.randn(200, 8), dim=1),

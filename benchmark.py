@@ -386,8 +386,30 @@ def check_args(args):
     utils.check_at_least(args, 0, 'warmup_steps')
 
 
+# the flags of main_dino's parser that each mode does not read, and why
+UNREAD = {
+    'step': ("in --mode step (it times training steps on crops made in memory, at the schedules' steady state, "
+             "and writes nothing)",
+             ['data_path', 'data_limit', 'strict_data', 'num_workers', 'output_dir', 'saveckp_freq',
+              'saveckp_every_iters', 'epochs', 'warmup_epochs', 'warmup_teacher_temp_epochs', 'warmup_teacher_temp',
+              'freeze_last_layer', 'collapse_window', 'collapse_margin', 'image_width', 'image_height']),
+    'data': ("in --mode data (it times the data pipeline on JPEGs it writes to a temporary folder, and builds no "
+             "model)",
+             ['data_path', 'data_limit', 'output_dir', 'saveckp_freq', 'saveckp_every_iters', 'collapse_window',
+              'collapse_margin', 'arch', 'patch_size', 'out_dim', 'norm_last_layer', 'momentum_teacher',
+              'use_bn_in_head', 'warmup_teacher_temp', 'teacher_temp', 'warmup_teacher_temp_epochs', 'use_fp16',
+              'weight_decay', 'weight_decay_end', 'clip_grad', 'epochs', 'freeze_last_layer', 'lr', 'warmup_epochs',
+              'min_lr', 'optimizer', 'drop_path_rate', 'autocast']),
+}
+
+
+def unread_flags(args):
+    why, names = UNREAD.get(args.mode, ('', []))
+    return {**main_dino.unread_flags(args), **dict.fromkeys(names, why)}
+
+
 def main(argv=None):
-    args = utils.parse_checked_args(get_args_parser(), check_args, argv)
+    args = utils.parse_checked_args(get_args_parser(), check_args, argv, unread_flags)
     result = benchmark_step(args) if args.mode == 'step' else benchmark_data(args)
     if args.json:
         print(json.dumps(result))

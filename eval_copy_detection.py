@@ -223,6 +223,7 @@ def check_args(args):
     utils.check_vit_arch(args, 'copy detection pools ViT patch tokens')
     utils.check_at_least(args, 1, 'imsize')
     utils.check_image_size(args.imsize, args.patch_size, '--imsize')
+    imagedata.check_not_synthetic(args.data_path, '--data_path', 'the Copydays folder')
     utils.check_input_folder(args.data_path, '--data_path')
     defaults = get_args_parser()
     for flag in ('whitening_path', 'distractors_path'):

@@ -198,6 +198,7 @@ def check_args(args):
             utils.fail(f"--imsize {args.imsize}{' with --multiscale (scales down to 1/2)' if args.multiscale else ''} "
                        f"makes images smaller than one {args.patch_size}-pixel patch (--patch_size "
                        f"{args.patch_size}); use at least {args.patch_size * (2 if args.multiscale else 1)}")
+    imagedata.check_not_synthetic(args.data_path, '--data_path', 'the folder of revisited Oxford and Paris')
     utils.check_input_folder(args.data_path, '--data_path')
 
 

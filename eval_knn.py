@@ -240,10 +240,20 @@ def check_args(args):
             utils.check_output_dir(getattr(args, flag), f'--{flag}')
 
 
+def unread_flags(args):
+    """The flags --load_features does not read (no features are extracted): {name: why}."""
+    if not args.load_features:
+        return {}
+    return dict.fromkeys(['pretrained_weights', 'checkpoint_key', 'arch', 'patch_size', 'data_path', 'max_batches',
+                          'batch_size_per_device', 'num_workers', 'dump_features', 'autocast'],
+                         'with --load_features (no features are extracted)')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
-    args = utils.parse_checked_args(parser, check_args, argv)
-    utils.run_reporting_failures(eval_knn, args)
+    args = utils.parse_checked_args(parser, check_args, argv, unread_flags)
+    with utils.only_writer(args, 'dump_features', 'dump_tb_events'):
+        utils.run_reporting_failures(eval_knn, args)
 
 
 if __name__ == '__main__':

@@ -20,6 +20,7 @@ from skimage.morphology import disk
 from tqdm import tqdm
 
 import evaluation
+import imagedata
 import utils
 
 # The original normalises frames with this std (0.228, not ImageNet's 0.229 for red).
@@ -429,13 +430,15 @@ def check_args(args):
     utils.check_vit_arch(args, 'the segmentation propagates ViT patch features')
     utils.check_at_least(args, 1, 'topk', 'bs')
     utils.check_at_least(args, 0, 'n_last_frames', 'size_mask_neighborhood')
+    imagedata.check_not_synthetic(args.data_path, '--data_path', 'the DAVIS 2017 folder')
     utils.check_input_folder(args.data_path, '--data_path')
     utils.check_output_dir(args.output_dir)
 
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv)
-    utils.run_reporting_failures(eval_davis, args)
+    with utils.only_writer(args, 'output_dir'):
+        utils.run_reporting_failures(eval_davis, args)
 
 
 if __name__ == '__main__':

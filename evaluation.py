@@ -58,7 +58,7 @@ def check_eval_sizes(args):
 
 def suggest_training_crop_size(args):
     """One line naming the global crop size of a training checkpoint evaluated at another size."""
-    trained = (utils.training_args(args.pretrained_weights) or {}).get('global_crops_size')
+    trained = (utils.saved_training_args(args.pretrained_weights) or {}).get('global_crops_size')
     if trained and trained != args.crop_size:
         print(f"Evaluating at --resize {args.resize} --crop_size {args.crop_size}; {args.pretrained_weights} was "
               f"trained on {trained}-pixel global crops: pass --crop_size {trained} to evaluate at that size")

@@ -12,7 +12,11 @@ import utils
 
 
 def limit_dataset(dataset, limit):
-    """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None)."""
+    """A fixed, class-balanced-in-expectation subset of `limit` samples (every sample if limit is None; a
+    limit above the dataset's size is said in a warning)."""
+    if limit is not None and limit > len(dataset):
+        utils.warn(f"--data_limit {limit} is more than the {len(dataset)} images there are: all {len(dataset)} "
+                   "are used")
     if limit is None or limit >= len(dataset):
         return dataset
     if limit <= 0:
@@ -111,6 +115,13 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 def is_synthetic(data_path):
     return str(data_path).strip().lower() == 'synthetic'
+
+
+def check_not_synthetic(path, flag, wanted):
+    """Stop when a script that reads real data only (`wanted`: what it reads) is given 'synthetic'."""
+    if is_synthetic(path) and not os.path.exists(path):
+        utils.fail(f"{flag} synthetic: the built-in synthetic images serve training (main_dino.py), k-NN and "
+                   f"linear evaluation (eval_knn.py, eval_linear.py) only; pass {wanted}")
 
 
 def to_rgb(img):

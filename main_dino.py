@@ -132,6 +132,7 @@ def train_dino(args):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     start_epoch, start_step, epoch_meters = run.resume(os.path.join(args.output_dir, "checkpoint.pth"))
     if utils.is_main_process():
+        utils.warn_if_log_shared(args.output_dir, training=True)
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
     run.stop, run.summary_writer = stop, utils.summary_writer(args.output_dir)
@@ -567,6 +568,30 @@ def check_args(args):
     """Every flag against its meaningful range and every path against what it must be, before any work."""
     check_numbers(args)
     utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
+    check_resumed_optimizer(args)
+
+
+def check_resumed_optimizer(args):
+    """The optimizer state in output_dir/checkpoint.pth only fits the --optimizer that wrote it."""
+    path = os.path.join(args.output_dir, 'checkpoint.pth')
+    saved = (utils.saved_training_args(path) or {}).get('optimizer', args.optimizer)
+    if saved != args.optimizer:
+        utils.fail(f"{path} was written with --optimizer {saved}, not {args.optimizer}: resume with --optimizer "
+                   f"{saved}, or pass another --output_dir to start a new run")
+
+
+def unread_flags(args):
+    """The flags this run does not read, with why: {name: why} (given on the command line, they get a warning)."""
+    unread = {}
+    if not args.local_crops_number:
+        unread.update(dict.fromkeys(['local_crops_scale', 'local_crops_size'], 'with --local_crops_number 0'))
+    if not args.warmup_teacher_temp_epochs:
+        unread['warmup_teacher_temp'] = 'with --warmup_teacher_temp_epochs 0 (no warm-up)'
+    if not args.collapse_window:
+        unread['collapse_margin'] = 'with --collapse_window 0 (no collapse warning)'
+    if imagedata.is_synthetic(args.data_path):
+        unread['strict_data'] = 'on --data_path synthetic (its images are always readable)'
+    return unread
 
 
 def check_numbers(args):
@@ -677,7 +702,8 @@ def restore_meters(metric_logger, states):
 
 
 def trim_log(path, start_epoch):
-    """Drop the log.txt lines of epochs from `start_epoch` on (written just before a kill, or cut by one)."""
+    """Drop the log.txt lines of training epochs from `start_epoch` on (written just before a kill, or cut by
+    one); the lines of other runs in the same folder are kept."""
     if not path.exists():
         return
     text = path.read_text()
@@ -687,7 +713,7 @@ def trim_log(path, start_epoch):
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(entry, dict) or entry.get('epoch', -1) < start_epoch:
+        if not utils.is_training_log_entry(entry) or entry.get('epoch', -1) < start_epoch:
             kept += line + '\n'
     if kept != text:
         tmp = path.with_name(path.name + '.tmp')
@@ -700,11 +726,12 @@ def main(argv=None):
         SIGUSR1 makes training finish the current iteration, write checkpoint.pth and exit 0; running the
         same command resumes at that iteration, with the same results as an uninterrupted run. Ctrl-C
         (SIGINT) does the same and exits 130; a second Ctrl-C stops at once.""")
-    args = utils.parse_checked_args(parser, check_args, argv)
+    args = utils.parse_checked_args(parser, check_args, argv, unread_flags)
     hint = ("remove or fix the file and run again (training resumes from the last checkpoint), "
             "or leave out --strict_data to skip such files") if args.strict_data else \
         "remove or fix the file and run again (training resumes from the last checkpoint)"
-    utils.run_reporting_failures(train_dino, args, hint)
+    with utils.only_writer(args, 'output_dir'):
+        utils.run_reporting_failures(train_dino, args, hint)
 
 
 if __name__ == '__main__':

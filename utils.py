@@ -1,6 +1,7 @@
 """Helpers shared by the DINO training and evaluation scripts, and the original DINO's utils names.
 
-Sections: argument checking; shared flags, devices and precision; distributed runs; models;
+Sections: argument checking (and the flags a run does not read); one writer per output folder; shared flags,
+devices and precision; distributed runs; models;
 optimisation, schedules and seeds; checkpoint reads; released weights and pretrained backbones;
 logging and metrics. The larger concerns have modules of their own: multicrop (training augmentation),
 imagedata (datasets and image loading), evaluation (what the evaluations share) and checkpoints
@@ -10,7 +11,9 @@ import argparse
 import builtins
 import contextlib
 import datetime
+import fcntl
 import importlib.util
+import json
 import os
 import random
 import re
@@ -55,14 +58,75 @@ check_torch_version()
 # Argument checking (every script's check_args runs these before any work or output)
 # =====================================================================================
 
-def parse_checked_args(parser, check_args, argv=None):
+def parse_checked_args(parser, check_args, argv=None, unread_flags=None):
     """A script's command line: parsed, --arch/--patch_size completed from a training checkpoint given as
-    --pretrained_weights, then checked by the script's own check_args (one error line, before any work)."""
+    --pretrained_weights, then checked by the script's own check_args (one error line, before any work).
+
+    Flags given on the command line that this run does not read get a warning (unread_shared_flags, and the
+    script's `unread_flags(args)`: {flag name: why}); the default --num_workers is capped at the cores.
+    """
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     if hasattr(args, 'pretrained_weights'):
         take_model_from_checkpoint(parser, args, argv)
     check_args(args)
+    warn_unread_flags(given, {**unread_shared_flags(args), **(unread_flags(args) if unread_flags else {})})
+    cap_default_workers(args, given)
     return args
+
+
+def given_flags(parser, argv=None):
+    """Names (dests) of the flags given on the command line `argv` (default sys.argv[1:]), whatever their values."""
+    probe = argparse.Namespace(**{action.dest: _NOT_GIVEN for action in parser._actions})
+    parser.parse_known_args(argv, namespace=probe)  # argparse leaves alone what the namespace holds already
+    return {name for name, value in vars(probe).items() if value is not _NOT_GIVEN}
+
+
+_NOT_GIVEN = object()
+
+
+def warn(message):
+    """One `warning: ...` line on stderr, from the launcher's main process only."""
+    if launcher_rank() == 0:
+        print_on_every_process(f"warning: {message}", file=sys.stderr)
+
+
+def warn_unread_flags(given, unread):
+    """One warning line per reason for the flags in `given` that this run does not read (`unread`: {name: why})."""
+    reasons = defaultdict(list)
+    for name, why in unread.items():
+        if name in given:
+            reasons[why].append(f'--{name}')
+    for why, flags in reasons.items():
+        warn(f"{', '.join(flags)} {'has' if len(flags) == 1 else 'have'} no effect {why}")
+
+
+def unread_shared_flags(args):
+    """The shared flags (each where the script has it) that this run does not read: {name: why}."""
+    unread = {}
+    if args.device in ('cpu', 'cuda') or not _habana_present():
+        unread.update(dict.fromkeys(['lazy_mode', 'hmp_bf16', 'hmp_fp32'], 'off HPU'))
+    elif not args.autocast:
+        unread.update(dict.fromkeys(['hmp_bf16', 'hmp_fp32'], 'without --autocast'))
+    if hasattr(args, 'use_fp16') and not (args.device == 'cuda' or args.device == 'auto' and torch.cuda.is_available()):
+        unread['use_fp16'] = 'off CUDA (fp16 with a gradient scaler is the CUDA path; see --autocast)'
+    if not getattr(args, 'pretrained_weights', True):
+        unread['checkpoint_key'] = 'without --pretrained_weights (the released weights hold one network)'
+    if getattr(args, 'arch', VIT_ARCHS[0]) not in VIT_ARCHS:
+        unread['patch_size'] = f'with --arch {args.arch} (not a ViT)'
+    return unread
+
+
+def cap_default_workers(args, given):
+    """The default --num_workers capped at the CPU cores this process may use (torch warns on every run
+    otherwise), said in one line; a value given on the command line is kept."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    if 'num_workers' in given or getattr(args, 'num_workers', 0) <= cores:
+        return
+    if launcher_rank() == 0:
+        print(f"--num_workers: the default {args.num_workers} is capped at the {cores} CPU cores available "
+              f"(pass --num_workers to choose)")
+    args.num_workers = cores
 
 
 def check_output_dir(path, flag='--output_dir'):
@@ -130,6 +194,119 @@ def check_common_args(args):
         fail(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
     if getattr(args, 'pretrained_weights', ''):
         check_input_file(args.pretrained_weights, '--pretrained_weights')
+
+
+# =====================================================================================
+# One writer per output folder: a run holds a lock on each folder it writes, from start to end
+# =====================================================================================
+
+LOCK_FILE = '.dino.lock'
+_held_locks = []  # file descriptors of this process's folder locks
+
+
+@contextlib.contextmanager
+def only_writer(args, *flags):
+    """While the block runs, the launcher's main process holds an exclusive lock on each output folder named
+    by `flags` (args' names of the flags; empty values skipped): a second run on one of them stops with one line.
+
+    The lock is an flock on LOCK_FILE inside the folder: the kernel releases it when the process dies, so a
+    killed run never blocks the next one. A folder is created if missing, and removed at the end if the run
+    left it empty. Where the file system cannot lock, a warning says so and the run goes on.
+    """
+    folders = {}
+    for flag in flags:
+        if getattr(args, flag):
+            folders.setdefault(os.path.abspath(getattr(args, flag)), f'--{flag}')
+    with contextlib.ExitStack() as stack:
+        for folder, flag in folders.items() if launcher_rank() == 0 else ():
+            stack.enter_context(_locked_folder(folder, flag))
+        yield
+
+
+@contextlib.contextmanager
+def _locked_folder(folder, flag):
+    missing, parent = [], folder  # the folders makedirs creates, deepest first
+    while not os.path.isdir(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_FILE)
+    fd = _lock_or_warn(path, flag)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _held_locks.remove(fd)
+            with contextlib.suppress(OSError):
+                os.remove(path)  # while still locked: a run waiting for this file tries again (see _lock_file)
+            os.close(fd)
+        for created in missing:
+            with contextlib.suppress(OSError):
+                os.rmdir(created)
+
+
+def _lock_or_warn(path, flag):
+    """An fd holding the lock on `path`, the lock file of the folder `flag` names, with this process's pid
+    written in it; None, after a warning, where the file system does not lock."""
+    folder = os.path.dirname(path)
+    try:
+        fd = _lock_file(path)
+    except BlockingIOError:
+        fail(f"{flag} {folder} is in use by another run ({_lock_holder(path)}); wait for it to end, or pass "
+             f"another {flag}")
+    except OSError as exc:
+        warn(f"cannot lock {flag} {folder} ({exc.strerror}): this file system does not support file locks, so "
+             "a second run writing there at the same time would not be stopped")
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        return None
+    _held_locks.append(fd)
+    return fd
+
+
+def _lock_file(path, attempts=10):
+    """An fd of `path` (created if missing), exclusively flock'ed, holding this process's pid; BlockingIOError
+    when another process holds it."""
+    for attempt in range(attempts):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the run that held it may have removed it meanwhile (then lock the file now at `path`); the last
+            # attempt takes it all the same, for file systems whose inode numbers do not compare
+            if _same_file(fd, path) or attempt == attempts - 1:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}, {os.path.basename(sys.argv[0])}".encode())
+                return fd
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(fd, path):
+    with contextlib.suppress(FileNotFoundError):
+        here, there = os.fstat(fd), os.stat(path)
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+    return False
+
+
+def _lock_holder(path):
+    """'pid N, script.py' of the process holding the lock file at `path`, as it wrote it there."""
+    with contextlib.suppress(OSError), open(path) as f:
+        return f.read().strip() or 'its pid is not written yet'
+    return 'its pid is unknown'
+
+
+def _close_held_locks():
+    """In a forked child (a DataLoader worker): drop the copies of the parent's lock fds, so that the lock
+    ends with the parent even while the child lives on a little."""
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
 
 
 # =====================================================================================
@@ -278,6 +455,16 @@ def autocast_context(device_type, autocast=False, use_fp16=False):
 # =====================================================================================
 # Distributed runs (every script): process group, collectives, start of a run, one-line failure reports
 # =====================================================================================
+
+def launcher_rank():
+    """This process's rank as its launcher set it (torchrun, torch.distributed.launch, SLURM), known before
+    the process group is joined; 0 in a process no launcher started."""
+    if 'RANK' in os.environ and 'WORLD_SIZE' in os.environ:
+        return int(os.environ['RANK'])
+    if 'SLURM_PROCID' in os.environ and 'SLURM_NTASKS' in os.environ:
+        return int(os.environ['SLURM_PROCID'])
+    return 0
+
 
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
@@ -883,6 +1070,10 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
         print("No --pretrained_weights given: using the released DINO weights for this architecture.")
         state_dict = download_released_weights(model_name, patch_size, released)
         source = f'released {model_name}/{patch_size}'
+    if is_linear_head_checkpoint(state_dict):
+        fail(f"{source} is a linear classifier (eval_linear.py's checkpoint.pth.tar: the head trained on frozen "
+             "features), not a backbone; pass the backbone it was trained on, i.e. the --pretrained_weights given "
+             "to eval_linear.py (e.g. a DINO training run's checkpoint.pth, or released weights)")
     if checkpoint_key and isinstance(state_dict, dict) and checkpoint_key in state_dict:
         print(f"Take key {checkpoint_key} in provided checkpoint dict")
         state_dict = state_dict[checkpoint_key]
@@ -907,21 +1098,26 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
     return msg
 
 
+def is_linear_head_checkpoint(checkpoint):
+    """Whether a loaded checkpoint is eval_linear's (or a released linear head): a 'state_dict' of linear.* only."""
+    head = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    return isinstance(head, dict) and bool(head) and all(k.removeprefix('module.').startswith('linear.') for k in head)
+
+
 def take_model_from_checkpoint(parser, args, argv=None):
     """--arch/--patch_size from a DINO training checkpoint given as --pretrained_weights (it holds its `args`).
 
     Flags given on the command line (`argv`, default sys.argv[1:], parsed by `parser`) win, but must agree with
     the checkpoint; released backbone files (no `args`) leave the flags as they are.
     """
-    trained = training_args(getattr(args, 'pretrained_weights', ''))
+    trained = saved_training_args(getattr(args, 'pretrained_weights', ''))
     if not trained or 'arch' not in trained:
         return
     names = ['arch', 'patch_size'] if 'patch_size' in trained and trained['arch'] in VIT_ARCHS else ['arch']
-    probe = argparse.Namespace(**{name: _NOT_GIVEN for name in names})
-    parser.parse_known_args(argv, namespace=probe)
+    given = given_flags(parser, argv)
     taken = []
     for name in names:
-        if getattr(probe, name) is _NOT_GIVEN:
+        if name not in given:
             setattr(args, name, trained[name])
             taken.append(f"--{name} {trained[name]}")
         elif getattr(args, name) != trained[name]:
@@ -931,10 +1127,7 @@ def take_model_from_checkpoint(parser, args, argv=None):
         print(f"Taking {' '.join(taken)} from the training arguments saved in {args.pretrained_weights}")
 
 
-_NOT_GIVEN = object()
-
-
-def training_args(path):
+def saved_training_args(path):
     """The `args` saved in a training checkpoint, as a dict; None for other files (their loader reports errors)."""
     if not path or not os.path.isfile(path):
         return None
@@ -964,6 +1157,23 @@ def get_sha():
     except (OSError, subprocess.CalledProcessError):
         pass
     return f"sha: {sha}, status: {status}, branch: {branch}"
+
+
+def is_training_log_entry(entry):
+    """Whether a line of a log.txt (parsed) is DINO training's: only main_dino logs a weight decay, train_wd."""
+    return isinstance(entry, dict) and 'train_wd' in entry
+
+
+def warn_if_log_shared(folder, training):
+    """Warn when folder/log.txt holds the log of another kind of run than this one (training or not), to
+    which this run appends its own lines (as the original does)."""
+    path = os.path.join(folder, 'log.txt')
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
+        if is_training_log_entry(json.loads(f.readline())) != training:
+            other, this = ('a linear evaluation (eval_linear.py)', 'training') if training else \
+                ('DINO training (main_dino.py)', 'evaluation')
+            warn(f"{path} holds the log of {other}: this {this} appends its own lines to it and writes its "
+                 "TensorBoard events beside that run's; pass another --output_dir to keep them apart")
 
 
 def accuracy(output, target, topk=(1,)):

@@ -184,6 +184,7 @@ def check_args(args):
         utils.fail(f"--threshold is a fraction of the attention mass in [0, 1], got {args.threshold}")
     if not 0 < args.fps < float('inf'):
         utils.fail(f"--fps must be positive, got {args.fps}")
+    imagedata.check_not_synthetic(args.input_path, '--input_path', 'a video file or a folder of frames')
     if not os.path.exists(args.input_path):
         utils.fail(f"--input_path {args.input_path} does not exist; pass a video file or a folder of frames")
     if args.video_only and not os.path.isdir(args.input_path):
@@ -191,9 +192,22 @@ def check_args(args):
     utils.check_output_dir(args.output_path, '--output_path')
 
 
+def unread_flags(args):
+    """The flags this run does not read, with why: {name: why} (given on the command line, they get a warning)."""
+    if args.video_only:
+        return dict.fromkeys(['arch', 'patch_size', 'pretrained_weights', 'checkpoint_key', 'threshold', 'outline',
+                              'renormalise_heads', 'resize', 'batch_size', 'autocast'],
+                             'with --video_only (no attention is computed)')
+    unread = {} if args.outline else {'threshold': 'without --outline true (it sets the outlined region)'}
+    if os.path.isfile(args.input_path):
+        unread['fps'] = "on a video file (the video's own frame rate is used)"
+    return unread
+
+
 def main(argv=None):
-    args = utils.parse_checked_args(get_args_parser(), check_args, argv)
-    utils.run_reporting_failures(generate, args)
+    args = utils.parse_checked_args(get_args_parser(), check_args, argv, unread_flags)
+    with utils.only_writer(args, 'output_path'):
+        utils.run_reporting_failures(generate, args)
 
 
 if __name__ == '__main__':

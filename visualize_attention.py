@@ -4,17 +4,26 @@ Saves the (resized, cropped) input image, each head's map upsampled to the image
 masks that keep that fraction of each head's attention mass, drawn over the image.
 """
 import argparse
+import contextlib
 import os
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import evaluation
 import imagedata
 import utils
 
 SAMPLE_IMAGE = 'chelsea'  # scikit-image's sample photograph (a cat), shipped with the package
+MAX_ENLARGEMENT = 4  # an image enlarged more than this many times gets a warning
+# Above this many tokens a run warns and shows its progress block by block: the attention's time grows with
+# their square; vit_small took 68 s for 14,401 tokens (960x960, patch 8) on a shared 2-core CPU.
+LARGE_TOKENS = 10_000
+# Peak memory of the forward pass per token and embedding dimension (float32), measured as the process's peak
+# RSS above the model's at 14,401 tokens: 225 MiB for vit_tiny (192 dimensions), 437 MiB for vit_small (384).
+BYTES_PER_TOKEN_DIM = 85
 
 
 def get_args_parser():
@@ -37,9 +46,12 @@ def visualize(args):
     model = evaluation.load_frozen_vit(args, device, attention_weights=True)
 
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    width, height = evaluation.resized_shape(img.size, size)
+    warn_enlargement(img.size, (width, height))
+    large = check_token_count(model, (height, width), args, device)
     img = evaluation.attention_transform(size)(img)
     img = evaluation.crop_to_patch_multiple(img, args.patch_size).unsqueeze(0)
-    with utils.autocast_context(device.type, args.autocast):
+    with utils.autocast_context(device.type, args.autocast), block_progress(model.blocks[:-1], large):
         attentions = model.cls_attention_maps(img.to(device))[0].cpu()  # (heads, h, w)
 
     os.makedirs(args.output_dir, exist_ok=True)
@@ -69,6 +81,60 @@ def load_image(image_path):
         utils.fail(f"{exc} (is it an image?)")
 
 
+def warn_enlargement(image_size, resized):
+    """(width, height) before and after the resize: a tiny image blown up shows the enlargement, not its content."""
+    factor = max(new / old for new, old in zip(resized, image_size))
+    if factor > MAX_ENLARGEMENT:
+        utils.warn(f"the image is {image_size[0]}x{image_size[1]} pixels: --image_size enlarges it {factor:.0f} times "
+                   f"(to {resized[0]}x{resized[1]}), so its attention maps show little of it; pass a larger image "
+                   "or a smaller --image_size")
+
+
+def check_token_count(model, image_shape, args, device):
+    """Warn before more than LARGE_TOKENS tokens (an image of (height, width) image_shape), saying their memory
+    and work; refuse a count whose memory exceeds the device's. Returns whether the count is that large."""
+    patch = args.patch_size
+    tokens = (image_shape[0] // patch) * (image_shape[1] // patch) + 1
+    if tokens <= LARGE_TOKENS:
+        return False
+    needed = tokens * model.embed_dim * BYTES_PER_TOKEN_DIM
+    size = f"--image_size {' '.join(map(str, args.image_size))} makes {tokens:,} tokens (patch {patch})"
+    available = memory_available(device)
+    if available is not None and needed > available:
+        utils.fail(f"{size}, whose forward pass needs about {needed / 2 ** 20:,.0f} MiB, more than the "
+                   f"{available / 2 ** 20:,.0f} MiB of the {device.type}; pass a smaller --image_size")
+    work = (tokens / ((480 // patch) ** 2 + 1)) ** 2
+    utils.warn(f"{size}: about {needed / 2 ** 20:,.0f} MiB of memory, and {work:,.0f} times the attention work of "
+               "--image_size 480 480 (it grows with the square of the tokens); progress is shown block by block")
+    return True
+
+
+def memory_available(device):
+    """Bytes the forward pass may use: the CPU's physical memory, a GPU's free memory; None elsewhere."""
+    if device.type == 'cpu':
+        return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if device.type == 'cuda':
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+@contextlib.contextmanager
+def block_progress(blocks, show):
+    """With `show`, a progress bar that each of `blocks` advances as its forward pass ends."""
+    if not show:
+        yield
+        return
+    with tqdm(total=len(blocks), desc='Attention blocks', unit='block') as bar:
+        def advance(*_):  # a forward hook returning a value would replace the block's output
+            bar.update()
+        hooks = [block.register_forward_hook(advance) for block in blocks]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
 def to_uint8_image(img):
     """(3, H, W) normalised tensor -> RGB uint8 array, min-max scaled as torchvision's save_image(normalize=True)."""
     img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-5)
@@ -96,7 +162,8 @@ def check_args(args):
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv)
-    utils.run_reporting_failures(visualize, args)
+    with utils.only_writer(args, 'output_dir'):
+        utils.run_reporting_failures(visualize, args)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
 """Shared test helpers: run the repository's scripts as a user would, and a tiny trained checkpoint."""
+import builtins
 import os
 import queue
 import signal
@@ -93,6 +94,18 @@ def signal_when_waiting(cmd, env, marker, send, timeout=300):
     while (line := lines.get(timeout=60)) is not None:
         output += line
     return output
+
+
+@pytest.fixture
+def restored_process_state():
+    """main() of the training and evaluation scripts installs signal handlers and a print for rank 0."""
+    import checkpoints
+    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
+    saved_print = builtins.print
+    yield
+    builtins.print = saved_print
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope='module')

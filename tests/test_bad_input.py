@@ -2,7 +2,6 @@
 nothing (the test's folder is hashed before and after). Most are caught by a script's check_args and run
 in this process through its main(argv); Ctrl-C needs a real process."""
 import argparse
-import builtins
 import hashlib
 import os
 import pickle
@@ -17,7 +16,6 @@ import torch
 from PIL import Image
 
 import benchmark
-import checkpoints
 import eval_copy_detection
 import eval_image_retrieval
 import eval_knn
@@ -25,6 +23,7 @@ import eval_linear
 import eval_video_segmentation
 import main_dino
 import utils
+import video_generation
 import visualize_attention
 from conftest import REPO, TINY_TRAIN_ARGS, script_env
 from tools import export_backbone
@@ -176,6 +175,45 @@ def export_resnet_checkpoint(tmp, weights):
             ['--arch resnet50', "timm's VisionTransformer has models for DINO's ViTs only"])
 
 
+def resume_with_another_optimizer(tmp, weights):
+    """An AdamW run's folder resumed with --optimizer sgd (its state has no 'momentum')."""
+    (tmp / 'run').mkdir()
+    args = main_dino.get_args_parser().parse_args(TINY_TRAIN_ARGS)
+    torch.save({'epoch': 1, 'optimizer': {'state': {}, 'param_groups': []}, 'args': args},
+               tmp / 'run' / 'checkpoint.pth')
+    return main_dino, [*TINY_TRAIN_ARGS, '--optimizer', 'sgd', '--output_dir', tmp / 'run'], \
+        ['checkpoint.pth was written with --optimizer adamw, not sgd', 'resume with --optimizer adamw']
+
+
+def knn_on_a_linear_head(tmp, weights, key='teacher'):
+    """eval_linear's checkpoint.pth.tar holds the head alone, under 'state_dict'."""
+    head = utils.SingleProcess(eval_linear.LinearClassifier(192 * 4, num_labels=10))
+    torch.save({'epoch': 1, 'state_dict': head.state_dict(), 'optimizer': {}, 'best_acc': 10.},
+               tmp / 'checkpoint.pth.tar')
+    return eval_knn, [*TINY, '--pretrained_weights', tmp / 'checkpoint.pth.tar', '--checkpoint_key', key,
+                      '--data_path', 'synthetic', '--num_workers', '0', '--max_batches', '1', '--nb_knn', '1'], \
+        ['is a linear classifier', 'not a backbone', '--pretrained_weights given to eval_linear.py', '!--arch']
+
+
+SYNTHETIC_SERVES = '--data_path synthetic: the built-in synthetic images serve training (main_dino.py), k-NN and linear'
+# issue 24: hints that lead somewhere
+GUIDED = {
+    'main_dino_resume_with_another_optimizer': resume_with_another_optimizer,
+    'knn_on_a_linear_head_checkpoint': knn_on_a_linear_head,
+    'knn_on_a_linear_head_checkpoint_key_state_dict': lambda tmp, w: knn_on_a_linear_head(tmp, w, 'state_dict'),
+    'copy_detection_synthetic': lambda tmp, w: (eval_copy_detection, [*TINY, '--data_path', 'synthetic'],
+                                                [SYNTHETIC_SERVES, 'the Copydays folder']),
+    'retrieval_synthetic': lambda tmp, w: (eval_image_retrieval, [*TINY, '--data_path', 'synthetic'],
+                                           [SYNTHETIC_SERVES, 'revisited Oxford and Paris']),
+    'video_segmentation_synthetic': lambda tmp, w: (eval_video_segmentation, [*TINY, '--data_path', 'synthetic',
+                                                                              '--output_dir', tmp / 'o'],
+                                                    [SYNTHETIC_SERVES, 'DAVIS 2017']),
+    'video_generation_synthetic': lambda tmp, w: (video_generation, [*TINY, '--input_path', 'synthetic',
+                                                                     '--output_path', tmp / 'o'],
+                                                  [SYNTHETIC_SERVES.replace('--data_path', '--input_path'),
+                                                   'a video file']),
+}
+
 CASES = {
     'video_segmentation_into_earlier_results': video_segmentation_into_earlier_results,
     'main_dino_local_crops_number_-1': lambda tmp, w: (main_dino, [*TINY_TRAIN_ARGS, '--local_crops_number', '-1',
@@ -259,20 +297,9 @@ FURTHER = {
 }
 
 
-@pytest.fixture
-def restored_process_state():
-    """main() of the training and evaluation scripts installs signal handlers and a print for rank 0."""
-    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
-    saved_print = builtins.print
-    yield
-    builtins.print = saved_print
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
-@pytest.mark.parametrize('case', [*CASES, *FURTHER])
+@pytest.mark.parametrize('case', [*CASES, *FURTHER, *GUIDED])
 def test_mistake_gives_one_error_line_and_changes_nothing(case, tmp_path, weights, restored_process_state, capsys):
-    module, argv, fragments = {**CASES, **FURTHER}[case](tmp_path, weights)
+    module, argv, fragments = {**CASES, **FURTHER, **GUIDED}[case](tmp_path, weights)
     before = tree_state(tmp_path)
     with pytest.raises(SystemExit) as stop:
         module.main([str(a) for a in argv])

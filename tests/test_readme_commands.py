@@ -39,7 +39,8 @@ import vision_transformer as vits
 from conftest import REPO, script_env
 
 READMES = [REPO / 'README.md', REPO / '..' / 'shared' / 'reference' / 'habana-dino-README.md']
-SETUP_COMMANDS = ('git clone', 'cd ', 'pip install', 'python -m pip install', 'wget ', 'tar ', 'python -m pytest')
+SETUP_COMMANDS = ('git clone', 'cd ', 'pip install', 'python -m pip install', 'wget ', 'tar ', 'python -m pytest',
+                  'python3 -m venv', '. ', 'tensorboard ')
 # README path -> fixture path, relative to the fixture root (the values are built by the `fixtures` fixture)
 PATHS = {
     '/data/pytorch/imagenet/ILSVRC2012/train': 'imagenet/train',
@@ -68,7 +69,7 @@ APPEND = {
     'main_dino.py': ['--epochs', '1', '--data_limit', '16', '--batch_size_per_device', '8', '--global_crops_size',
                      '32', '--local_crops_size', '16', '--local_crops_number', '1', '--out_dim', '64',
                      '--num_workers', '0', '--warmup_epochs', '0', '--freeze_last_layer', '0'],
-    'eval_knn.py': ['--num_workers', '0', '--batch_size_per_device', '8', '--nb_knn', '5'],
+    'eval_knn.py': ['--num_workers', '0', '--batch_size_per_device', '8', '--nb_knn', '5', '--max_batches', '2'],
     'eval_linear.py': ['--num_workers', '0', '--epochs', '1', '--batch_size_per_device', '8'],
     'eval_copy_detection.py': ['--num_workers', '0', '--imsize', '64'],
     'eval_image_retrieval.py': ['--num_workers', '0'],

@@ -107,10 +107,12 @@ def test_sigterm_mid_epoch_with_workers_then_restart_is_exact(reference, tmp_pat
 
 
 def test_log_is_trimmed_to_the_checkpoint(tmp_path):
+    """Training's lines of epochs from the checkpoint's on go, and the cut last one; a linear evaluation's stay."""
     log = tmp_path / 'log.txt'
-    log.write_text('{"train_loss": 1.0, "epoch": 0}\n{"train_loss": 2.0, "epoch": 1}\n{"train_loss": 3.0, "ep')
+    log.write_text('{"train_wd": 0.04, "epoch": 0}\n{"train_lr": 0.1, "epoch": 1}\n{"train_wd": 0.05, "epoch": 1}\n'
+                   '{"train_wd": 0.06, "ep')
     main_dino.trim_log(log, 1)
-    assert log.read_text() == '{"train_loss": 1.0, "epoch": 0}\n'
+    assert log.read_text() == '{"train_wd": 0.04, "epoch": 0}\n{"train_lr": 0.1, "epoch": 1}\n'
 
 
 def test_random_states_round_trip_through_a_checkpoint(tmp_path):

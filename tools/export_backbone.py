@@ -119,7 +119,7 @@ def write_atomically(path, data):
 
 def trained_crop_size(path):
     """--global_crops_size of the training checkpoint at `path`; None for other files."""
-    return (utils.training_args(path) or {}).get('global_crops_size')
+    return (utils.saved_training_args(path) or {}).get('global_crops_size')
 
 
 def check_args(args):

@@ -118,6 +118,12 @@ step eval_video_segmentation 300 bash -c "$PY eval_video_segmentation.py ${RANDO
 step visualize_attention 300 bash -c "$PY visualize_attention.py ${RANDOM16[*]} --image_path $WORK/photo.png \
     --image_size 128 128 --threshold 0.6 --output_dir $WORK/attention --device $DEVICE \
     && ls $WORK/attention/attn-head0.png"
+# 11,237 tokens: above visualize_attention.LARGE_TOKENS, so the memory check (the GPU's free memory) and the
+# progress bar run
+step attention_large_image 300 bash -c "$PY visualize_attention.py ${RANDOM16[*]} --image_path $WORK/photo.png \
+    --image_size 1700 1700 --output_dir $WORK/attention_large --device $DEVICE \
+    && $STEPS found $WORK/attention_large_image.log 'MiB of memory, and .* times the attention work' \
+    && $STEPS found $WORK/attention_large_image.log 'Attention blocks: 100%'"
 step video_generation 300 bash -c "$PY video_generation.py ${RANDOM16[*]} --input_path $WORK/video.mp4 \
     --output_path $WORK/video_out --batch_size 4 --device $DEVICE && ls $WORK/video_out/video.mp4"
 

@@ -104,9 +104,10 @@ def warn_unread_flags(given, unread):
 def unread_shared_flags(args):
     """The shared flags (each where the script has it) that this run does not read: {name: why}."""
     unread = {}
-    if args.device in ('cpu', 'cuda') or not _habana_present():
+    device = getattr(args, 'device', None)  # None: a tool without device flags (tools/export_backbone.py)
+    if device in ('cpu', 'cuda') or device and not _habana_present():
         unread.update(dict.fromkeys(['lazy_mode', 'hmp_bf16', 'hmp_fp32'], 'off HPU'))
-    elif not args.autocast:
+    elif device and not args.autocast:
         unread.update(dict.fromkeys(['hmp_bf16', 'hmp_fp32'], 'without --autocast'))
     if hasattr(args, 'use_fp16') and not (args.device == 'cuda' or args.device == 'auto' and torch.cuda.is_available()):
         unread['use_fp16'] = 'off CUDA (fp16 with a gradient scaler is the CUDA path; see --autocast)'

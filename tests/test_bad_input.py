@@ -162,7 +162,7 @@ def export_not_a_checkpoint(tmp, weights):
 def export_linear_head(tmp, weights):
     head = utils.SingleProcess(eval_linear.LinearClassifier(192, num_labels=10))
     return (*export_file(tmp, {'epoch': 1, 'state_dict': head.state_dict()}, *EXPORT_TINY),
-            ["has no 'teacher' network (it holds state_dict)"])
+            ['is a linear classifier', 'not a backbone'])
 
 
 def export_part_of_a_backbone(tmp, weights):

@@ -264,3 +264,26 @@ def test_benchmark_reports_both_paths_side_by_side():
     assert result['augment_on'] == 'device' and result['images_per_s'] > 0
     assert result['flops_per_image'] == vit_tiny_training_flops_per_image(32, 16, 2, 256)
     assert np.isfinite(result['final_loss'])
+
+
+def test_benchmark_train_mode_reports_the_loop_beside_the_step(capsys):
+    """--mode train: main_dino's loader over test JPEGs (one worker process), the device render and the
+    step, end to end, beside the step alone."""
+    threads = torch.get_num_threads()
+    try:
+        args = benchmark.get_args_parser().parse_args(
+            ['--mode', 'train', '--device', 'cpu', '--augment_on', 'device', '--num_workers', '1', '--arch', 'vit_tiny',
+             '--batch_size_per_device', '2', '--global_crops_size', '32', '--local_crops_size', '16',
+             '--local_crops_number', '1', '--out_dim', '256', '--steps', '1', '--warmup_steps', '1', '--image_width',
+             '120', '--image_height', '90'])
+        result = benchmark.benchmark_train(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert (result['mode'], result['augment_on'], result['num_workers']) == ('train', 'device', 1)
+    assert result['images_per_s'] > 0 and result['step_images_per_s'] > 0 and 0 <= result['data_wait_share'] < 1
+    assert result['ratio_to_step'] == pytest.approx(result['images_per_s'] / result['step_images_per_s'])
+    assert result['data'] == '120x90 test JPEGs'
+    benchmark.print_report(result)
+    report = capsys.readouterr().out
+    assert 'end to end:' in report and 'waiting for data' in report and 'step alone' in report
+    assert 'limited by' in report

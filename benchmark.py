@@ -7,9 +7,13 @@ each timed step also renders its views on the device from handed-over images. --
 main_dino's data pipeline (JPEG decoding and multi-crop augmentation) on ImageNet-sized JPEGs written to a
 temporary folder: its DataLoader, and side by side on one thread the CPU share per image of the original's
 PIL pipeline, of --augment_on cpu and of --augment_on device, and the device share (the batched render) of
-the latter.
+the latter. --mode train times main_dino's training loop as a run goes: its DataLoader over --data_path (or
+test JPEGs written to a temporary folder), --num_workers loader processes, the views rendered on
+--augment_on, train_step and the loss read: images/s end to end and the share of the time spent waiting
+for data, beside the step alone on fixed crops, so that one sees whether data or compute sets the speed.
 """
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -30,15 +34,17 @@ import vision_transformer as vits
 
 def get_args_parser():
     parser = argparse.ArgumentParser('DINO benchmark', parents=[main_dino.get_args_parser()])
-    parser.add_argument('--mode', default='step', choices=['step', 'data'],
-                        help='step: time the training step; data: time loading and augmentation.')
+    parser.add_argument('--mode', default='step', choices=['step', 'data', 'train'],
+                        help="""step: time the training step; data: time loading and augmentation; train: time the
+        training loop end to end (loader, render, step) beside the step alone.""")
     parser.add_argument('--steps', default=10, type=int, help='Timed steps (data mode: timed batches).')
     parser.add_argument('--warmup_steps', default=3, type=int, help='Untimed steps (batches) run first.')
     parser.add_argument('--json', action='store_true', help='Print one JSON object instead of text.')
-    parser.add_argument('--image_width', default=500, type=int, help='Data mode: width of the test JPEGs.')
-    parser.add_argument('--image_height', default=375, type=int, help='Data mode: height of the test JPEGs.')
-    # one worker per core is what a per-worker figure is meant for
-    parser.set_defaults(num_workers=1)
+    parser.add_argument('--image_width', default=500, type=int, help='Data and train modes: width of the test JPEGs.')
+    parser.add_argument('--image_height', default=375, type=int, help='Data and train modes: height of the test JPEGs.')
+    # one worker per core is what a per-worker figure is meant for; train mode writes test JPEGs unless
+    # --data_path is given
+    parser.set_defaults(num_workers=1, data_path=None)
     return parser
 
 
@@ -255,6 +261,64 @@ def benchmark_data(args):
     }
 
 
+def benchmark_train(args):
+    """Images/s of main_dino's training loop end to end, the share of its time spent waiting for the
+    DataLoader, and images/s of the step alone on fixed crops already on the device."""
+    device = utils.start_run(args, show_args=False)
+    main_dino.resolve_augment_on(args)
+    utils.fix_random_seeds(args.seed)
+    step = build_training_step(args, device)
+    data = args.data_path or f"{args.image_width}x{args.image_height} test JPEGs"
+    with tempfile.TemporaryDirectory() as root:
+        if args.data_path is None:
+            write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)
+            args.data_path = root
+        seconds, waiting = time_training_loop(args, device, step)
+    images = args.steps * args.batch_size_per_device
+    step_seconds = time_step_alone(args, device, step)
+    return {
+        'mode': 'train', 'device': args.device, 'augment_on': args.augment_on, 'num_workers': args.num_workers,
+        'arch': args.arch, 'patch_size': args.patch_size, 'batch_size_per_device': args.batch_size_per_device,
+        'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}", 'data': data,
+        'steps': args.steps, 'images_per_s': images / seconds, 'data_wait_share': waiting / seconds,
+        'step_images_per_s': images / step_seconds, 'ratio_to_step': step_seconds / seconds,
+    }
+
+
+def time_training_loop(args, device, step):
+    """Seconds of the timed iterations of main_dino's loop (next batch from the DataLoader, views on the
+    device, train_step, the loss read), and of them the seconds spent waiting for the batch."""
+    batches = loader_batches(main_dino.build_data_loader(args))
+    seconds = waiting = 0.
+    for it in range(args.warmup_steps + args.steps):  # the warm-up also starts the workers
+        start = time.perf_counter()
+        images, _, _ = next(batches)
+        fetched = time.perf_counter()
+        step(it, main_dino.views_on_device(images, args, device)).item()
+        if it >= args.warmup_steps:
+            seconds += time.perf_counter() - start
+            waiting += fetched - start
+    batches.close()  # stops the workers
+    return seconds, waiting
+
+
+def loader_batches(loader):
+    """The loader's batches, epoch after epoch."""
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+
+
+def time_step_alone(args, device, step):
+    """Seconds of --steps training steps on fixed crops already on the device (after one untimed step)."""
+    images = synthetic_crops(args, device)
+    step(0, images).item()
+    start = time.perf_counter()
+    for it in range(1, args.steps + 1):
+        step(it, images).item()
+    return time.perf_counter() - start
+
+
 def time_data_loader(args, root):
     """Images/s of main_dino's DataLoader (the CPU share of --augment_on's path)."""
     args.data_path, args.data_limit = root, None
@@ -289,11 +353,30 @@ def time_per_image(paths, transform, collate=None):
 
 def time_renders(args, device, paths, cpu, on_device):
     """Images/s of the batched device render (median over batches, on `device`; also per CPU second on a
-    CPU), and of today's per-image CPU render of the same views (CPU time, one thread; parameters drawn
-    beforehand)."""
+    CPU; where it runs compiled, the eager render's too), and of today's per-image CPU render of the same
+    views (CPU time, one thread; parameters drawn beforehand)."""
     images = [imagedata.pil_loader(path) for path in paths]
     handed = [(on_device(image), -1, '') for image in images]
     sizes = [t.size for t in on_device.transforms()]
+    render = time_device_render(args, device, handed, sizes)
+    if device.type in multicrop.COMPILE_ON:
+        compile_on, multicrop.COMPILE_ON = multicrop.COMPILE_ON, ()
+        try:
+            render['eager_images_per_s'] = time_device_render(args, device, handed, sizes)['images_per_s']
+        finally:
+            multicrop.COMPILE_ON = compile_on
+    timer = StepTimer('cpu')
+    transforms = cpu.transforms()
+    for image in images:
+        views = [t.sample(image) for t in transforms]
+        with timer:
+            for t, view in zip(transforms, views):
+                t.render(image, view)
+    return render, 1 / statistics.median(timer.cpu_seconds())
+
+
+def time_device_render(args, device, handed, sizes):
+    """Images/s of multicrop.render_views on `device` (median over batches; per CPU second too on a CPU)."""
     timer = StepTimer(device.type)
     batch = args.batch_size_per_device
     for i in range(args.warmup_steps + args.steps):
@@ -307,14 +390,7 @@ def time_renders(args, device, paths, cpu, on_device):
     render = {'images_per_s': batch / statistics.median(timer.seconds())}
     if device.type == 'cpu':
         render['images_per_cpu_second'] = batch / statistics.median(timer.cpu_seconds())
-    timer = StepTimer('cpu')
-    transforms = cpu.transforms()
-    for image in images:
-        views = [t.sample(image) for t in transforms]
-        with timer:
-            for t, view in zip(transforms, views):
-                t.render(image, view)
-    return render, 1 / statistics.median(timer.cpu_seconds())
+    return render
 
 
 def original_augmentation(global_crops_scale, local_crops_scale, local_crops_number, global_crops_size=224,
@@ -350,6 +426,16 @@ def write_test_jpegs(root, count, args):
 
 
 def print_report(result):
+    if result['mode'] == 'train':
+        print(f"training loop, {result['arch']}/{result['patch_size']} on {result['device']}, views rendered on "
+              f"{result['augment_on']}, {result['num_workers']} loader worker(s), {result['batch_size_per_device']} "
+              f"images/step, crops {result['crops']}, data: {result['data']}")
+        print(f"  end to end: {result['images_per_s']:.1f} images/s over {result['steps']} steps, "
+              f"{100 * result['data_wait_share']:.0f}% of the time waiting for data")
+        print(f"  step alone (fixed crops on the device): {result['step_images_per_s']:.1f} images/s; "
+              f"end to end is {result['ratio_to_step']:.2f}x of it")
+        print(f"  limited by {training_limit(result)}")
+        return
     if result['mode'] == 'data':
         print(f"data pipeline, {result['crops']} crops of {result['image_size'][0]}x{result['image_size'][1]} JPEGs")
         print(f"  DataLoader (--augment_on {result['augment_on']}), {result['num_workers']} worker(s): "
@@ -361,7 +447,8 @@ def print_report(result):
         share = result['device_share']
         print(f"  device share of --augment_on device (batched render on {result['device']}): "
               f"{share['images_per_s']:.1f} images/s" + (f", {share['images_per_cpu_second']:.1f} per CPU second"
-                                                         if 'images_per_cpu_second' in share else ''))
+                                                         if 'images_per_cpu_second' in share else '')
+              + (f" (compiled; eager: {share['eager_images_per_s']:.1f})" if 'eager_images_per_s' in share else ''))
         print(f"  today's per-image CPU render alone (draws and decode excluded): "
               f"{result['cpu_render_only_images_per_cpu_second']:.1f} images per CPU second")
         return
@@ -378,6 +465,18 @@ def print_report(result):
         print(f"  CPU seconds/step: {result['cpu_seconds_per_step']:.3f}, "
               f"MFU by CPU time: {100 * result['mfu_by_cpu_time']:.1f}% (ignores time taken by other processes)")
     print(f"  peak memory: {result['peak_memory_mb']:.0f} MiB ({result['memory_measure']})")
+
+
+def training_limit(result):
+    """What sets the speed of the training loop, by its figures."""
+    if result['data_wait_share'] > 0.1:
+        return "data loading: more --num_workers (cores), or the other --augment_on"
+    if result['ratio_to_step'] >= 0.9:
+        return "the step"
+    render = result['augment_on'] == 'device'
+    if result['device'] == 'cpu':
+        return "the CPU time the loader's processes take from the step" + (", and the render" if render else "")
+    return "the render on the device" if render else "moving the views to the device"
 
 
 def check_args(args):
@@ -400,17 +499,24 @@ UNREAD = {
               'use_bn_in_head', 'warmup_teacher_temp', 'teacher_temp', 'warmup_teacher_temp_epochs', 'use_fp16',
               'weight_decay', 'weight_decay_end', 'clip_grad', 'epochs', 'freeze_last_layer', 'lr', 'warmup_epochs',
               'min_lr', 'optimizer', 'drop_path_rate', 'autocast']),
+    'train': ("in --mode train (it times training iterations at the schedules' steady state, and writes nothing)",
+              ['output_dir', 'saveckp_freq', 'saveckp_every_iters', 'epochs', 'warmup_epochs',
+               'warmup_teacher_temp_epochs', 'warmup_teacher_temp', 'freeze_last_layer', 'collapse_window',
+               'collapse_margin']),
 }
 
 
 def unread_flags(args):
-    why, names = UNREAD.get(args.mode, ('', []))
-    return {**main_dino.unread_flags(args), **dict.fromkeys(names, why)}
+    why, names = UNREAD[args.mode]
+    unread = {**main_dino.unread_flags(args), **dict.fromkeys(names, why)}
+    if args.mode == 'train' and args.data_path is not None:
+        unread.update(dict.fromkeys(['image_width', 'image_height'], 'with --data_path (its images are timed)'))
+    return unread
 
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv, unread_flags)
-    result = benchmark_step(args) if args.mode == 'step' else benchmark_data(args)
+    result = {'step': benchmark_step, 'data': benchmark_data, 'train': benchmark_train}[args.mode](args)
     if args.json:
         print(json.dumps(result))
     else:

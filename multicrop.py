@@ -1,9 +1,11 @@
 """DINO's multi-crop training augmentation: the random draws of every view, the CPU render of the views
 (--augment_on cpu) and their hand-over to the render on the device (--augment_on device), and the original's PIL
 GaussianBlur/Solarization. Used by main_dino and benchmark."""
+import functools
 import itertools
 import math
 import random
+import sys
 from typing import NamedTuple
 
 import cv2
@@ -154,14 +156,18 @@ class DinoCropTransform:
 
 # Multi-crop rendered on the device (--augment_on device). The loader draws every view's parameters
 # exactly as DinoCropTransform.sample does and hands over the decoded 8-bit image with the parameters
-# packed in one float64 row per view; render_views then resizes all views of one size at once with
-# batched tensor ops (embedding_bag for PIL's bicubic taps). On an accelerator the colour operations,
-# grayscale, blur, solarisation and normalisation follow as batched tensor ops too (index_select, grouped
-# convolutions, elementwise ops). On a CPU device they run view by view with DinoCropTransform's OpenCV
-# kernels instead: torch's CPU kernels make a pass over memory per elementwise op (the hue shift alone
-# takes 25), OpenCV's one or two, so the batched ops would be slower there than the per-image render.
-# The parameters stay on the CPU, so that what decides shapes (tap counts, which views take which
-# operation) is known without waiting for the device.
+# packed in one float64 row per view; render_views then renders the views of a batch with batched tensor
+# ops. On an accelerator the draws only fill per-view tables (built with NumPy on the host, sent in one
+# copy), never choose which operators run: each batch runs the same fixed schedule of about 170 operators
+# (no host-device synchronisation, one graph for graph-mode backends): one resize of all views
+# (embedding_bag with PIL's bicubic taps), the colour operations on the pixels of all views at once
+# (every jitter slot and grayscale applied to every view, with identity parameters where a view skips
+# it), then blur, solarisation and normalisation per view size (a grouped convolution). On a CPU device
+# the resize is the same (the views of one size at a time, their taps fewer), and each view's colour
+# operations, grayscale, blur, solarisation and normalisation then run view by view with
+# DinoCropTransform's OpenCV kernels: torch's CPU kernels make a pass over memory per elementwise op (the
+# hue shift alone takes 18), OpenCV's one or two, so the batched ops would be slower there than the
+# per-image render.
 VIEW_FIELDS = ('top', 'left', 'height', 'width', 'image_height', 'image_width', 'flip',
                'order0', 'order1', 'order2', 'order3', 'brightness', 'contrast', 'saturation', 'hue',
                'grayscale', 'blur_radius', 'solarize')
@@ -170,6 +176,9 @@ _IDENTITY_FACTORS = (1., 1., 1., 0.)
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
 CPU_RENDER_CHUNK = 8  # images resized together on a CPU device
 OPENCV_ON_CPU = True  # False: the accelerators' tensor ops on CPU tensors too (the tests run both)
+# device types on which the render's fixed chain after the resize runs compiled (torch.compile, static
+# shapes, fused kernels); not HPU, whose lazy mode compiles graphs itself
+COMPILE_ON = ('cuda',)
 
 
 def hand_over(image, views, max_short_side):
@@ -236,68 +245,212 @@ def _opencv_takes(x):
 
 
 def _render_batched(pixels, params, sizes):
-    """render_views on an accelerator: every step batched over all views of one size."""
-    columns = _columns(pixels)
-    views = []
-    for start, end, group in _size_groups(params, sizes):
-        out = _render_group(columns, group, sizes[start])
-        views += list(out.view(len(pixels), end - start, *out.shape[1:]).unbind(1))
-    return views
+    """render_views on an accelerator: the same operators for every batch, whatever the draws."""
+    batch = len(pixels)
+    layout = _layout(batch, tuple(sizes), pixels.device)
+    rows = params.numpy()[layout.row_image, layout.row_view]
+    resample, taps = _resample_table(rows, layout, pixels.shape)
+    resample, colour = _to_device(pixels.device, resample, _colour_table(rows))
+    resized = _resize(_columns(pixels), resample, layout, taps)
+    finished = _finish_compiled(resized, colour, layout) if pixels.device.type in COMPILE_ON else \
+        _finish(resized, colour, layout)
+    return [view for views in finished for view in views.view(batch, -1, *views.shape[1:]).unbind(1)]
 
 
 def _render_on_cpu(pixels, params, sizes):
-    """A few images at a time (their intermediate images stay small enough to reuse memory), each view
-    finished by DinoCropTransform.finish in place, straight into the output."""
+    """A few images at a time and the views of one size together (their intermediate images stay small
+    enough to reuse memory), each view finished by DinoCropTransform.finish in place, straight into the
+    output."""
     outputs = [torch.empty(len(pixels), 3, size, size) for size in sizes]
     for first in range(0, len(pixels), CPU_RENDER_CHUNK):
-        chunk = slice(first, first + CPU_RENDER_CHUNK)
-        columns = _columns(pixels[chunk])
-        for start, end, group in _size_groups(params[chunk], sizes):
-            resized = _resize_views(columns, group, group.float(), sizes[start]).numpy()
-            for v, row in enumerate(group.tolist()):
-                image, view = divmod(v, end - start)
-                DinoCropTransform.finish(resized[v], unpack_view(row), out=outputs[start + view][first + image])
+        images = pixels[first:first + CPU_RENDER_CHUNK]
+        columns = _columns(images)
+        for start, end in _runs(sizes):
+            layout = _layout(len(images), tuple(sizes[start:end]), images.device)
+            rows = params[first:first + CPU_RENDER_CHUNK, start:end].numpy()[layout.row_image, layout.row_view]
+            resample, taps = _resample_table(rows, layout, images.shape)
+            views, = _resize(columns, *_to_device(images.device, resample), layout, taps)
+            for r, view in enumerate(_whole_levels(views).numpy()):
+                out = outputs[start + layout.row_view[r]][first + layout.row_image[r]]
+                DinoCropTransform.finish(view, unpack_view(rows[r].tolist()), out=out)
     return outputs
 
 
-def _size_groups(params, sizes):
-    """(start, end, their rows (B * views, fields)) of each run of consecutive views of the same size."""
+def _runs(sizes):
+    """(start, end) of each run of consecutive views of the same size."""
     start = 0
     for _, run in itertools.groupby(sizes):
         end = start + len(list(run))
-        yield start, end, params[:, start:end].reshape(-1, params.shape[-1])
+        yield start, end
         start = end
 
 
-def _render_group(columns, params, size):
-    """(V, 3, size, size) normalised views; params: (V, fields) float64 on the CPU, V = B * views."""
-    device = columns.device
-    host = params
-    params = params.to(device=device, dtype=torch.float32)
-    x = _resize_views(columns, host, params, size).permute(0, 3, 1, 2).contiguous()
-    x = _jitter(x, host, params)
-    gray = host[:, _F['grayscale']].nonzero().flatten().to(device)
-    if len(gray):
-        x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1).contiguous())
-    x = _blur(x, host, params)
-    solarize = host[:, _F['solarize']].nonzero().flatten().to(device)
-    if len(solarize):
-        views = x.index_select(0, solarize)
-        x.index_copy_(0, solarize, torch.where(views >= 128, 255. - views, views))
-    mean = torch.tensor(utils.IMAGENET_MEAN, device=device)[:, None, None]
-    std = torch.tensor(utils.IMAGENET_STD, device=device)[:, None, None]
-    return x.mul_(1. / (255. * std)).sub_(mean / std)
+def _whole_levels(x):
+    return x.clamp_(0, 255).round_()
+
+
+def _to_device(device, *tables):
+    """Dicts of arrays as dicts of float32 tensors on `device`, all sent in one copy."""
+    arrays = [a for table in tables for a in table.values()]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.float32)).to(device)
+    parts = iter(torch.split(flat, [a.size for a in arrays]))
+    return [{name: next(parts).view(a.shape) for name, a in table.items()} for table in tables]
+
+
+class _Group(NamedTuple):
+    """A run of views of one size: its rows (image by image, the views of each), its pixels in the
+    flattened views ((rows, size, size) in turn) and its output rows among the resampling positions."""
+    size: int
+    rows: slice
+    pixels: slice
+    positions: slice
+
+
+class _Layout(NamedTuple):
+    """Where the batched render puts each view; it depends on the batch size and the view sizes only.
+
+    The resampling positions are the output columns of every view, then the output rows of every view.
+    Each run of views of one size has its columns start at a multiple of the size, and the columns
+    (padding included) are a multiple of every size, so that the second pass reads row y of a view as
+    one line of the first pass's transposed output. The colour operations see the pixels of all views as
+    blocks of `block` pixels, each of one view.
+    """
+    groups: tuple
+    row_image: np.ndarray       # (V,) the image of each row,
+    row_view: np.ndarray        # its view (index in `sizes`)
+    row_sizes: np.ndarray       # and its size
+    columns: int
+    column_offset: np.ndarray   # (V,) first output column of each view
+    position_row: torch.Tensor  # (P,) the resampling-table row of each position (V column rows, V row rows)
+    half_pixel: torch.Tensor    # (P,) j + 0.5 at output position j of its view
+    block: int
+    view_of_block: torch.Tensor
+
+
+@functools.lru_cache(maxsize=8)
+def _layout(batch, sizes, device):
+    groups, row_image, row_view = [], [], []
+    for start, end in _runs(sizes):
+        row_image.append(np.repeat(np.arange(batch), end - start))
+        row_view.append(np.tile(np.arange(start, end), batch))
+        groups.append((sizes[start], (end - start) * batch))
+    row_sizes = np.repeat(*zip(*groups))
+    views = len(row_sizes)
+    starts = np.cumsum(row_sizes) - row_sizes
+    view = np.repeat(np.arange(views), row_sizes)  # of each output column (row), in turn
+    j = np.arange(len(view)) - starts[view]
+    column_offset, columns = _column_offsets(row_sizes, sizes)
+    column_row, column_half = np.zeros(columns, np.int64), np.full(columns, .5)  # the padding reads row 0
+    column_row[column_offset[view] + j] = view
+    column_half[column_offset[view] + j] = j + .5
+    block = math.gcd(*(size ** 2 for size in sizes))
+    tensor = functools.partial(torch.as_tensor, device=device)
+    return _Layout(tuple(_groups(groups, columns)), np.concatenate(row_image), np.concatenate(row_view), row_sizes,
+                   columns, column_offset, tensor(np.concatenate([column_row, views + view])),
+                   tensor(np.concatenate([column_half, j + .5]), dtype=torch.float),
+                   block, tensor(np.repeat(np.arange(views), row_sizes ** 2 // block)))
+
+
+def _groups(runs, columns):
+    """The _Group of each (size, rows) run; the output rows come after the `columns` output columns."""
+    row = pixel = position = 0
+    for size, rows in runs:
+        yield _Group(size, slice(row, row + rows), slice(pixel, pixel + rows * size ** 2),
+                     slice(columns + position, columns + position + rows * size))
+        row, pixel, position = row + rows, pixel + rows * size ** 2, position + rows * size
+
+
+def _column_offsets(row_sizes, sizes):
+    """The first output column of each view, the views of one size starting at multiples of it, and the
+    number of columns, a multiple of every size."""
+    offsets, columns = np.empty(len(row_sizes), np.int64), 0
+    for row, size in enumerate(row_sizes):
+        columns += -columns % size
+        offsets[row] = columns
+        columns += size
+    return offsets, columns + -columns % math.lcm(*sizes)
 
 
 # --- resize: PIL's antialiased bicubic resampling (a = -0.5, support stretched when shrinking), one axis
 # at a time (columns, then rows, rounded to whole levels in between as PIL's 8-bit passes are). Each pass
 # is one embedding_bag: an output column (row) is the weighted sum of the input columns (rows) its taps
-# read, each a contiguous vector. The first pass reads each channel's columns and writes each view's
-# columns, channels interleaved; one 2-D transpose of all of them makes row y of view v one line (its
-# pixels with their channels side by side) for the second pass, which so writes (H, W, 3) views.
+# read, each a contiguous line. The first pass reads each channel's columns and writes the columns of
+# every view, channels interleaved; one 2-D transpose of all of them makes row y of view v one line (its
+# pixels with their channels side by side) for the second pass, one per view size, which so writes
+# (V, size, size, 3) views. The taps of both passes and all views come from one table of per-view
+# parameters; their line indices are computed in float32 (exact below 2 ** 24).
 # On a CPU device OpenCV rounds and transposes (torch's transposing copy is a few times slower), and the
 # two largest intermediate images reuse memory from call to call (a fresh one costs as much in page
 # faults as the work done on it).
+
+def _resample_table(rows, layout, shape):
+    """Float64 resampling parameters: 'rows' (2V, 9), of the views' output columns then of their output rows
+    (see _bicubic_taps), and 'channel_lines' (C,), the first line of each channel's columns; and the
+    number of taps they need. `shape` is the pixels' (B, H, W, C)."""
+    f, sizes = _F, layout.row_sizes
+    _, height, width, channels = shape
+    lines_per_row = layout.columns // sizes  # second-pass lines per line of the transposed first pass
+    if max(len(rows) * channels * width, height * lines_per_row.max()) >= 2 ** 24:
+        raise ValueError("too many images in one batch for the device render's float32 line indices")
+    table = np.concatenate([
+        _axis_table(rows[:, f['left']], rows[:, f['width']], rows[:, f['image_width']], sizes, rows[:, f['flip']],
+                    1, layout.row_image * channels * width),
+        _axis_table(rows[:, f['top']], rows[:, f['height']], rows[:, f['image_height']], sizes, 0, lines_per_row,
+                    layout.column_offset // sizes)])
+    stretch = np.maximum(rows[:, [f['width'], f['height']]] / sizes[:, None], 1.)
+    return {'rows': table, 'channel_lines': np.arange(channels) * width}, int(np.ceil(2 * stretch).max()) * 2 + 1
+
+
+def _axis_table(start, length, valid, size, flip, line_step, line_offset):
+    """Rows of the resampling table along one axis: output j of a view has its taps' centre at
+    origin + (j + 0.5) * step in pixel indices (PIL's centre less half a pixel: a mirrored view's output j
+    is the unmirrored one's size - 1 - j), reaches back and forth (support - 1, support + 1, PIL's rounding
+    included), and reads input line i (below `valid`) as line i * line_step + line_offset of its pass."""
+    scale = length / size
+    stretch = np.maximum(scale, 1.)
+    origin = start - .5 + flip * length
+    columns = (origin, np.where(flip, -scale, scale), 2 * stretch - 1, 2 * stretch + 1, 1 / stretch, valid,
+               valid - 1, line_step, line_offset)
+    return np.stack(np.broadcast_arrays(*columns), axis=1)
+
+
+def _bicubic_taps(table, layout, taps):
+    """Line indices (float) and normalised weights (P, taps) of PIL's bicubic resampling at every position."""
+    origin, step, reach_back, reach, inverse_stretch, valid, last, line_step, line_offset = \
+        table.index_select(0, layout.position_row).unbind(1)
+    center = torch.addcmul(origin, layout.half_pixel, step)
+    first = (center - reach_back).trunc_().clamp_(min=0)
+    end = torch.minimum((center + reach).trunc_(), valid)
+    position = first[:, None] + torch.arange(taps, device=first.device)
+    t = (position - center[:, None]).abs_().mul_(inverse_stretch[:, None])
+    # PIL's bicubic filter (a = -0.5): 1.5 t^3 - 2.5 t^2 + 1 within one, -0.5 (t - 1)(t - 2)^2 within two
+    far = t.clamp(max=2.)
+    far = (far - 2.).square_().mul_(1. - far).mul_(.5)
+    weight = torch.where(t < 1, t.square().mul_(t * 1.5 - 2.5).add_(1.), far)
+    weight = weight.masked_fill_(position >= end[:, None], 0.)
+    weight = weight.div_(weight.sum(-1, keepdim=True))
+    return torch.addcmul(line_offset[:, None], torch.minimum(position, last[:, None]), line_step[:, None]), weight
+
+
+def _resize(columns, table, layout, taps):
+    """The views resized from the images' columns (_columns), before the last rounding: a (rows, size,
+    size, C) float tensor per group."""
+    _, channels, _, height = columns.shape
+    index, weight = _bicubic_taps(table['rows'], layout, taps)
+    first = _weighted_sum((index[:layout.columns, None] + table['channel_lines'][:, None]).long(),
+                          weight[:layout.columns, None].expand(-1, channels, -1), columns.view(-1, height))
+    lines = _rounded_transpose(first)
+    index = index.long()
+    return [_weighted_sum(index[g.positions], weight[g.positions], lines.view(-1, g.size * channels))
+            .view(-1, g.size, g.size, channels) for g in layout.groups]
+
+
+def _weighted_sum(index, weight, lines):
+    """Row i of the result is the sum over t of weight[i, t] * lines[index[i, t]] (i: all dimensions but
+    the last, t: the last)."""
+    return F.embedding_bag(index.reshape(-1, index.shape[-1]), lines, mode='sum',
+                           per_sample_weights=weight.reshape(-1, weight.shape[-1]))
+
 
 _CPU_SCRATCH = {}
 
@@ -325,138 +478,157 @@ def _columns(pixels):
 def _rounded_transpose(x):
     """The 2-D x clipped to [0, 255], rounded to whole levels (halves to even) and transposed."""
     if not _opencv_takes(x):
-        return x.clamp_(0, 255).round_().t().contiguous()
+        return _whole_levels(x).t().contiguous()
     levels = torch.from_numpy(cv2.transpose(cv2.add(x.numpy(), 0., dtype=cv2.CV_8U)))  # saturating round
     return _scratch('rows', levels.shape).copy_(levels)
 
 
-def _resize_views(columns, host, params, size):
-    """columns: the images' columns, (B, C, W, H) floats; host: (V, fields) float64 rows on the CPU, the
-    views of each image in turn; params: the same as float32 on the device. Returns the resized views
-    (V, size, size, C) in whole levels."""
-    f = _F
-    batch, channels, width, height = columns.shape
-    device = columns.device
-    views = len(params)
-    flip = params[:, f['flip']] > 0
-    image_of_view = torch.arange(batch, device=device).repeat_interleave(views // batch)
-    first = (image_of_view[:, None, None] * channels + torch.arange(channels, device=device)) * width
-    out = _resample(columns.view(-1, height), first, 1, host[:, f['width']],
-                    params[:, [f['left'], f['width'], f['image_width']]], size, flip)
-    rows = _rounded_transpose(out)  # (H, V * size * C): line y * V + v is row y of view v
-    first = torch.arange(views, device=device)[:, None, None]
-    out = _resample(rows.view(-1, size * channels), first, views, host[:, f['height']],
-                    params[:, [f['top'], f['height'], f['image_height']]], size, None)
-    return out.clamp_(0, 255).round_().view(views, size, size, channels)
+# --- colour, grayscale, blur, solarisation, normalisation: DinoCropTransform.finish on every view at once.
+# The jitter runs as a fixed schedule: three blend slots, the hue, three blend slots. A view's operations
+# before its hue shift take the first blend slots, those after it the last ones, the others leave it
+# unchanged. Brightness, contrast and saturation are one blend, x * f + g * (1 - f) clipped and floored,
+# with g = 0, the view's rounded mean gray, or its gray image.
+
+_HUE_SLOT = 3
 
 
-def _resample(lines, first_line, step, host_length, box, size, flip):
-    """Resample box v = (start, length, valid length) to `size` outputs, reading line i of the box of
-    view v, channel c at lines[first_line[v, 0, c] + i * step] (first_line (V, 1, C), or (V, 1, 1) when a
-    line holds all channels). Returns the outputs in the order (view, output, channel)."""
-    taps = int(torch.ceil(2. * (host_length / size).clamp(min=1.)).max()) * 2 + 1
-    index, weight = _bicubic_taps(box[:, 0], box[:, 1], box[:, 2], size, taps, flip)
-    index = index[:, :, None] * step + first_line[..., None]
-    weight = weight[:, :, None].expand(index.shape)
-    return F.embedding_bag(index.reshape(-1, taps), lines, per_sample_weights=weight.reshape(-1, taps),
-                           mode='sum')
+def _table_columns(**widths):
+    """{name: its slice of columns} of a table whose columns hold the named fields of these widths in turn."""
+    ends = itertools.accumulate(widths.values())
+    return {name: slice(end - width, end) for (name, width), end in zip(widths.items(), ends)}
 
 
-def _bicubic_taps(start, length, valid, size, taps, flip=None):
-    """Input indices and normalised weights (V, size, taps) of PIL's bicubic resampling of [start, start+length)."""
-    device = start.device
-    scale = length / size
-    stretch = scale.clamp(min=1.)
-    support = 2. * stretch
-    center = start[:, None] + (torch.arange(size, device=device) + 0.5) * scale[:, None]
-    first = (center - support[:, None] + 0.5).trunc().clamp(min=0)
-    end = torch.minimum((center + support[:, None] + 0.5).trunc(), valid[:, None])
-    position = first[..., None] + torch.arange(taps, device=device)
-    t = ((position - center[..., None] + 0.5) / stretch[:, None, None]).abs()
-    a = -0.5
-    weight = torch.where(t < 1, ((a + 2) * t - (a + 3)) * t * t + 1,
-                         torch.where(t < 2, (((t - 5) * t + 8) * t - 4) * a, 0.))
-    weight = torch.where(position < end[..., None], weight, 0.)
-    weight = weight / weight.sum(-1, keepdim=True)
-    index = torch.minimum(position, valid[:, None, None] - 1).long()
-    if flip is not None:  # a mirrored view reads its outputs in reverse order
-        index = torch.where(flip[:, None, None], index.flip(1), index)
-        weight = torch.where(flip[:, None, None], weight.flip(1), weight)
-    return index, weight
+# the colour parameters read at every pixel: per slot of the schedule the blend's factor, gray weight and
+# whether it applies; the hue shift's flag and channel offsets; grayscale's flag
+_PER_PIXEL = _table_columns(factor=7, gray_weight=7, active=7, hue=1, hue_offset=3, grayscale=1)
 
 
-# --- colour: DinoCropTransform's operations on (V, 3, H, W) batches of values in [0, 255]
-
-def _gray(x):
-    r, g, b = x.unbind(1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
-
-
-def _jitter(x, host, params):
-    """The four jitter operations in each view's own order (positions 0..3; views without jitter skip)."""
-    f = _F
-    for position in range(4):
-        order = host[:, f[f'order{position}']]
-        for op, name in enumerate(DinoCropTransform.JITTER_OPS):
-            chosen = (order == op).nonzero().flatten().to(x.device)
-            if len(chosen):
-                factor = params.index_select(0, chosen)[:, f[name], None, None, None]
-                x.index_copy_(0, chosen, _JITTER[name](x.index_select(0, chosen), factor))
-    return x
-
-
-def _brightness(x, factor):  # the jitter operations work in place on the views selected for them
-    return x.mul_(factor).clamp_(max=255.).floor_()
-
-
-def _contrast(x, factor):
-    mean = (_gray(x).mean(dim=(1, 2, 3), keepdim=True) + 0.5).floor()  # PIL blends with the rounded mean
-    return x.mul_(factor).add_(mean * (1. - factor)).clamp_(0., 255.).floor_()
-
-
-def _saturation(x, factor):
-    gray = _gray(x).mul_(1. - factor)
-    return x.mul_(factor).add_(gray).clamp_(0., 255.).floor_()
+def _colour_table(rows):
+    """Float64 arrays of the views' colour parameters: 'per_pixel' (V, 26) (the columns of _PER_PIXEL), read
+    at every pixel, and per view the blends' mean weights, blur, solarisation and normalisation."""
+    f, views, ops = _F, len(rows), DinoCropTransform.JITTER_OPS
+    order = rows[:, f['order0']:f['order3'] + 1].astype(np.int64)  # -1: no jitter
+    factors = rows[:, f['brightness']:f['hue'] + 1]
+    hue_at = np.argmax(order == ops.index('hue'), axis=1)[:, None]
+    slot = np.arange(4)
+    slot = np.where(slot < hue_at, slot, slot + _HUE_SLOT - hue_at)
+    view, position = np.nonzero((order >= 0) & (order != ops.index('hue')))
+    op, slot = order[view, position], slot[view, position]
+    factor = factors[view, op]
+    pixel = {'factor': np.ones((views, 7)), 'gray_weight': np.zeros((views, 7)), 'active': np.zeros((views, 7))}
+    mean_weight = np.zeros((views, 7))
+    pixel['factor'][view, slot] = factor
+    pixel['gray_weight'][view, slot] = np.where(op == ops.index('saturation'), 1 - factor, 0.)
+    mean_weight[view, slot] = np.where(op == ops.index('contrast'), 1 - factor, 0.)
+    pixel['active'][view, slot] = 1.
+    pixel['hue'] = order[:, :1] >= 0
+    # channel c falls as far as the shifted hue is near its opposite, k_c = 3, 5, 1 sixths of a turn
+    pixel['hue_offset'] = np.mod(6 * factors[:, 3:] - (3., 5., 1.), 6.)
+    pixel['grayscale'] = rows[:, f['grayscale'], None]
+    table = {'per_pixel': np.concatenate([pixel[name] for name in _PER_PIXEL], axis=1), 'mean_weight': mean_weight,
+             'blur': rows[:, f['blur_radius']] > 0, 'kernel': _blur_kernels(rows[:, f['blur_radius']]).repeat(3, 0),
+             'solarize_from': np.where(rows[:, f['solarize']] > 0, 128., np.inf),
+             'gray_weights': np.array(_GRAY_WEIGHTS), 'scale': 1 / (255 * np.array(utils.IMAGENET_STD)),
+             'shift': -np.array(utils.IMAGENET_MEAN) / utils.IMAGENET_STD}
+    return {name: np.asarray(a, dtype=np.float64) for name, a in table.items()}
 
 
-def _hue(x, factor):
-    """Shift the hue by factor turns through HSV, as OpenCV's float conversions do (not rounded)."""
-    r, g, b = x.unbind(1)
-    value = x.amax(1)
-    spread = value - x.amin(1)
-    # hue in sixths of a turn: the sector of the largest channel plus the position within it (grey
+def _blur_kernels(sigma):
+    """(V, taps) Gaussian kernels of OpenCV's size for float images (4 sigma each side), zero-padded to at
+    least 17 taps (the largest at sigma 2), so that the taps do not vary from batch to batch; identity where
+    sigma is 0."""
+    half = (np.floor(sigma * 8 + 1.5).astype(np.int64) | 1) // 2
+    offsets = np.arange(-max(8, half.max()), max(8, half.max()) + 1)
+    safe_sigma = np.where(sigma > 0, sigma, 1.)[:, None]
+    kernel = np.where(np.abs(offsets) <= half[:, None], np.exp(-offsets ** 2 / (2 * safe_sigma ** 2)), 0.)
+    return kernel / kernel.sum(1, keepdims=True)
+
+
+def _finish(resized, table, layout):
+    """DinoCropTransform.finish of every resized view (a list of (rows, size, size, 3) per group, not yet
+    rounded to whole levels): (rows, 3, size, size) per group."""
+    x = _whole_levels(torch.cat([views.flatten() for views in resized]))
+    x = _colour(x.view(-1, layout.block, 3), table, layout).flatten()
+    return [_blur_solarize_normalize(x[g.pixels.start * 3:g.pixels.stop * 3].view(-1, g.size, g.size, 3), table,
+                                     g.rows) for g in layout.groups]
+
+
+def _finish_compiled(resized, table, layout):
+    """_finish compiled (once per batch shape); eager for the rest of the process if compiling fails."""
+    global COMPILE_ON
+    try:
+        return _compiled_finish()(resized, table, layout)
+    except Exception as exc:  # noqa: BLE001 (a compiler's failure must not stop a training run)
+        device_type = resized[0].device.type
+        COMPILE_ON = tuple(t for t in COMPILE_ON if t != device_type)
+        print(f"warning: the multi-crop render runs eager on {device_type}: torch.compile failed "
+              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})", file=sys.stderr)
+        return _finish(resized, table, layout)
+
+
+@functools.cache
+def _compiled_finish():
+    return torch.compile(_finish, dynamic=False)
+
+
+def _colour(x, table, layout):
+    """The jitter schedule, then grayscale, on x (blocks, block pixels, 3) whole levels (each block of one view)."""
+    per_pixel = table['per_pixel'].index_select(0, layout.view_of_block)[:, None]
+
+    def column(name, i=0, width=1):
+        at = _PER_PIXEL[name].start + i
+        return per_pixel[..., at:at + width]
+
+    for slot in range(7):
+        if slot == _HUE_SLOT:
+            x = torch.lerp(x, _hue(x, column('hue_offset', width=3)), column('hue'))
+            continue
+        gray = _gray(x, table['gray_weights'])
+        mean = _view_means(gray, layout).add_(.5).floor_()  # PIL blends with the rounded mean
+        mean = (mean * table['mean_weight'][:, slot]).index_select(0, layout.view_of_block)
+        blend = torch.addcmul(mean[:, None, None], x, column('factor', slot))
+        blend = blend.addcmul_(gray, column('gray_weight', slot)).clamp_(0., 255.).floor_()
+        # after the hue shift levels are not whole: a slot a view skips must not floor them
+        x = blend if slot < _HUE_SLOT else torch.lerp(x, blend, column('active', slot))
+    return torch.lerp(x, _gray(x, table['gray_weights']), column('grayscale'))
+
+
+def _gray(x, weights):
+    return (x * weights).sum(-1, keepdim=True)
+
+
+def _view_means(gray, layout):
+    flat = gray.view(-1)
+    return torch.cat([flat[g.pixels].view(g.rows.stop - g.rows.start, -1).mean(1) for g in layout.groups])
+
+
+def _hue(x, offsets):
+    """Shift the hue of (..., 3) pixels through HSV as OpenCV's float conversions do (not rounded); offsets:
+    (the shift - k_c) mod 6 of each channel c, in sixths of a turn."""
+    value, largest = x.max(-1, keepdim=True)
+    spread = value - x.amin(-1, keepdim=True)
+    # hue: twice the index of the largest channel plus (the next channel - the one after) / spread (grey
     # pixels have spread 0, so any finite hue will do)
-    is_r, is_g = value == r, value == g
-    sector = torch.where(is_g, 2., 4.).masked_fill_(is_r, 0.)
-    within = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    hue = torch.addcmul(sector, within, spread.clamp(min=1e-30).reciprocal_())
-    hue = hue.add_(factor[:, 0] * 6.).remainder_(6.)[:, None]
-    # HSV to RGB without branches: channel R, G, B falls by the spread as far as the hue is within one
-    # sixth of a turn of its opposite (3, 5, 1), less as the hue is within two sixths of it
-    distance = (hue - torch.tensor([3., 5., 1.], device=x.device)[:, None, None]).abs_().sub_(3.).abs_()
-    return torch.addcmul((value + spread)[:, None], spread[:, None], distance.clamp_(1., 2.), value=-1.)
+    following = x.roll(-1, -1)
+    within = (following - following.roll(-1, -1)).gather(-1, largest)
+    hue = torch.addcmul(largest * 2., within, spread.clamp(min=1e-30).reciprocal_())
+    # HSV to RGB without branches: channel c falls by the spread as far as the shifted hue is within one
+    # sixth of a turn of k_c, less as it is within two
+    distance = (hue + offsets).remainder_(6.).sub_(3.).abs_().clamp_(1., 2.)
+    return torch.addcmul(value + spread, spread, distance, value=-1.)
 
 
-_JITTER = {'brightness': _brightness, 'contrast': _contrast, 'saturation': _saturation, 'hue': _hue}
-
-
-def _blur(x, host, params):
-    """Gaussian blur of the views with a radius, as OpenCV's on float images: 4 sigma each side, edges
-    replicated; one grouped convolution per axis with each view's kernel zero-padded to the largest."""
-    chosen = (host[:, _F['blur_radius']] > 0).nonzero().flatten()
-    if not len(chosen):
-        return x
-    sigma_host = host[chosen, _F['blur_radius']]
-    half = int(((sigma_host * 8 + 1 + 0.5).floor().long() | 1).max()) // 2
-    chosen = chosen.to(x.device)
-    sigma = params.index_select(0, chosen)[:, _F['blur_radius'], None]
-    own_half = (torch.floor(sigma * 8 + 1 + 0.5).long() | 1) // 2
-    offsets = torch.arange(-half, half + 1, device=x.device)
-    kernel = torch.where(offsets.abs() <= own_half, torch.exp(-offsets ** 2 / (2 * sigma ** 2)), 0.)
-    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(3, dim=0)  # (views*3, taps)
-    views = x.index_select(0, chosen)
-    n, c, height, width = views.shape
-    planes = F.pad(views.reshape(1, n * c, height, width), (half, half, half, half), mode='replicate')
-    planes = F.conv2d(planes, kernel[:, None, None, :], groups=n * c)
-    planes = F.conv2d(planes, kernel[:, None, :, None], groups=n * c)
-    return x.index_copy_(0, chosen, planes.view(n, c, height, width))
+def _blur_solarize_normalize(x, table, rows):
+    """Blur (as OpenCV's on float images: edges replicated), solarisation and normalisation of the views
+    `rows` (a slice of the table's rows): x (V, size, size, 3) to (V, 3, size, size). Every view goes through
+    one grouped convolution per axis with its own kernel; the unblurred keep their pixels."""
+    views, size, _, channels = x.shape
+    kernel = table['kernel'][rows.start * channels:rows.stop * channels]
+    planes = x.permute(0, 3, 1, 2).contiguous()
+    half = kernel.shape[1] // 2
+    blurred = F.pad(planes.view(1, -1, size, size), (half,) * 4, mode='replicate')
+    blurred = F.conv2d(blurred, kernel[:, None, None], groups=views * channels)
+    blurred = F.conv2d(blurred, kernel[:, None, :, None], groups=views * channels)
+    x = torch.lerp(planes, blurred.view_as(planes), table['blur'][rows, None, None, None])
+    x = torch.where(x >= table['solarize_from'][rows, None, None, None], 255. - x, x)
+    return torch.addcmul(table['shift'][:, None, None], x, table['scale'][:, None, None])

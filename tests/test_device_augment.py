@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import benchmark
 import imagedata
@@ -70,6 +71,104 @@ def test_device_render_equals_cpu_render(photos, monkeypatch, opencv):
         assert 0 < rows[:, f(field)].sum() < len(rows), field
     assert 0 < (rows[:, f('blur_radius')] > 0).sum() < len(rows)
     assert len(set(map(tuple, rows[:, f('order0'):f('order3') + 1].tolist()))) > 10
+
+
+class ComputeOps(TorchDispatchMode):
+    """Counts the aten operators dispatched (each a kernel launch on an accelerator), leaving out those that
+    only describe memory already there: the view operators (view, transpose, t, permute, expand, slice,
+    select, unbind, split, unsqueeze, alias, detach, lift_fresh: OpOverload.is_view) and _unsafe_view (the
+    reshape of a fresh tensor). Copies (contiguous, to, clone), allocations and fills count."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func is torch.ops.aten._unsafe_view.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def handed_over(images, seed, sizes=(224, 96), local_crops_number=8):
+    """A collated hand-over batch of `images` (their draws seeded by `seed`) and the views' sizes."""
+    augmentation = main_dino.DataAugmentationDINO((0.4, 1.), (0.05, 0.4), local_crops_number, *sizes,
+                                                  augment_on='device')
+    torch.manual_seed(seed)
+    random.seed(seed)
+    batch, _, _ = multicrop.collate_hand_over([(augmentation(image), -1, '') for image in images])
+    return (*batch, [t.size for t in augmentation.transforms()])
+
+
+def with_views(params, **fields):
+    """The packed rows with these fields set in every view (order: the jitter order of all four positions)."""
+    params, f = params.clone(), multicrop.VIEW_FIELDS.index
+    for name, value in fields.items():
+        at = slice(f('order0'), f('order3') + 1) if name == 'order' else f(name)
+        params[..., at] = torch.tensor(value, dtype=params.dtype)
+    return params
+
+
+def test_accelerator_render_runs_a_fixed_schedule(photos, monkeypatch):
+    """The accelerators' eager render dispatches the same operators, at most 250, for any draws (random
+    ones; no view jittered, blurred, grey or solarised; every view all of these), batch size (8 and 32
+    images) and view sizes (the number of sizes decides it), counted once the batch shape's layout is
+    cached (its first batch also sends it)."""
+    monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
+    small = [photo.resize((96, 72)) for photo in photos]
+    pixels, params, sizes = handed_over(small * 4, seed=0, sizes=(32, 16))
+    batches = [handed_over(photos * 4, seed=1), (pixels, params, sizes),
+               (pixels, with_views(params, order=[-1] * 4, grayscale=0, blur_radius=0, solarize=0), sizes),
+               (pixels, with_views(params, order=[3, 0, 2, 1], grayscale=1, blur_radius=2, solarize=1), sizes),
+               handed_over(small * 16, seed=2, sizes=(32, 16))]
+    counts, shapes = [], set()
+    for batch in batches:
+        if (len(batch[0]), tuple(batch[2])) not in shapes:  # caches the layout
+            shapes.add((len(batch[0]), tuple(batch[2])))
+            multicrop.render_views(*batch)
+        with ComputeOps() as ops:
+            multicrop.render_views(*batch)
+        counts.append(ops.count)
+    assert counts == [counts[0]] * len(batches) and counts[0] <= 250, counts
+
+
+def test_compiled_render_equals_eager(monkeypatch, capsys):
+    """On CUDA the render's chain after the resize runs compiled (never on HPU, whose lazy mode compiles
+    itself, nor on a CPU device, which renders with OpenCV). Compiled by inductor on CPU tensors here: the
+    views equal the eager ones to float rounding (fused kernels round differently, so a floored level may
+    fall the other way now and then), and a batch of other draws reuses the compiled graph."""
+    assert multicrop.COMPILE_ON == ('cuda',)
+    monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
+    shapes = imagedata.SyntheticShapes('train', image_size=64, seed=3)
+    images = [shapes.render(i) for i in range(4)]
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    for seed in range(2):
+        batch = handed_over(images, seed, sizes=(32, 16), local_crops_number=2)
+        monkeypatch.setattr(multicrop, 'COMPILE_ON', ())
+        eager = multicrop.render_views(*batch)
+        monkeypatch.setattr(multicrop, 'COMPILE_ON', ('cpu',))
+        compiled = multicrop.render_views(*batch)
+        levels = [((a - b) * STD * 255).abs() for a, b in zip(compiled, eager)]  # in grey levels
+        assert (torch.cat([d.flatten() for d in levels]) > 0.01).float().mean() < 0.01
+        assert max(d.mean() for d in levels) < 0.05
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs + 1
+    assert 'warning:' not in capsys.readouterr().err
+
+
+def test_a_failed_compile_leaves_the_render_eager(photos, monkeypatch, capsys):
+    """If torch.compile fails, one warning line, and the views of the eager render from then on."""
+    def failing(*args):
+        raise RuntimeError('no compiler here\nsecond line')
+
+    monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
+    monkeypatch.setattr(multicrop, '_compiled_finish', lambda: failing)
+    monkeypatch.setattr(multicrop, 'COMPILE_ON', ('cpu',))
+    batch = handed_over([photo.resize((96, 72)) for photo in photos], seed=0, sizes=(32, 16), local_crops_number=2)
+    got = multicrop.render_views(*batch)
+    assert multicrop.COMPILE_ON == ()
+    assert capsys.readouterr().err == ("warning: the multi-crop render runs eager on cpu: torch.compile failed "
+                                       "(RuntimeError: no compiler here)\n")
+    for a, b in zip(got, multicrop.render_views(*batch)):
+        assert torch.equal(a, b)
 
 
 def test_large_images_are_handed_over_shrunk(photos):
@@ -165,3 +264,26 @@ def test_benchmark_reports_both_paths_side_by_side():
     assert result['augment_on'] == 'device' and result['images_per_s'] > 0
     assert result['flops_per_image'] == vit_tiny_training_flops_per_image(32, 16, 2, 256)
     assert np.isfinite(result['final_loss'])
+
+
+def test_benchmark_train_mode_reports_the_loop_beside_the_step(capsys):
+    """--mode train: main_dino's loader over test JPEGs (one worker process), the device render and the
+    step, end to end, beside the step alone."""
+    threads = torch.get_num_threads()
+    try:
+        args = benchmark.get_args_parser().parse_args(
+            ['--mode', 'train', '--device', 'cpu', '--augment_on', 'device', '--num_workers', '1', '--arch', 'vit_tiny',
+             '--batch_size_per_device', '2', '--global_crops_size', '32', '--local_crops_size', '16',
+             '--local_crops_number', '1', '--out_dim', '256', '--steps', '1', '--warmup_steps', '1', '--image_width',
+             '120', '--image_height', '90'])
+        result = benchmark.benchmark_train(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert (result['mode'], result['augment_on'], result['num_workers']) == ('train', 'device', 1)
+    assert result['images_per_s'] > 0 and result['step_images_per_s'] > 0 and 0 <= result['data_wait_share'] < 1
+    assert result['ratio_to_step'] == pytest.approx(result['images_per_s'] / result['step_images_per_s'])
+    assert result['data'] == '120x90 test JPEGs'
+    benchmark.print_report(result)
+    report = capsys.readouterr().out
+    assert 'end to end:' in report and 'waiting for data' in report and 'step alone' in report
+    assert 'limited by' in report

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The port on one NVIDIA GPU, end to end, in under 9 minutes: training under torchrun (real NCCL collectives,
+# The port on one NVIDIA GPU, end to end, in under 15 minutes: training under torchrun (real NCCL collectives,
 # world size 1) in fp16 and bf16, a SIGTERM mid-epoch and its resume, every evaluation script, the training
-# step's speed, and a short training run whose k-NN accuracy shows that it learns.
+# step's speed, the multi-crop render's, the training loop's with either --augment_on, and a short training
+# run whose k-NN accuracy shows that it learns.
 #
 #   tools/gpu_check.sh [WORK_DIR]          (from anywhere; WORK_DIR defaults to a new folder under /tmp)
 #
@@ -16,6 +17,7 @@ WORK=${1:-$(mktemp -d /tmp/dino_gpu_check.XXXXXX)}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 CORES=$(nproc)
+LOADERS=$((CORES > 1 ? CORES - 1 : 1))  # loader processes beside the training process
 STEPS="$PY tools/gpu_check_steps.py"
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 1"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
@@ -29,6 +31,8 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
                 --batch_size_per_device 4 --steps 1 --warmup_steps 1)
     AUGMENT_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
                   --batch_size_per_device 4 --steps 1 --warmup_steps 1)
+    LOOP_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
+               --batch_size_per_device 4 --steps 2 --warmup_steps 1 --image_width 120 --image_height 90)
     LEARN_IMAGES=64 LEARN_CAP=120
     LEARN_SIZE=(--local_crops_number 2 --out_dim 256 --batch_size_per_device 16 --epochs 2 --warmup_epochs 1)
 else
@@ -38,6 +42,8 @@ else
     LINEAR_SIZE=(--batch_size_per_device 128)
     BENCH_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 10 --warmup_steps 3)
     AUGMENT_SIZE=(--arch vit_small --batch_size_per_device 32 --steps 3 --warmup_steps 1)
+    # the warm-up covers the workers' start and the compilations
+    LOOP_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 30 --warmup_steps 10)
     # the learning run: 51200 images / batch 256 = 200 iterations per epoch, 15 epochs = 3000 iterations
     # (about 3 minutes); a SIGTERM at LEARN_CAP seconds stops it early with a checkpoint if it is slower
     LEARN_IMAGES=51200 LEARN_CAP=180
@@ -140,6 +146,16 @@ step augment_data 300 bash -c "$PY benchmark.py --mode data --device $DEVICE --a
     --num_workers $CORES --patch_size 16 ${AUGMENT_SIZE[*]} && $STEPS found $WORK/augment_data.log 'device share'"
 step augment_step 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${AUGMENT_SIZE[*]} \
     --augment_on device --json > $WORK/bench_augment.json && $STEPS benchmark $WORK/bench_augment.json"
+
+# ---------------------------------------------------------------- the training loop end to end (--mode train)
+# main_dino's DataLoader over test JPEGs with a worker per core but one, the views rendered on the GPU
+# (device) or by the workers (cpu), and the step, beside the step alone: whether data or compute sets the
+# speed, and which --augment_on is the faster here
+for AUG in device cpu; do
+    step train_loop_$AUG 600 bash -c "$PY benchmark.py --mode train --device $DEVICE --augment_on $AUG \
+        --num_workers $LOADERS --patch_size 16 ${LOOP_SIZE[*]} --json > $WORK/train_loop_$AUG.json \
+        && $STEPS train $WORK/train_loop_$AUG.json"
+done
 
 # ---------------------------------------------------------------- learning you can see
 KNN8=(--arch vit_tiny --patch_size 8 --data_path synthetic --nb_knn 20 --num_workers 4 --device "$DEVICE"

@@ -170,13 +170,25 @@ def learning(trained_log, random_log, learn_out, train_log):
     print(summary)
 
 
+def _last_json(path):
+    return json.loads([line for line in Path(path).read_text().splitlines() if line.startswith('{')][-1])
+
+
 def benchmark(json_log):
-    line = [line for line in Path(json_log).read_text().splitlines() if line.startswith('{')][-1]
-    r = json.loads(line)
+    r = _last_json(json_log)
     print(f"{r['arch']}/{r['patch_size']} {r['dtype']} batch {r['batch_size_per_device']}: "
           f"{r['images_per_s']:.0f} images/s, {r['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s = MFU "
           f"{100 * r['mfu']:.1f}% of the measured matmul peak {r['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB")
+
+
+def train(json_log):
+    """benchmark.py --mode train's figures in one line: the loop end to end beside the step alone."""
+    r = _last_json(json_log)
+    print(f"--augment_on {r['augment_on']}, {r['num_workers']} workers, {r['arch']}/{r['patch_size']} batch "
+          f"{r['batch_size_per_device']}: {r['images_per_s']:.0f} images/s end to end, "
+          f"{100 * r['data_wait_share']:.0f}% waiting for data; step alone {r['step_images_per_s']:.0f} images/s "
+          f"(end to end {r['ratio_to_step']:.2f}x of it)")
 
 
 def found(log_path, pattern):
@@ -189,7 +201,8 @@ def found(log_path, pattern):
 
 
 COMMANDS = {'gpu': gpu, 'requirements': requirements, 'fixtures': fixtures, 'training_run': training_run,
-            'sigterm_resume': sigterm_resume, 'learning': learning, 'benchmark': benchmark, 'found': found}
+            'sigterm_resume': sigterm_resume, 'learning': learning, 'benchmark': benchmark, 'train': train,
+            'found': found}
 
 if __name__ == '__main__':
     try:

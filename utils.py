@@ -784,10 +784,9 @@ def reduce_dict(input_dict, average=True):
 
 VIT_ARCHS = ['vit_tiny', 'vit_small', 'vit_base', 'deit_tiny', 'deit_small']
 trunc_normal_ = vits.trunc_normal_  # the original kept it here; code written against it imports utils.trunc_normal_
+# the normalisation of every image a network sees (training views, evaluations, attention maps)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 
 
 def torchvision_archs():

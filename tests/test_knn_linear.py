@@ -314,9 +314,8 @@ def test_default_sizes_are_the_originals_and_a_checkpoint_names_its_training_siz
     capsys.readouterr()
     args = parsed(eval_knn, '--pretrained_weights', checkpoint, '--data_path', small_image_folder)
     assert (args.resize, args.crop_size) == (256, 224)  # suggested, not taken
-    assert capsys.readouterr().out.splitlines()[-1] == (
-        f"Evaluating at --resize 256 --crop_size 224; {checkpoint} was trained on 64-pixel global crops: "
-        "pass --crop_size 64 to evaluate at that size")
+    assert (f"Evaluating at --resize 256 --crop_size 224; {checkpoint} was trained on 64-pixel global crops: "
+            "pass --crop_size 64 to evaluate at that size") in capsys.readouterr().out.splitlines()
     args = parsed(eval_linear, '--pretrained_weights', checkpoint, '--data_path', small_image_folder,
                   '--crop_size', 64, '--resize', 64, '--output_dir', tmp_path)
     assert (args.resize, args.crop_size) == (64, 64) and 'global crops' not in capsys.readouterr().out

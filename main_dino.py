@@ -66,10 +66,9 @@ def get_args_parser():
                         help="Optimizer; adamw is recommended for ViTs.")
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help="Stochastic depth rate.")
     parser.add_argument('--compile', default=None, type=utils.bool_flag, help="""Compile the transformer blocks
-        of student and teacher with torch.compile (during the first iteration: a minute or two, once per run
-        and restart): the same numbers within float rounding, faster. Default: true on CUDA; false on HPU,
-        where lazy mode compiles the step's graph itself (true is refused there), and on a CPU, where the
-        compiled step is not faster. ViT architectures only.""")
+        of student and teacher with torch.compile, during the first iteration of each process: the same numbers
+        within float rounding, faster. Default: true on CUDA; false on HPU, where lazy mode compiles the step's
+        graph itself (true is refused there), and on a CPU, where the compiled step is not faster. ViTs only.""")
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
@@ -405,20 +404,21 @@ def resolve_augment_on(args):
 
 
 def resolve_compile(args):
-    """--compile's default for the device, refused on HPU; prints which training step runs."""
-    vit = args.arch in utils.VIT_ARCHS
+    """--compile's default for the device: true on CUDA (with Triton, its code generator), else false; refused
+    on HPU, ignored with a warning for other architectures than ViTs. Prints which training step runs."""
+    has_triton = importlib.util.find_spec('triton') is not None
     if args.compile and args.device == 'hpu':
         utils.fail("--compile true is not supported on HPU: its lazy mode already compiles the training step's "
                    "graph; leave --compile out (false on HPU)")
-    if args.compile and not vit:
+    if args.compile and args.device == 'cuda' and not has_triton:
+        utils.fail("--compile true on CUDA needs Triton (torch.compile's GPU code generator), which is not "
+                   "installed; pip install triton, or pass --compile false")
+    if args.compile and args.arch not in utils.VIT_ARCHS:
         print(f"warning: --compile applies to the ViT architectures; --arch {args.arch} trains eagerly",
               file=sys.stderr)
     if args.compile is None:
-        args.compile = args.device == 'cuda' and importlib.util.find_spec('triton') is not None
-    elif args.compile and args.device == 'cuda' and importlib.util.find_spec('triton') is None:
-        utils.fail("--compile true on CUDA needs Triton (torch.compile's GPU code generator), which is not "
-                   "installed; pip install triton, or pass --compile false")
-    args.compile = args.compile and vit
+        args.compile = args.device == 'cuda' and has_triton
+    args.compile = args.compile and args.arch in utils.VIT_ARCHS
     print("Training step: " + ("compiled (torch.compile of the transformer blocks, during the first iteration; "
                                "--compile false runs it eagerly)" if args.compile else "eager"))
 

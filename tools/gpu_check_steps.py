@@ -173,10 +173,12 @@ def learning(trained_log, random_log, learn_out, train_log):
 def benchmark(json_log):
     line = [line for line in Path(json_log).read_text().splitlines() if line.startswith('{')][-1]
     r = json.loads(line)
-    print(f"{r['arch']}/{r['patch_size']} {r['dtype']} batch {r['batch_size_per_device']}: "
+    step = f"compiled in {r['compile_seconds']:.0f} s" if r['compile'] else 'eager'
+    busy = f", GPU busy {100 * r['device_busy_fraction']:.0f}%" if r.get('device_busy_fraction') else ''
+    print(f"{r['arch']}/{r['patch_size']} {r['dtype']} batch {r['batch_size_per_device']} {step}: "
           f"{r['images_per_s']:.0f} images/s, {r['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s = MFU "
           f"{100 * r['mfu']:.1f}% of the measured matmul peak {r['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s, "
-          f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB")
+          f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB{busy}")
 
 
 def found(log_path, pattern):

@@ -68,7 +68,8 @@ def get_args_parser():
     parser.add_argument('--compile', default=None, type=utils.bool_flag, help="""Compile the transformer blocks
         of student and teacher with torch.compile, during the first iteration of each process: the same numbers
         within float rounding, faster. Default: true on CUDA; false on HPU, where lazy mode compiles the step's
-        graph itself (true is refused there), and on a CPU, where the compiled step is not faster. ViTs only.""")
+        graph itself (true is refused there), and on a CPU, where the compiled step is hardly faster and needs
+        a C++ compiler. ViTs only.""")
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),

@@ -20,10 +20,10 @@ from test_speed import vit_tiny_training_flops_per_image
 STEPS = 10
 
 
-def train_in_process(compile, steps=STEPS):
+def train_in_process(compiled, steps=STEPS):
     """main_dino's run (RUN_ARGS) trained `steps` iterations on fixed random crops: the losses, and the
     student's weights before training and the checkpoint after."""
-    args = main_dino.get_args_parser().parse_args([*RUN_ARGS, '--compile', str(compile)])
+    args = main_dino.get_args_parser().parse_args([*RUN_ARGS, '--compile', str(compiled)])
     utils.setup_device(args)
     args.distributed = False
     main_dino.resolve_compile(args)

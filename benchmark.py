@@ -11,13 +11,18 @@ the latter. --mode train times main_dino's training loop as a run goes: its Data
 test JPEGs written to a temporary folder), --num_workers loader processes, the views rendered on
 --augment_on, train_step and the loss read: images/s end to end and the share of the time spent waiting
 for data, beside the step alone on fixed crops, so that one sees whether data or compute sets the speed.
+
+--compile true (the default on CUDA) times the compiled step, and reports the first step's compilation apart
+from the steady steps; --profile_steps adds a torch.profiler table of the step's top operators and kernels.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import resource
 import statistics
+import sys
 import tempfile
 import time
 
@@ -40,6 +45,9 @@ def get_args_parser():
     parser.add_argument('--steps', default=10, type=int, help='Timed steps (data mode: timed batches).')
     parser.add_argument('--warmup_steps', default=3, type=int, help='Untimed steps (batches) run first.')
     parser.add_argument('--json', action='store_true', help='Print one JSON object instead of text.')
+    parser.add_argument('--profile_steps', default=0, type=int, help="""Step mode: after the timed steps, run this
+        many more under torch.profiler, print its table of the operators and kernels taking the most device
+        time (CPU time on a CPU) on stderr, and report the share of a step's time the GPU is busy.""")
     parser.add_argument('--image_width', default=500, type=int, help='Data and train modes: width of the test JPEGs.')
     parser.add_argument('--image_height', default=375, type=int, help='Data and train modes: height of the test JPEGs.')
     # one worker per core is what a per-worker figure is meant for; train mode writes test JPEGs unless
@@ -54,16 +62,21 @@ def benchmark_step(args):
     utils.fix_random_seeds(args.seed)
     dtype = active_dtype(args)
     peak, peak_per_cpu_second = matmul_peak_flops(args, device)
+    main_dino.resolve_compile(args)
     step = build_training_step(args, device)
     main_dino.resolve_augment_on(args)
     views = view_source(args, device)
 
+    warmup = StepTimer(args.device)
     for it in range(args.warmup_steps):
-        step(it, views())
+        with warmup:  # the first step compiles (--compile)
+            step(it, views())
     reset_peak_memory(args.device)
     images = views()
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter:
-        step(args.warmup_steps, images)  # counted (the model only), not timed
+    # counted (the model only), not timed; eagerly: compiled graphs do not run under the counter
+    eagerly = torch.compiler.set_stance('force_eager') if args.compile else contextlib.nullcontext()
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter, eagerly:
+        step(args.warmup_steps, images)
     flops_per_image = counter.get_total_flops() / args.batch_size_per_device
     timer = StepTimer(args.device)
     for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
@@ -80,8 +93,14 @@ def benchmark_step(args):
         'flops_per_image': flops_per_image, 'achieved_flops_per_s': flops_per_image * images_per_s,
         'matmul_peak_flops_per_s': peak, 'mfu': flops_per_image * images_per_s / peak,
         'peak_memory_mb': peak_memory_mb(args.device), 'memory_measure': memory_measure(args.device),
-        'final_loss': loss.item(),
+        'final_loss': loss.item(), 'compile': args.compile,
+        # the first step's time beyond a steady step's: the compilation (with --compile)
+        'first_step_seconds': warmup.times[0] if warmup.times else None,
+        'compile_seconds': warmup.times[0] - seconds if warmup.times and args.compile else None,
     }
+    if args.profile_steps:
+        kernel_seconds = profile_steps(step, views, args, args.warmup_steps + 1 + args.steps)
+        result['device_busy_fraction'] = kernel_seconds / seconds if kernel_seconds is not None else None
     if args.device == 'cpu':
         # CPU seconds (all threads) do not count time lost to other processes on a shared machine
         cpu_seconds = statistics.median(timer.cpu_seconds())
@@ -94,8 +113,28 @@ def build_training_step(args, device):
     """main_dino's training run (main_dino.build_training_run), and step(it, images) running one train_step."""
     # steady state: a single epoch, no warm-up, the head's last layer already trained
     args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs, args.freeze_last_layer = 1, 0, 0, 0
-    run = main_dino.build_training_run(args, device, iters_per_epoch=args.warmup_steps + 1 + args.steps)
+    run = main_dino.build_training_run(args, device,
+                                       iters_per_epoch=args.warmup_steps + 1 + args.steps + args.profile_steps)
     return lambda it, images: main_dino.train_step(run, images, 0, it)
+
+
+def profile_steps(step, views, args, first_it):
+    """Run --profile_steps steps under torch.profiler and print its table of the operators and kernels that take
+    the most device time (CPU time on a CPU) to stderr. Returns the GPU's kernel seconds per step (None on
+    other devices)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == 'cuda' else [])
+    with profile(activities=activities) as profiler:
+        for it in range(first_it, first_it + args.profile_steps):
+            step(it, views())
+        utils.synchronize(args.device)
+    events = profiler.key_averages()
+    sort_by = 'self_device_time_total' if args.device == 'cuda' else 'self_cpu_time_total'
+    print(events.table(sort_by=sort_by, row_limit=25), file=sys.stderr)
+    if args.device != 'cuda':
+        return None
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return kernel_us / 1e6 / args.profile_steps
 
 
 def view_source(args, device):
@@ -266,6 +305,7 @@ def benchmark_train(args):
     DataLoader, and images/s of the step alone on fixed crops already on the device."""
     device = utils.start_run(args, show_args=False)
     main_dino.resolve_augment_on(args)
+    main_dino.resolve_compile(args)
     utils.fix_random_seeds(args.seed)
     step = build_training_step(args, device)
     data = args.data_path or f"{args.image_width}x{args.image_height} test JPEGs"
@@ -360,11 +400,7 @@ def time_renders(args, device, paths, cpu, on_device):
     sizes = [t.size for t in on_device.transforms()]
     render = time_device_render(args, device, handed, sizes)
     if device.type in multicrop.COMPILE_ON:
-        compile_on, multicrop.COMPILE_ON = multicrop.COMPILE_ON, ()
-        try:
-            render['eager_images_per_s'] = time_device_render(args, device, handed, sizes)['images_per_s']
-        finally:
-            multicrop.COMPILE_ON = compile_on
+        render['eager_images_per_s'] = time_device_render(args, device, handed, sizes, False)['images_per_s']
     timer = StepTimer('cpu')
     transforms = cpu.transforms()
     for image in images:
@@ -375,7 +411,7 @@ def time_renders(args, device, paths, cpu, on_device):
     return render, 1 / statistics.median(timer.cpu_seconds())
 
 
-def time_device_render(args, device, handed, sizes):
+def time_device_render(args, device, handed, sizes, compiled=True):
     """Images/s of multicrop.render_views on `device` (median over batches; per CPU second too on a CPU)."""
     timer = StepTimer(device.type)
     batch = args.batch_size_per_device
@@ -383,10 +419,10 @@ def time_device_render(args, device, handed, sizes):
         pixels, params = multicrop.collate_hand_over(handed[i * batch:(i + 1) * batch])[0]
         pixels = pixels.to(device)
         if i < args.warmup_steps:
-            multicrop.render_views(pixels, params, sizes)
+            multicrop.render_views(pixels, params, sizes, compiled)
             continue
         with timer:
-            multicrop.render_views(pixels, params, sizes)
+            multicrop.render_views(pixels, params, sizes, compiled)
     render = {'images_per_s': batch / statistics.median(timer.seconds())}
     if device.type == 'cpu':
         render['images_per_cpu_second'] = batch / statistics.median(timer.cpu_seconds())
@@ -465,6 +501,14 @@ def print_report(result):
         print(f"  CPU seconds/step: {result['cpu_seconds_per_step']:.3f}, "
               f"MFU by CPU time: {100 * result['mfu_by_cpu_time']:.1f}% (ignores time taken by other processes)")
     print(f"  peak memory: {result['peak_memory_mb']:.0f} MiB ({result['memory_measure']})")
+    if result['compile']:
+        compile_seconds = 'not measured (--warmup_steps 0)' if result['compile_seconds'] is None else \
+            f"{result['compile_seconds']:.1f} s (first step {result['first_step_seconds']:.1f} s)"
+        print(f"  training step compiled (--compile true): compilation {compile_seconds}")
+    else:
+        print("  training step eager (--compile false)")
+    if result.get('device_busy_fraction') is not None:
+        print(f"  GPU busy {100 * result['device_busy_fraction']:.0f}% of a step (kernel time, profiled steps)")
 
 
 def training_limit(result):
@@ -482,7 +526,7 @@ def training_limit(result):
 def check_args(args):
     main_dino.check_numbers(args)
     utils.check_at_least(args, 1, 'steps', 'image_width', 'image_height')
-    utils.check_at_least(args, 0, 'warmup_steps')
+    utils.check_at_least(args, 0, 'warmup_steps', 'profile_steps')
 
 
 # the flags of main_dino's parser that each mode does not read, and why
@@ -498,11 +542,12 @@ UNREAD = {
               'collapse_margin', 'arch', 'patch_size', 'out_dim', 'norm_last_layer', 'momentum_teacher',
               'use_bn_in_head', 'warmup_teacher_temp', 'teacher_temp', 'warmup_teacher_temp_epochs', 'use_fp16',
               'weight_decay', 'weight_decay_end', 'clip_grad', 'epochs', 'freeze_last_layer', 'lr', 'warmup_epochs',
-              'min_lr', 'optimizer', 'drop_path_rate', 'autocast']),
+              'min_lr', 'optimizer', 'drop_path_rate', 'autocast', 'profile_steps',
+              'compile']),
     'train': ("in --mode train (it times training iterations at the schedules' steady state, and writes nothing)",
               ['output_dir', 'saveckp_freq', 'saveckp_every_iters', 'epochs', 'warmup_epochs',
                'warmup_teacher_temp_epochs', 'warmup_teacher_temp', 'freeze_last_layer', 'collapse_window',
-               'collapse_margin']),
+               'collapse_margin', 'profile_steps']),
 }
 
 

@@ -229,22 +229,23 @@ def unpack_view(row):
                       row[f['blur_radius']], bool(row[f['solarize']]))
 
 
-def render_views(pixels, params, sizes):
+def render_views(pixels, params, sizes, compiled=True):
     """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
 
     pixels: (B, H, W, 3) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
-    the output side of each view. Consecutive views of the same size are resized together.
+    the output side of each view. Consecutive views of the same size are resized together. compiled: on the
+    device types of COMPILE_ON, run the chain after the resize compiled (False: eager).
     """
     if _opencv_takes(pixels):
         return _render_on_cpu(pixels, params, sizes)
-    return _render_batched(pixels, params, sizes)
+    return _render_batched(pixels, params, sizes, compiled)
 
 
 def _opencv_takes(x):
     return x.device.type == 'cpu' and OPENCV_ON_CPU
 
 
-def _render_batched(pixels, params, sizes):
+def _render_batched(pixels, params, sizes, compiled):
     """render_views on an accelerator: the same operators for every batch, whatever the draws."""
     batch = len(pixels)
     layout = _layout(batch, tuple(sizes), pixels.device)
@@ -252,8 +253,10 @@ def _render_batched(pixels, params, sizes):
     resample, taps = _resample_table(rows, layout, pixels.shape)
     resample, colour = _to_device(pixels.device, resample, _colour_table(rows))
     resized = _resize(_columns(pixels), resample, layout, taps)
-    finished = _finish_compiled(resized, colour, layout) if pixels.device.type in COMPILE_ON else \
-        _finish(resized, colour, layout)
+    if compiled and pixels.device.type in COMPILE_ON:
+        finished = _finish_compiled(resized, colour, layout)
+    else:
+        finished = _finish(resized, colour, layout)
     return [view for views in finished for view in views.view(batch, -1, *views.shape[1:]).unbind(1)]
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 
 @cache
+@torch.compiler.assume_constant_result  # a fact of the machine: compiled graphs take it as a constant
 def _cpu_has_bf16_matmul():
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -140,14 +141,36 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.compiled_branches = None  # VisionTransformer.compile_blocks sets it
 
     def forward(self, x, return_attention=False):
+        if self.compiled_branches is not None and not return_attention:
+            return self.compiled_branches(self, x, *self.drop_path_scales(x))
         attn_out, attn = self.attn(self.norm1(x), return_attention=return_attention)
         if return_attention:
             return attn
         x = x + self.drop_path(attn_out)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x
+
+    def residual_branches(self, x, attn_scale, mlp_scale):
+        """forward(x) with stochastic depth given as per-sample factors of the two branches (drop_path_scales).
+
+        Free of random draws and of the block's drop rate, so that one compiled graph serves every block.
+        """
+        x = x + self.attn(self.norm1(x))[0] * attn_scale
+        return x + self.mlp(self.norm2(x)) * mlp_scale
+
+    def drop_path_scales(self, x):
+        """Stochastic depth of forward(x) as factors of its two branches: per sample, 0 or 1 / keep probability
+        in training, else 1. Drawn by the calls forward makes, in the same order and in the branches' dtype
+        (autocast's), so the same samples are dropped; a kept branch is then multiplied by the rounded
+        1 / keep probability where forward divides by the keep probability (the last bit may differ)."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        # two tensors, also where drop_path returns its input: one compiled graph serves both cases
+        return tuple(self.drop_path(x.new_ones(shape, dtype=dtype)) for _ in range(2))
 
 
 class PatchEmbed(nn.Module):
@@ -192,6 +215,17 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
+
+    def compile_blocks(self):
+        """Compile the transformer blocks in place with torch.compile, for training: parameters, state-dict keys
+        and the other methods stay as they are; forward runs the compiled graph of Block.residual_branches.
+
+        One graph per input shape and grad mode serves all blocks (compiled when first met: the global and the
+        local crops of the student, the teacher's global crops); attention maps are still computed eagerly.
+        """
+        compiled = torch.compile(Block.residual_branches, dynamic=False, fullgraph=True)
+        for block in self.blocks:
+            block.compiled_branches = compiled
 
     def interpolate_pos_encoding(self, x, w, h):
         """Position embedding resized (bicubic) to the patch grid of a w x h input."""

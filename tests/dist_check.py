@@ -1,7 +1,8 @@
 """Run under `torchrun --nproc_per_node 2`: DDP with half batches must equal one process on the full batch.
 
 Checks the DINO loss value, its collapse figures, the all-reduced centre and the student gradients, then writes
-{'ok': bool, 'details': str} to the path given as the only argument (rank 0).
+{'ok': bool, 'details': str} to the path given as the first argument (rank 0). With a second argument
+`compile`, the DDP model's blocks are compiled (main_dino --compile true) and the one-process reference is not.
 """
 import argparse
 import copy
@@ -26,7 +27,7 @@ def all_reduce_mean(tensor):
     return utils.all_reduce(tensor) / utils.get_world_size()
 
 
-def main(result_path):
+def main(result_path, compiled=False):
     args = argparse.Namespace(device='cpu', dist_url='env://', local_rank=0, lazy_mode=False, autocast=False)
     utils.setup_device(args)
     utils.init_distributed_mode(args)
@@ -34,11 +35,13 @@ def main(result_path):
     torch.manual_seed(0)
     model = utils.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, 64, norm_last_layer=False))
     reference = copy.deepcopy(model)
+    if compiled:
+        model.backbone.compile_blocks()
     ddp_model = utils.wrap_ddp(model, args)
 
-    full = build_inputs(batch=4)
+    full = build_inputs(batch=16)  # 8 per process: the shapes of tests/test_compile.py, compiled there already
     half = [crop.chunk(world)[rank] for crop in full]
-    teacher_full = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    teacher_full = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
     teacher_half = torch.cat([t.chunk(world)[rank] for t in teacher_full.chunk(2)])
 
     loss_fn = main_dino.DINOLoss(64, 4, 0.04, 0.04, 0, 1)
@@ -68,4 +71,4 @@ def main(result_path):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1])
+    main(sys.argv[1], compiled=sys.argv[2:] == ['compile'])

@@ -1,5 +1,6 @@
 """--augment_on device: views drawn in the loader as before, rendered in batches by multicrop.render_views
 (on CPU tensors here), equal to today's per-image CPU render."""
+import argparse
 import random
 import signal
 
@@ -169,6 +170,20 @@ def test_a_failed_compile_leaves_the_render_eager(photos, monkeypatch, capsys):
                                        "(RuntimeError: no compiler here)\n")
     for a, b in zip(got, multicrop.render_views(*batch)):
         assert torch.equal(a, b)
+
+
+def test_compile_false_renders_eagerly(photos, monkeypatch):
+    """main_dino's --compile false runs the render's chain eagerly too (where it would run compiled)."""
+    monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
+    monkeypatch.setattr(multicrop, 'COMPILE_ON', ('cpu',))
+    calls = []
+    monkeypatch.setattr(multicrop, '_finish_compiled', lambda *args: calls.append(1) or multicrop._finish(*args))
+    pixels, params, sizes = handed_over(photos, seed=0, sizes=(32, 16), local_crops_number=2)
+    for compiled in (False, True):
+        args = argparse.Namespace(augment_on='device', compile=compiled, global_crops_size=32, local_crops_size=16,
+                                  local_crops_number=2)
+        views = main_dino.views_on_device((pixels, params), args, torch.device('cpu'))
+        assert [v.shape[-1] for v in views] == sizes and len(calls) == int(compiled)
 
 
 def test_large_images_are_handed_over_shrunk(photos):

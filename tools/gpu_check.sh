@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The port on one NVIDIA GPU, end to end, in under 15 minutes: training under torchrun (real NCCL collectives,
-# world size 1) in fp16 and bf16, a SIGTERM mid-epoch and its resume, every evaluation script, the training
-# step's speed, the multi-crop render's, the training loop's with either --augment_on, and a short training
+# The port on one NVIDIA GPU, end to end, in about 15 minutes (not timed on a GPU yet): the training step's
+# speed, compiled (--compile, the CUDA default) and eager, training under torchrun (real NCCL collectives, world
+# size 1) in fp16 and bf16, a SIGTERM mid-epoch and its resume, every evaluation script, the multi-crop
+# render's speed, the training loop's with either --augment_on, and a short training
 # run whose k-NN accuracy shows that it learns.
 #
 #   tools/gpu_check.sh [WORK_DIR]          (from anywhere; WORK_DIR defaults to a new folder under /tmp)
+#   GPU_CHECK_ONLY=speed tools/gpu_check.sh    the step's speed alone, at batch 64, 128 and 256
+#   GPU_CHECK_BATCHES="128 256" ...            the step's speed at these batch sizes (default 64)
 #
 # Installs nothing and downloads nothing: it uses the python3 on PATH (or $PYTHON) and builds its data from
 # the test helpers. One PASS/FAIL line per step, a summary line, exit status 1 if any step failed; each
@@ -28,7 +31,8 @@ if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
     EVAL_SIZE=(--max_batches 2 --batch_size_per_device 16)
     LINEAR_SIZE=(--data_limit 64 --batch_size_per_device 16)
     BENCH_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
-                --batch_size_per_device 4 --steps 1 --warmup_steps 1)
+                --steps 1 --warmup_steps 1 --profile_steps 1)
+    BENCH_BATCHES=(4)
     AUGMENT_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
                   --batch_size_per_device 4 --steps 1 --warmup_steps 1)
     LOOP_SIZE=(--arch vit_tiny --global_crops_size 32 --local_crops_size 16 --local_crops_number 2 --out_dim 256
@@ -40,7 +44,8 @@ else
     TRAIN_SIZE=(--batch_size_per_device 32 --data_limit 256 --num_workers 4)
     EVAL_SIZE=(--batch_size_per_device 128)
     LINEAR_SIZE=(--batch_size_per_device 128)
-    BENCH_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 10 --warmup_steps 3)
+    BENCH_SIZE=(--arch vit_small --steps 10 --warmup_steps 3 --profile_steps 2)
+    BENCH_BATCHES=(64)
     AUGMENT_SIZE=(--arch vit_small --batch_size_per_device 32 --steps 3 --warmup_steps 1)
     # the warm-up covers the workers' start and the compilations
     LOOP_SIZE=(--arch vit_small --batch_size_per_device 64 --steps 30 --warmup_steps 10)
@@ -61,6 +66,13 @@ LEARN_RECIPE=(--arch vit_tiny --patch_size 8 --data_path "$WORK/learn_data" --gl
               --teacher_temp 0.04 --warmup_teacher_temp 0.04 --freeze_last_layer 1 --clip_grad 3.0
               --saveckp_freq 0 --num_workers "$CORES" --device "$DEVICE" "${LEARN_SIZE[@]}")
 
+if [ "${GPU_CHECK_ONLY:-}" = speed ]; then
+    BENCH_BATCHES=(64 128 256)
+fi
+if [ -n "${GPU_CHECK_BATCHES:-}" ]; then
+    read -r -a BENCH_BATCHES <<< "$GPU_CHECK_BATCHES"
+fi
+declare -A PRECISION=([fp16]="" [bf16]="--use_fp16 false --autocast")
 START=$(date +%s)
 PASSED=0
 FAILED=0
@@ -96,6 +108,22 @@ if [ "$DEVICE" = cuda ]; then
     step gpu 120 $STEPS gpu || summary
 fi
 step requirements 120 $STEPS requirements
+
+# ---------------------------------------------------------------- speed of the training step
+# vit_small/16, 2x224 + 8x96 crops, out_dim 65536, fp16 + GradScaler and bf16, compiled and eager; each log
+# also holds torch.profiler's table of the operators and kernels that take the most GPU time
+for batch in "${BENCH_BATCHES[@]}"; do
+    for precision in fp16 bf16; do
+        for compile in true false; do
+            name=bench_${precision}_b${batch}_$([ $compile = true ] && echo compiled || echo eager)
+            step "$name" 400 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${BENCH_SIZE[*]} \
+                --batch_size_per_device $batch ${PRECISION[$precision]} --compile $compile --json \
+                > $WORK/$name.json && $STEPS benchmark $WORK/$name.json"
+        done
+    done
+done
+[ "${GPU_CHECK_ONLY:-}" = speed ] && summary
+
 step fixtures 240 $STEPS fixtures "$WORK" "$LEARN_IMAGES"
 
 # ---------------------------------------------------------------- training under torchrun (NCCL, world size 1)
@@ -132,12 +160,6 @@ step attention_large_image 300 bash -c "$PY visualize_attention.py ${RANDOM16[*]
     && $STEPS found $WORK/attention_large_image.log 'Attention blocks: 100%'"
 step video_generation 300 bash -c "$PY video_generation.py ${RANDOM16[*]} --input_path $WORK/video.mp4 \
     --output_path $WORK/video_out --batch_size 4 --device $DEVICE && ls $WORK/video_out/video.mp4"
-
-# ---------------------------------------------------------------- speed of the training step
-step benchmark_fp16 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${BENCH_SIZE[*]} --json \
-    > $WORK/bench_fp16.json && $STEPS benchmark $WORK/bench_fp16.json"
-step benchmark_bf16 300 bash -c "$PY benchmark.py --device $DEVICE --patch_size 16 ${BENCH_SIZE[*]} \
-    --use_fp16 false --autocast --json > $WORK/bench_bf16.json && $STEPS benchmark $WORK/bench_bf16.json"
 
 # ---------------------------------------------------------------- multi-crop rendered on the GPU (--augment_on)
 # the CPU share per loader core (original PIL pipeline, --augment_on cpu, --augment_on device) and the device

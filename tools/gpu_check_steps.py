@@ -176,10 +176,12 @@ def _last_json(path):
 
 def benchmark(json_log):
     r = _last_json(json_log)
-    print(f"{r['arch']}/{r['patch_size']} {r['dtype']} batch {r['batch_size_per_device']}: "
+    step = f"compiled in {r['compile_seconds']:.0f} s" if r['compile'] else 'eager'
+    busy = f", GPU busy {100 * r['device_busy_fraction']:.0f}%" if r.get('device_busy_fraction') else ''
+    print(f"{r['arch']}/{r['patch_size']} {r['dtype']} batch {r['batch_size_per_device']} {step}: "
           f"{r['images_per_s']:.0f} images/s, {r['achieved_flops_per_s'] / 1e12:.1f} TFLOP/s = MFU "
           f"{100 * r['mfu']:.1f}% of the measured matmul peak {r['matmul_peak_flops_per_s'] / 1e12:.0f} TFLOP/s, "
-          f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB")
+          f"peak memory {r['peak_memory_mb'] / 1024:.1f} GiB{busy}")
 
 
 def train(json_log):

@@ -11,6 +11,7 @@ from torchvision import datasets
 import checkpoints
 import evaluation
 import imagedata
+import outputdir
 import utils
 
 FEATURE_FILES = ('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth')
@@ -252,7 +253,7 @@ def unread_flags(args):
 def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with weighted k-NN on ImageNet', parents=[get_args_parser()])
     args = utils.parse_checked_args(parser, check_args, argv, unread_flags)
-    with utils.only_writer(args, 'dump_features', 'dump_tb_events'):
+    with outputdir.only_writer(args, 'dump_features', 'dump_tb_events'):
         utils.run_reporting_failures(eval_knn, args)
 
 

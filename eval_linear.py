@@ -12,6 +12,7 @@ from torchvision import transforms
 import checkpoints
 import evaluation
 import imagedata
+import outputdir
 import utils
 
 HEAD_FLAGS_HINT = ("was it trained with another --arch, --patch_size, --n_last_blocks, --avgpool_patchtokens or "
@@ -103,7 +104,7 @@ def eval_linear(args):
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     to_restore = {'epoch': 0, 'best_acc': 0.}
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
-    utils.warn_if_log_shared(args.output_dir, training=False)
+    outputdir.warn_if_log_shared(args.output_dir, training=False)
     checkpoints.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
                                         optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
@@ -290,7 +291,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser('Evaluation with linear classification on ImageNet',
                                      parents=[get_args_parser()])
     args = utils.parse_checked_args(parser, check_args, argv, unread_flags)
-    with utils.only_writer(args, 'output_dir'):
+    with outputdir.only_writer(args, 'output_dir'):
         utils.run_reporting_failures(eval_linear, args)
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import evaluation
 import imagedata
+import outputdir
 import utils
 
 # The original normalises frames with this std (0.228, not ImageNet's 0.229 for red).
@@ -437,7 +438,7 @@ def check_args(args):
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv)
-    with utils.only_writer(args, 'output_dir'):
+    with outputdir.only_writer(args, 'output_dir'):
         utils.run_reporting_failures(eval_davis, args)
 
 

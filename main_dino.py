@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import checkpoints
 import imagedata
 import multicrop
+import outputdir
 import utils
 from vision_transformer import DINOHead
 
@@ -140,7 +141,7 @@ def train_dino(args):
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     start_epoch, start_step, epoch_meters = run.resume(os.path.join(args.output_dir, "checkpoint.pth"))
     if utils.is_main_process():
-        utils.warn_if_log_shared(args.output_dir, training=True)
+        outputdir.warn_if_log_shared(args.output_dir, training=True)
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
 
     run.stop, run.summary_writer = stop, utils.summary_writer(args.output_dir)
@@ -744,7 +745,7 @@ def trim_log(path, start_epoch):
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not utils.is_training_log_entry(entry) or entry.get('epoch', -1) < start_epoch:
+        if not outputdir.is_training_log_entry(entry) or entry.get('epoch', -1) < start_epoch:
             kept += line + '\n'
     if kept != text:
         tmp = path.with_name(path.name + '.tmp')
@@ -761,7 +762,7 @@ def main(argv=None):
     hint = ("remove or fix the file and run again (training resumes from the last checkpoint), "
             "or leave out --strict_data to skip such files") if args.strict_data else \
         "remove or fix the file and run again (training resumes from the last checkpoint)"
-    with utils.only_writer(args, 'output_dir'):
+    with outputdir.only_writer(args, 'output_dir'):
         utils.run_reporting_failures(train_dino, args, hint)
 
 

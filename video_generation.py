@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import evaluation
 import imagedata
+import outputdir
 import utils
 
 FOURCC = {'mp4': 'mp4v', 'avi': 'XVID'}
@@ -206,7 +207,7 @@ def unread_flags(args):
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv, unread_flags)
-    with utils.only_writer(args, 'output_path'):
+    with outputdir.only_writer(args, 'output_path'):
         utils.run_reporting_failures(generate, args)
 
 

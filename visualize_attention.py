@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 import evaluation
 import imagedata
+import outputdir
 import utils
 
 SAMPLE_IMAGE = 'chelsea'  # scikit-image's sample photograph (a cat), shipped with the package
@@ -162,7 +163,7 @@ def check_args(args):
 
 def main(argv=None):
     args = utils.parse_checked_args(get_args_parser(), check_args, argv)
-    with utils.only_writer(args, 'output_dir'):
+    with outputdir.only_writer(args, 'output_dir'):
         utils.run_reporting_failures(visualize, args)
 
 

@@ -41,7 +41,7 @@ def test_main_parses_through_utils_and_runs_under_main_guard(name):
 
 # the shared modules, each above the ones it may import; scripts may import any of them
 MODULE_LAYERS = {'vision_transformer': set(), 'utils': {'vision_transformer'},
-                 'imagedata': {'utils'}, 'multicrop': {'utils'}, 'checkpoints': {'utils'},
+                 'imagedata': {'utils'}, 'multicrop': {'utils'}, 'checkpoints': {'utils'}, 'outputdir': {'utils'},
                  'evaluation': {'utils', 'imagedata', 'vision_transformer'}}
 
 

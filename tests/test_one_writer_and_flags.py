@@ -23,6 +23,7 @@ import eval_knn
 import eval_linear
 import eval_video_segmentation
 import main_dino
+import outputdir
 import utils
 import video_generation
 import visualize_attention
@@ -77,7 +78,7 @@ def test_a_second_training_on_a_folder_in_use_stops_and_leaves_the_first_ones_fi
     assert seen['error'] == (f"error: --output_dir {out} is in use by another run (pid {seen['pid']}, main_dino.py); "
                              "wait for it to end, or pass another --output_dir")
     assert seen['unchanged'] and 'Stopped by SIGTERM after epoch 1' in output
-    assert not (out / utils.LOCK_FILE).exists()  # removed at the end of the run
+    assert not (out / outputdir.LOCK_FILE).exists()  # removed at the end of the run
     # the run's own warnings: flags it does not read, more images asked for than there are, another run's log
     assert warnings_in(output) == [
         'warning: --local_crops_scale, --local_crops_size have no effect with --local_crops_number 0',
@@ -91,8 +92,8 @@ def test_a_second_training_on_a_folder_in_use_stops_and_leaves_the_first_ones_fi
 
 HOLDER = """
 import argparse, os, sys, time
-import utils
-lock = utils.only_writer(argparse.Namespace(output_dir=sys.argv[1]), 'output_dir')
+import outputdir
+lock = outputdir.only_writer(argparse.Namespace(output_dir=sys.argv[1]), 'output_dir')
 lock.__enter__()
 worker = os.fork()  # as a DataLoader worker: it inherits the lock's file descriptor
 if worker == 0:
@@ -109,18 +110,18 @@ def test_a_killed_runs_lock_does_not_block_the_next_run_even_while_its_worker_li
         worker = int(holder.stdout.readline())
         folder = argparse.Namespace(output_dir=str(tmp_path))
         with pytest.raises(SystemExit, match=rf'is in use by another run \(pid {holder.pid}, -c\)'):
-            with utils.only_writer(folder, 'output_dir'):
+            with outputdir.only_writer(folder, 'output_dir'):
                 pass
         holder.kill()
         holder.wait(timeout=60)
         os.kill(worker, 0)  # still alive
-        with utils.only_writer(folder, 'output_dir'):
-            assert (tmp_path / utils.LOCK_FILE).read_text() == f'pid {os.getpid()}, {os.path.basename(sys.argv[0])}'
+        with outputdir.only_writer(folder, 'output_dir'):
+            assert (tmp_path / outputdir.LOCK_FILE).read_text() == f'pid {os.getpid()}, {os.path.basename(sys.argv[0])}'
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(holder.pid, signal.SIGKILL)
         holder.wait(timeout=60)
-    assert not (tmp_path / utils.LOCK_FILE).exists()
+    assert not (tmp_path / outputdir.LOCK_FILE).exists()
 
 
 def test_every_script_that_writes_a_folder_takes_its_lock(tmp_path, restored_process_state):
@@ -131,7 +132,7 @@ def test_every_script_that_writes_a_folder_takes_its_lock(tmp_path, restored_pro
             eval_video_segmentation: [*TINY, '--data_path', tmp_path, '--output_dir', out],
             visualize_attention: [*TINY, '--output_dir', out],
             video_generation: [*TINY, '--input_path', tmp_path, '--output_path', out]}
-    with utils.only_writer(argparse.Namespace(output_dir=str(out)), 'output_dir'):
+    with outputdir.only_writer(argparse.Namespace(output_dir=str(out)), 'output_dir'):
         before = tree_state(tmp_path)
         for module, argv in runs.items():
             flag = '--output_path' if module is video_generation else '--dump_features' if module is eval_knn \
@@ -143,8 +144,8 @@ def test_every_script_that_writes_a_folder_takes_its_lock(tmp_path, restored_pro
 def test_a_file_system_that_cannot_lock_gets_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     def refuse(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-    monkeypatch.setattr(utils.fcntl, 'flock', refuse)
-    with utils.only_writer(argparse.Namespace(output_dir=str(tmp_path / 'new')), 'output_dir'):
+    monkeypatch.setattr(outputdir.fcntl, 'flock', refuse)
+    with outputdir.only_writer(argparse.Namespace(output_dir=str(tmp_path / 'new')), 'output_dir'):
         (tmp_path / 'new' / 'result.txt').write_text('written')
     assert warnings_in(capsys.readouterr().err) == [
         f"warning: cannot lock --output_dir {tmp_path / 'new'} (No locks available): this file system does not "

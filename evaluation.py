@@ -3,7 +3,6 @@ nearest neighbours, the retrieval metrics and PCA whitening, the frozen ViT and 
 eval_knn, eval_linear, eval_copy_detection, eval_image_retrieval, eval_video_segmentation and the attention
 scripts."""
 import os
-import sys
 
 import cv2
 import numpy as np
@@ -44,14 +43,10 @@ def check_eval_sizes(args):
     if args.resize is None:
         args.resize = default_resize(args.crop_size)
     utils.check_at_least(args, 1, 'crop_size', 'resize')
-    vit = args.arch in utils.VIT_ARCHS
-    utils.check_image_size(args.crop_size, args.patch_size if vit else 1, '--crop_size')
+    utils.check_crop_size(args.crop_size, args, '--crop_size')
     if args.resize < args.crop_size:
         utils.fail(f"--resize {args.resize} is smaller than --crop_size {args.crop_size}: the centre crop would be "
                    f"padded with black; pass --resize {args.crop_size} or more")
-    if vit and args.crop_size % args.patch_size:
-        print(f"warning: --crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}: the ViT "
-              f"ignores the last {args.crop_size % args.patch_size} pixel rows and columns", file=sys.stderr)
     if not crop_given:
         suggest_training_crop_size(args)
 

@@ -418,8 +418,7 @@ def resolve_compile(args):
         utils.fail("--compile true on CUDA needs Triton (torch.compile's GPU code generator), which is not "
                    "installed; pip install triton, or pass --compile false")
     if args.compile and args.arch not in utils.VIT_ARCHS:
-        print(f"warning: --compile applies to the ViT architectures; --arch {args.arch} trains eagerly",
-              file=sys.stderr)
+        utils.warn(f"--compile applies to the ViT architectures; --arch {args.arch} trains eagerly")
     if args.compile is None:
         args.compile = args.device == 'cuda' and has_triton
     args.compile = args.compile and args.arch in utils.VIT_ARCHS
@@ -666,12 +665,8 @@ def check_crop_sizes(args):
     crops = [('--global_crops_size', args.global_crops_size)]
     if args.local_crops_number:
         crops.append(('--local_crops_size', args.local_crops_size))
-    vit = args.arch in utils.VIT_ARCHS
     for flag, size in crops:
-        utils.check_image_size(size, args.patch_size if vit else 1, flag)
-        if vit and size % args.patch_size:
-            print(f"warning: {flag} {size} is not a multiple of --patch_size {args.patch_size}: the ViT ignores "
-                  f"the last {size % args.patch_size} pixel rows and columns of every such crop", file=sys.stderr)
+        utils.check_crop_size(size, args, flag)
 
 
 def end_epoch(run, epoch, metric_logger):

@@ -5,7 +5,6 @@ import functools
 import itertools
 import math
 import random
-import sys
 from typing import NamedTuple
 
 import cv2
@@ -564,8 +563,8 @@ def _finish_compiled(resized, table, layout):
     except Exception as exc:  # noqa: BLE001 (a compiler's failure must not stop a training run)
         device_type = resized[0].device.type
         COMPILE_ON = tuple(t for t in COMPILE_ON if t != device_type)
-        print(f"warning: the multi-crop render runs eager on {device_type}: torch.compile failed "
-              f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})", file=sys.stderr)
+        utils.warn(f"the multi-crop render runs eager on {device_type}: torch.compile failed "
+                   f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
         return _finish(resized, table, layout)
 
 

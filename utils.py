@@ -178,6 +178,16 @@ def check_image_size(size, patch_size, flag):
              f"use at least {patch_size}")
 
 
+def check_crop_size(size, args, flag):
+    """A square crop the network sees (--arch, --patch_size in args): at least one ViT patch; a warning where
+    the ViT leaves out the pixels past its last whole patch."""
+    vit = args.arch in VIT_ARCHS
+    check_image_size(size, args.patch_size if vit else 1, flag)
+    if vit and size % args.patch_size:
+        warn(f"{flag} {size} is not a multiple of --patch_size {args.patch_size}: the ViT ignores the last "
+             f"{size % args.patch_size} pixel rows and columns")
+
+
 def check_vit_arch(args, why):
     """Stop unless --arch is one of this repository's ViTs (`why`: what the script needs a ViT for)."""
     if args.arch not in VIT_ARCHS:

@@ -1,5 +1,6 @@
 """Shared test helpers: run the repository's scripts as a user would, and a tiny trained checkpoint."""
 import builtins
+import contextlib
 import os
 import queue
 import signal
@@ -96,16 +97,25 @@ def signal_when_waiting(cmd, env, marker, send, timeout=300):
     return output
 
 
-@pytest.fixture
-def restored_process_state():
-    """main() of the training and evaluation scripts installs signal handlers and a print for rank 0."""
+@contextlib.contextmanager
+def process_state_kept():
+    """Put back what main() of the training and evaluation scripts changes in this process: the signal handlers
+    and the print for rank 0 they install."""
     import checkpoints
     handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
     saved_print = builtins.print
-    yield
-    builtins.print = saved_print
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        builtins.print = saved_print
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+@pytest.fixture
+def restored_process_state():
+    with process_state_kept():
+        yield
 
 
 @pytest.fixture(scope='module')

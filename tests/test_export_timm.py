@@ -1,19 +1,17 @@
 """tools/export_backbone.py: a DINO backbone exported for timm loads into timm's VisionTransformer with no missing
 or unexpected keys and gives the [CLS] features of this repository's ViT, at 224 pixels and at the size the
 export was written for."""
-import builtins
 import json
-import signal
 
 import pytest
 import timm
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
 import main_dino
 import utils
 import vision_transformer as vits
+from conftest import process_state_kept
 from tools import export_backbone
 
 # the size of the non-default export, for each patch size (4x4 and 5x5 patches)
@@ -26,27 +24,24 @@ def sources(tmp_path_factory):
     released DINO weights) and a main_dino checkpoint after 2 iterations (its teacher for /16, student for /8),
     trained with a large lr and a low teacher momentum so that every weight has moved off its initial value."""
     root = tmp_path_factory.mktemp('export_sources')
-    saved_print, threads = builtins.print, torch.get_num_threads()
-    handlers = {signum: signal.getsignal(signum) for signum in checkpoints.StopSignal.SIGNALS}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     found = {}
     try:
-        for patch_size, key in ((16, 'teacher'), (8, 'student')):
-            torch.manual_seed(patch_size)
-            torch.save(vits.vit_tiny(patch_size=patch_size).state_dict(), root / f'fresh{patch_size}.pth')
-            found['fresh', patch_size] = (root / f'fresh{patch_size}.pth', 'teacher')
-            main_dino.main([str(a) for a in [
-                '--arch', 'vit_tiny', '--patch_size', patch_size, '--data_path', 'synthetic', '--epochs', 1,
-                '--data_limit', 16, '--batch_size_per_device', 8, '--global_crops_size', 32, '--local_crops_size', 16,
-                '--local_crops_number', 1, '--out_dim', 64, '--num_workers', 0, '--warmup_epochs', 0,
-                '--freeze_last_layer', 0, '--lr', 1, '--momentum_teacher', 0.5, '--device', 'cpu',
-                '--output_dir', root / f'trained{patch_size}']])
-            found['trained', patch_size] = (root / f'trained{patch_size}' / 'checkpoint.pth', key)
+        with process_state_kept():
+            for patch_size, key in ((16, 'teacher'), (8, 'student')):
+                torch.manual_seed(patch_size)
+                torch.save(vits.vit_tiny(patch_size=patch_size).state_dict(), root / f'fresh{patch_size}.pth')
+                found['fresh', patch_size] = (root / f'fresh{patch_size}.pth', 'teacher')
+                main_dino.main([str(a) for a in [
+                    '--arch', 'vit_tiny', '--patch_size', patch_size, '--data_path', 'synthetic', '--epochs', 1,
+                    '--data_limit', 16, '--batch_size_per_device', 8, '--global_crops_size', 32,
+                    '--local_crops_size', 16, '--local_crops_number', 1, '--out_dim', 64, '--num_workers', 0,
+                    '--warmup_epochs', 0, '--freeze_last_layer', 0, '--lr', 1, '--momentum_teacher', 0.5,
+                    '--device', 'cpu', '--output_dir', root / f'trained{patch_size}']])
+                found['trained', patch_size] = (root / f'trained{patch_size}' / 'checkpoint.pth', key)
     finally:
-        builtins.print = saved_print
         torch.set_num_threads(threads)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
     return found
 
 

@@ -113,6 +113,7 @@ def build_training_step(args, device):
     """main_dino's training run (main_dino.build_training_run), and step(it, images) running one train_step."""
     # steady state: a single epoch, no warm-up, the head's last layer already trained
     args.epochs, args.warmup_epochs, args.warmup_teacher_temp_epochs, args.freeze_last_layer = 1, 0, 0, 0
+    args.init_weights = ''  # the weights' values do not change the speed
     run = main_dino.build_training_run(args, device,
                                        iters_per_epoch=args.warmup_steps + 1 + args.steps + args.profile_steps)
     return lambda it, images: main_dino.train_step(run, images, 0, it)
@@ -535,7 +536,8 @@ UNREAD = {
              "and writes nothing)",
              ['data_path', 'data_limit', 'strict_data', 'num_workers', 'output_dir', 'saveckp_freq',
               'saveckp_every_iters', 'epochs', 'warmup_epochs', 'warmup_teacher_temp_epochs', 'warmup_teacher_temp',
-              'freeze_last_layer', 'collapse_window', 'collapse_margin', 'image_width', 'image_height']),
+              'freeze_last_layer', 'collapse_window', 'collapse_margin', 'image_width', 'image_height',
+              'init_weights', 'init_heads']),
     'data': ("in --mode data (it times the data pipeline on JPEGs it writes to a temporary folder, and builds no "
              "model)",
              ['data_path', 'data_limit', 'output_dir', 'saveckp_freq', 'saveckp_every_iters', 'collapse_window',
@@ -543,11 +545,11 @@ UNREAD = {
               'use_bn_in_head', 'warmup_teacher_temp', 'teacher_temp', 'warmup_teacher_temp_epochs', 'use_fp16',
               'weight_decay', 'weight_decay_end', 'clip_grad', 'epochs', 'freeze_last_layer', 'lr', 'warmup_epochs',
               'min_lr', 'optimizer', 'drop_path_rate', 'autocast', 'profile_steps',
-              'compile']),
+              'compile', 'init_weights', 'init_heads']),
     'train': ("in --mode train (it times training iterations at the schedules' steady state, and writes nothing)",
               ['output_dir', 'saveckp_freq', 'saveckp_every_iters', 'epochs', 'warmup_epochs',
                'warmup_teacher_temp_epochs', 'warmup_teacher_temp', 'freeze_last_layer', 'collapse_window',
-               'collapse_margin', 'profile_steps']),
+               'collapse_margin', 'profile_steps', 'init_weights', 'init_heads']),
 }
 
 

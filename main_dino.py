@@ -37,6 +37,16 @@ def get_args_parser():
         teacher update, raised to 1 with a cosine schedule. Use e.g. 0.9995 with small batches.""")
     parser.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
                         help="Use batch normalisation in the projection head.")
+    parser.add_argument('--init_weights', default='', type=str, help="""Start this new run's student and teacher
+        from these weights instead of random ones: a backbone file (DINO's released *_pretrain.pth, or
+        tools/export_backbone.py's backbone.safetensors or .pth; the DINO heads start fresh), or a full DINO
+        checkpoint (a released *_pretrain_full_checkpoint.pth, or a checkpoint.pth of main_dino.py: student and
+        teacher with their heads and the loss's centre). Weights only: the optimizer, schedules and epoch start
+        fresh. The stored position embedding is resized (bicubic) if it was kept for another image size. A
+        checkpoint.pth in --output_dir wins: the run resumes it and this flag is ignored.""")
+    parser.add_argument('--init_heads', default=True, type=utils.bool_flag, help="""With a full checkpoint as
+        --init_weights, also take its DINO heads (and centre); false: its backbones only, with fresh heads
+        (needed for another --out_dim).""")
 
     # Temperature teacher parameters
     parser.add_argument('--warmup_teacher_temp', default=0.04, type=float,
@@ -524,7 +534,8 @@ class TrainingRun:
 def build_training_run(args, device, iters_per_epoch):
     """Student and teacher, DINO loss, optimizer, fp16 scaler, schedules and collapse watch, as main_dino
     trains them (benchmark.py times the same)."""
-    student, teacher, teacher_without_ddp = build_student_teacher(args, device)
+    init = starting_weights(args)
+    student, teacher, teacher_without_ddp = build_student_teacher(args, device, init)
     dino_loss = DINOLoss(
         args.out_dim,
         args.local_crops_number + 2,  # 2 global crops + the local crops
@@ -533,13 +544,17 @@ def build_training_run(args, device, iters_per_epoch):
         args.warmup_teacher_temp_epochs,
         args.epochs,
     ).to(device)
+    if init is not None and init.center is not None:
+        dino_loss.center.copy_(init.center)
     optimizer = build_optimizer(args, student)
     fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
     return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
                        build_schedules(args, iters_per_epoch), iters_per_epoch, CollapseWatch(args))
 
 
-def build_student_teacher(args, device):
+def build_student_teacher(args, device, init=None):
+    """The student and teacher networks (DDP-wrapped) and the teacher unwrapped; from random weights, or from
+    `init` (InitWeights, --init_weights): the teacher equals the student unless `init` holds a teacher."""
     student, embed_dim = utils.build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
     teacher, _ = utils.build_backbone(args.arch, args.patch_size)
     # the multi-crop wrapper runs the backbone once per crop resolution
@@ -550,6 +565,8 @@ def build_student_teacher(args, device):
         norm_last_layer=args.norm_last_layer,
     ))
     teacher = utils.MultiCropWrapper(teacher, DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    if init is not None:
+        student.load_state_dict(init.student, strict=False)  # checked: only the heads may be missing
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
@@ -566,9 +583,185 @@ def build_student_teacher(args, device):
     student = utils.wrap_ddp(student, args)
     # teacher and student start with the same weights; the teacher never receives gradients
     teacher_without_ddp.load_state_dict(student.module.state_dict())
+    if init is not None and init.teacher is not None:
+        teacher_without_ddp.load_state_dict(init.teacher, strict=False)
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher, teacher_without_ddp
+
+
+@dataclasses.dataclass
+class InitWeights:
+    """What --init_weights gives a new run: state dicts for the student and the teacher (MultiCropWrapper keys;
+    teacher None when the file holds one network, which the teacher then copies), the DINO loss's centre (or
+    None) and the start-up line saying what was taken."""
+    student: dict
+    teacher: 'dict | None'
+    center: 'torch.Tensor | None'
+    description: str
+
+
+def resumes(args):
+    """Whether this run resumes a checkpoint.pth in --output_dir (which wins over --init_weights)."""
+    return os.path.isfile(os.path.join(args.output_dir, 'checkpoint.pth'))
+
+
+def starting_weights(args):
+    """The InitWeights of --init_weights, said in one line; None without it or when a checkpoint is resumed."""
+    if not getattr(args, 'init_weights', ''):
+        return None
+    if resumes(args):
+        print(f"{os.path.join(args.output_dir, 'checkpoint.pth')} exists: this run resumes it, and --init_weights "
+              f"{args.init_weights} is ignored (it only starts new runs)")
+        return None
+    init = read_init_weights(args)
+    print(init.description)
+    return init
+
+
+def read_init_weights(args):
+    """--init_weights as InitWeights for this run's networks; one error line for a file that is not weights, or
+    whose networks another --arch, --patch_size or --out_dim built."""
+    path = args.init_weights
+    checkpoint = load_weights_file(path)
+    backbone_shapes, head_shapes = network_shapes(args)
+    full = {name: checkpoint[name] for name in ('student', 'teacher') if isinstance(checkpoint.get(name), dict)}
+    if full:  # a DINO checkpoint: networks of backbone.* and head.* keys
+        networks = {name: split_network(weights) for name, weights in full.items()}
+    else:
+        weights = {k.removeprefix('module.').removeprefix('backbone.'): v for k, v in checkpoint.items()}
+        networks = {'student': (weights, {})}
+    if not all(torch.is_tensor(v) for backbone, head in networks.values() for v in (*backbone.values(), *head.values())):
+        utils.fail(f"--init_weights {path} is not a file of weights: it holds neither a backbone's state dict nor a "
+                   f"DINO checkpoint's student and teacher (its keys: {', '.join(map(str, list(checkpoint)[:6]))}); "
+                   "pass a backbone file or a DINO checkpoint")
+    resized = ''
+    for name, (backbone, head) in networks.items():
+        check_backbone_weights(backbone, backbone_shapes, args)
+        if 'pos_embed' in backbone_shapes and backbone['pos_embed'].shape != backbone_shapes['pos_embed']:
+            backbone['pos_embed'], resized = resize_pos_embed(backbone['pos_embed'], backbone_shapes['pos_embed'][1],
+                                                              path)
+        if args.init_heads and head:
+            check_head_weights(head, head_shapes, args)
+    take_heads = args.init_heads and all(head for _, head in networks.values())
+    state_dicts = {name: {**{f'backbone.{k}': v for k, v in backbone.items() if k in backbone_shapes},
+                          **({f'head.{k}': v for k, v in head.items()} if take_heads else {})}
+                   for name, (backbone, head) in networks.items()}
+    center = (checkpoint.get('dino_loss') or {}).get('center') if take_heads else None
+    if center is not None and tuple(center.shape) != (1, args.out_dim):
+        center = None
+    return InitWeights(state_dicts.get('student', state_dicts.get('teacher')),
+                       state_dicts['teacher'] if len(state_dicts) == 2 else None, center,
+                       describe_init_weights(path, checkpoint, full, take_heads, center is not None) + resized)
+
+
+def describe_init_weights(path, checkpoint, full, heads, center):
+    if not full:
+        return f"Starting from the backbone in {path}: student and teacher start equal, with fresh DINO heads"
+    epoch = checkpoint.get('epoch')
+    written = f" (written after {epoch} epoch{'s' if epoch != 1 else ''})" if isinstance(epoch, int) else ''
+    taken = ' and '.join(full) + (' with their heads' + (' and the centre' if center else '') if heads
+                                  else ' backbones, with fresh DINO heads')
+    return (f"Starting from the weights of the DINO checkpoint {path}{written}: its {taken}. Weights only: the "
+            "optimizer, the schedules and the epoch start fresh, as a new run; this is not a resume (to continue "
+            "a run where it stopped, run its own command again with its --output_dir)")
+
+
+def load_weights_file(path):
+    """The dict in a .safetensors file or a PyTorch checkpoint (read safely); one error line when it is neither."""
+    utils.check_input_file(path, '--init_weights')
+    if path.endswith('.safetensors'):
+        if importlib.util.find_spec('safetensors') is None:
+            utils.fail(f"--init_weights {path} is a safetensors file, and safetensors is not installed; "
+                       "pip install safetensors")
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors' own error type, or an OSError
+            utils.fail(f"--init_weights {path} is not a readable safetensors file ({str(exc).splitlines()[0][:100]})")
+    try:
+        checkpoint = utils.read_checkpoint(path)
+    except utils.CheckpointError as exc:
+        utils.fail(f"--init_weights: {exc}")
+    if not isinstance(checkpoint, dict):
+        utils.fail(f"--init_weights {path} holds a {type(checkpoint).__name__}, not a state dict of weights")
+    if utils.is_linear_head_checkpoint(checkpoint):
+        utils.fail(f"--init_weights {path} is a linear classifier (eval_linear.py's checkpoint), not a backbone; "
+                   "pass the backbone or DINO checkpoint it was trained on")
+    return checkpoint
+
+
+def split_network(state_dict):
+    """A DINO checkpoint's network as (backbone weights, head weights), without DDP's 'module.' prefix."""
+    backbone, head = {}, {}
+    for key, value in state_dict.items():
+        key = key.removeprefix('module.')
+        if key.startswith('head.'):
+            head[key.removeprefix('head.')] = value
+        else:
+            backbone[key.removeprefix('backbone.')] = value
+    return backbone, head
+
+
+def network_shapes(args):
+    """{key: shape} of the state dicts of this run's backbone and DINO head (built without memory)."""
+    with torch.device('meta'):
+        backbone, embed_dim = utils.build_backbone(args.arch, args.patch_size)
+        head = DINOHead(embed_dim, args.out_dim, args.use_bn_in_head)
+    backbone.fc, backbone.head = nn.Identity(), nn.Identity()
+    return ({k: v.shape for k, v in backbone.state_dict().items()}, {k: v.shape for k, v in head.state_dict().items()})
+
+
+def check_backbone_weights(weights, shapes, args):
+    """Stop with one line unless `weights` hold every weight of --arch/--patch_size's backbone, in its shapes (the
+    position embedding's length aside: it is resized)."""
+    path = args.init_weights
+    if not any(k in shapes for k in weights):
+        utils.fail(f"--init_weights {path} holds no weights of a --arch {args.arch} backbone (its keys: "
+                   f"{', '.join(list(weights)[:4])}); pass a DINO backbone file or checkpoint")
+    for key, shape in shapes.items():
+        if key in weights and key != 'pos_embed' and weights[key].shape != shape:
+            found = vit_flags(weights)
+            utils.fail(f"--init_weights {path} holds a backbone of {found or 'another architecture'}, not of --arch "
+                       f"{args.arch} --patch_size {args.patch_size} (shape of {key}: {tuple(weights[key].shape)}, "
+                       f"not {tuple(shape)}); pass {found or 'the --arch and --patch_size it was trained with'}")
+    missing = [k for k in shapes if k not in weights]
+    if missing:
+        utils.fail(f"--init_weights {path} lacks {len(missing)} of the --arch {args.arch} backbone's weights (e.g. "
+                   f"{missing[0]}); pass a whole backbone or DINO checkpoint")
+
+
+def vit_flags(weights):
+    """'--arch vit_small --patch_size 8' for a DINO ViT's weights (read from their shapes), else None."""
+    proj = weights.get('patch_embed.proj.weight')
+    arch = {192: 'vit_tiny', 384: 'vit_small', 768: 'vit_base'}.get(proj.shape[0]) if proj is not None else None
+    return f"--arch {arch} --patch_size {proj.shape[-1]}" if arch and proj.ndim == 4 else None
+
+
+def check_head_weights(head, shapes, args):
+    path, out_dim = args.init_weights, head.get('last_layer.weight_v', torch.empty(0, 0)).shape[0]
+    if out_dim != args.out_dim:
+        utils.fail(f"--init_weights {path}: its DINO heads have {out_dim} outputs, not --out_dim {args.out_dim}; "
+                   f"pass --out_dim {out_dim} to keep them, or --init_heads false to start fresh heads on its "
+                   "backbones")
+    if set(head) != set(shapes) or any(head[k].shape != shape for k, shape in shapes.items()):
+        utils.fail(f"--init_weights {path}: its DINO heads are not built as this run's (another --use_bn_in_head?); "
+                   "pass the flags it was trained with, or --init_heads false to start fresh heads")
+
+
+def resize_pos_embed(pos_embed, tokens, path):
+    """A ViT's position embedding (1, 1 + side * side, dim) resized (bicubic) to `tokens` = 1 + side' * side', and
+    a sentence saying so."""
+    side, new_side = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(tokens - 1)
+    if side * side != pos_embed.shape[1] - 1:
+        utils.fail(f"--init_weights {path}: its position embedding ({pos_embed.shape[1]} tokens) is not one of a "
+                   "square patch grid; pass a DINO backbone or checkpoint")
+    grid = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_side * new_side, -1).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :1], grid], dim=1), (
+        f". Its position embedding was kept for {side}x{side} patches: resized (bicubic) to the {new_side}x{new_side} "
+        "this ViT stores")
 
 
 def build_optimizer(args, student):
@@ -600,6 +793,8 @@ def check_args(args):
     check_numbers(args)
     utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
     check_resumed_optimizer(args)
+    if args.init_weights and not resumes(args):
+        read_init_weights(args)
 
 
 def check_resumed_optimizer(args):
@@ -620,6 +815,8 @@ def unread_flags(args):
         unread['warmup_teacher_temp'] = 'with --warmup_teacher_temp_epochs 0 (no warm-up)'
     if not args.collapse_window:
         unread['collapse_margin'] = 'with --collapse_window 0 (no collapse warning)'
+    if not args.init_weights:
+        unread['init_heads'] = 'without --init_weights'
     if imagedata.is_synthetic(args.data_path):
         unread['strict_data'] = 'on --data_path synthetic (its images are always readable)'
     return unread

@@ -204,7 +204,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]
+        # numbers drawn on the CPU, also when the model is built on the meta device (main_dino checks shapes so)
+        drop_path_rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth, device='cpu')]
         self.blocks = nn.ModuleList([
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
                   drop=drop_rate, attn_drop=attn_drop_rate, drop_path=drop_path_rates[i], norm_layer=norm_layer)

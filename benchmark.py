@@ -71,13 +71,13 @@ def benchmark_step(args):
     for it in range(args.warmup_steps):
         with warmup:  # the first step compiles (--compile)
             step(it, views())
-    reset_peak_memory(args.device)
     images = views()
     # counted (the model only), not timed; eagerly: compiled graphs do not run under the counter
     eagerly = torch.compiler.set_stance('force_eager') if args.compile else contextlib.nullcontext()
     with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter, eagerly:
         step(args.warmup_steps, images)
     flops_per_image = counter.get_total_flops() / args.batch_size_per_device
+    peak_reset = reset_peak_memory(args.device)
     timer = StepTimer(args.device)
     for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
         with timer:
@@ -92,7 +92,7 @@ def benchmark_step(args):
         'images_per_s': images_per_s, 'seconds_per_step': seconds,
         'flops_per_image': flops_per_image, 'achieved_flops_per_s': flops_per_image * images_per_s,
         'matmul_peak_flops_per_s': peak, 'mfu': flops_per_image * images_per_s / peak,
-        'peak_memory_mb': peak_memory_mb(args.device), 'memory_measure': memory_measure(args.device),
+        'peak_memory_mb': peak_memory_mb(args.device), 'memory_measure': memory_measure(args.device, peak_reset),
         'final_loss': loss.item(), 'compile': args.compile,
         # the first step's time beyond a steady step's: the compilation (with --compile)
         'first_step_seconds': warmup.times[0] if warmup.times else None,
@@ -245,11 +245,20 @@ class StepTimer:
 
 
 def reset_peak_memory(device_type):
+    """Start the peak memory anew; False where it cannot be (a CPU whose kernel does not let the process reset its
+    peak RSS: peak_memory_mb then gives the peak since the process started)."""
     if device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     elif device_type == 'hpu':
         import habana_frameworks.torch.hpu as hthpu
         hthpu.reset_peak_memory_stats()
+    else:
+        try:  # Linux: resets the kernel's high-water mark of the resident set (VmHWM) to the current RSS
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+        except OSError:
+            return False
+    return True
 
 
 def peak_memory_mb(device_type):
@@ -258,12 +267,24 @@ def peak_memory_mb(device_type):
     if device_type == 'hpu':
         import habana_frameworks.torch.hpu as hthpu
         return hthpu.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10  # kB on Linux
+    peak_kb = resident_high_water_mark_kb()
+    return (peak_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2 ** 10  # both in kB on Linux
 
 
-def memory_measure(device_type):
-    return {'cuda': 'torch.cuda.max_memory_allocated during the steps',
-            'hpu': 'hpu max_memory_allocated during the steps'}.get(device_type, 'process peak RSS')
+def resident_high_water_mark_kb():
+    """The process's peak RSS since its start or the last reset_peak_memory (Linux's VmHWM), or None."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        return None
+
+
+def memory_measure(device_type, reset=True):
+    return {'cuda': 'torch.cuda.max_memory_allocated during the timed steps',
+            'hpu': 'hpu max_memory_allocated during the timed steps'}.get(
+        device_type, 'process peak RSS during the timed steps' if reset else
+        'process peak RSS since it started: this system does not let it be reset before the timed steps')
 
 
 def benchmark_data(args):

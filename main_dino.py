@@ -76,6 +76,11 @@ def get_args_parser():
     parser.add_argument('--optimizer', default='adamw', type=str, choices=['adamw', 'sgd', 'lars'],
                         help="Optimizer; adamw is recommended for ViTs.")
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help="Stochastic depth rate.")
+    parser.add_argument('--grad_checkpointing', default=False, type=utils.bool_flag, help="""Activation
+        checkpointing of the student's transformer blocks: each keeps only its input for the backward pass, where
+        its forward runs again. The same numbers (stochastic depth draws replayed) for a fraction of the
+        activation memory and about a third more compute per step: a larger batch per device. ViTs only;
+        composes with --compile and --accum_steps. benchmark.py --mode step gives the peak memory of either.""")
     parser.add_argument('--compile', default=None, type=utils.bool_flag, help="""Compile the transformer blocks
         of student and teacher with torch.compile, during the first iteration of each process: the same numbers
         within float rounding, faster. Default: true on CUDA; false on HPU, where lazy mode compiles the step's
@@ -577,6 +582,8 @@ def build_student_teacher(args, device, init=None):
         teacher_without_ddp = teacher.module
     else:
         teacher_without_ddp = teacher
+    if args.grad_checkpointing:
+        student.backbone.set_grad_checkpointing()
     if args.compile:
         student.backbone.compile_blocks()
         teacher_without_ddp.backbone.compile_blocks()
@@ -854,6 +861,9 @@ def check_numbers(args):
         utils.fail("--collapse_window must be 0 (off) or more and --collapse_margin between 0 and 0.5")
     if args.saveckp_every_iters < 0:
         utils.fail("--saveckp_every_iters must be 0 (off) or a number of iterations")
+    if args.grad_checkpointing and args.arch not in utils.VIT_ARCHS:
+        utils.fail(f"--grad_checkpointing checkpoints the blocks of a ViT; --arch {args.arch} is not one: leave "
+                   "it out, or lower --batch_size_per_device to fit the memory")
     check_crop_sizes(args)
 
 

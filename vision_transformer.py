@@ -9,6 +9,7 @@ from functools import cache, partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @cache
@@ -212,6 +213,7 @@ class VisionTransformer(nn.Module):
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False  # set_grad_checkpointing
 
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
@@ -227,6 +229,13 @@ class VisionTransformer(nn.Module):
         compiled = torch.compile(Block.residual_branches, dynamic=False, fullgraph=True)
         for block in self.blocks:
             block.compiled_branches = compiled
+
+    def set_grad_checkpointing(self, enable=True):
+        """Activation checkpointing of the blocks while gradients are computed: each block keeps only its input for
+        the backward pass and runs its forward again there. The same numbers (stochastic depth's random draws are
+        replayed: the random state is restored for the second run) for about one more forward pass of time, and
+        the blocks' activations no longer held in memory."""
+        self.grad_checkpointing = enable
 
     def interpolate_pos_encoding(self, x, w, h):
         """Position embedding resized (bicubic) to the patch grid of a w x h input."""
@@ -260,8 +269,9 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         x = self.prepare_tokens(x)
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x)
+            x = checkpoint(blk, x, use_reentrant=False, preserve_rng_state=True) if checkpointed else blk(x)
         x = self.norm(x)
         return x[:, 0]
 

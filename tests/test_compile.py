@@ -14,6 +14,8 @@ import benchmark
 import main_dino
 import utils
 from conftest import run_torchrun
+from test_grad_checkpointing import assert_same_training
+from test_grad_checkpointing import train_in_process as train_checkpointed
 from test_robustness import RUN_ARGS, assert_same_run, killed, train
 from test_speed import vit_tiny_training_flops_per_image
 
@@ -71,6 +73,13 @@ def test_compiled_checkpoints_have_the_eager_keys(eager_and_compiled):
         assert list(compiled[key]) == list(eager[key]), key
     assert not [name for name in compiled['student'] if '_orig_mod' in name]
     assert compiled['args'].compile and not eager['args'].compile
+
+
+def test_checkpointed_compiled_blocks_train_as_the_compiled_ones(eager_and_compiled):
+    """--grad_checkpointing composes with --compile: 3 steps with stochastic depth on (the graphs compiled for the
+    fixture serve both runs: its draws enter them as inputs)."""
+    assert_same_training(train_checkpointed('--grad_checkpointing', 'true', '--compile', 'true'),
+                         train_checkpointed('--compile', 'true'))
 
 
 def test_compiled_run_resumes_exactly_after_a_kill(tmp_path):

@@ -189,82 +189,93 @@ def train_one_epoch(run, data_loader, epoch, start_step, meters):
     """Train from iteration `start_step` of `epoch` to its end, or until a stop signal.
 
     `meters` holds the meter states of the iterations before `start_step` (a mid-epoch checkpoint's).
-    Every --saveckp_every_iters iterations, checkpoint.pth is written (save_resumable_checkpoint).
 
     Returns the metric logger and the number of iterations of the epoch done so far.
     """
-    args, device, iters_per_epoch = run.args, run.device, run.iters_per_epoch
+    args = run.args
     metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), run.summary_writer)
     restore_meters(metric_logger, meters)
     header = f'Epoch: [{epoch}/{args.epochs}]'
     if start_step:
-        print(f"Resuming epoch {epoch} at iteration {start_step}/{iters_per_epoch}")
+        print(f"Resuming epoch {epoch} at iteration {start_step}/{run.iters_per_epoch}")
     step = start_step
     for images, skipped_indices, notes in metric_logger.log_every(data_loader, 10, header, epoch):
         run.skipped.note(skipped_indices, notes)
-        it = iters_per_epoch * epoch + step  # global training iteration
-        images = views_on_device(images, args, device)
-        loss = train_step(run, images, epoch, it)
-        loss_value, *figures = torch.cat([loss.view(1), run.dino_loss.figures]).tolist()  # one read from the device
-        if not math.isfinite(loss_value):
-            print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
-                  f"The last good checkpoint in {args.output_dir} is kept; "
-                  "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
-            sys.exit(1)
-        metric_logger.update(loss=loss_value, **dict(zip(DINOLoss.FIGURES, figures)),
-                             lr=run.optimizer.param_groups[0]["lr"], wd=run.optimizer.param_groups[0]["weight_decay"])
-        run.collapse_watch.update(epoch, *figures)
+        it = run.iters_per_epoch * epoch + step  # global training iteration
+        views = views_on_device(images, args, run.device)
+        figures = {}
+        loss = train_step(run, views, epoch, it, figures)
+        log_step(run, metric_logger, epoch, it, loss, figures)
         step += 1
-        checkpoints.fault_point('step')
-        if step < iters_per_epoch and run.stop.requested(device):
+        if stop_after_iteration(run, data_loader, epoch, step, metric_logger):
             break
-        if args.saveckp_every_iters and step % args.saveckp_every_iters == 0 and step < iters_per_epoch:
-            run.skipped.merge(len(data_loader.dataset), device)
-            save_resumable_checkpoint(run, epoch, step, metric_logger)
     return metric_logger, step
 
 
-def train_step(run, images, epoch, it):
-    """One DINO iteration (global iteration `it`): schedules, forward passes, loss, student update, teacher EMA.
+def train_step(run, images, epoch, it, figures=None):
+    """One DINO iteration, at global iteration `it` (Algorithm 1 of the paper): the teacher sees the 2 global
+    views, the student all of them; the student is updated to match the teacher, the teacher follows its EMA.
 
-    Returns the loss (a device tensor; the caller decides when to read it).
+    Returns the loss; `figures` (a dict), if given, receives the loss's collapse figures by name. Both are
+    device tensors: the caller decides when to read them.
     """
-    args, student, optimizer, fp16_scaler = run.args, run.student, run.optimizer, run.fp16_scaler
+    args, student, optimizer, scaler = run.args, run.student, run.optimizer, run.fp16_scaler
     lr_schedule, wd_schedule, momentum_schedule = run.schedules
-    for i, param_group in enumerate(optimizer.param_groups):
-        param_group["lr"] = float(lr_schedule[it])
-        if i == 0:  # only the first group is regularized
-            param_group["weight_decay"] = float(wd_schedule[it])
-
+    set_learning_rate_and_weight_decay(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
     with utils.autocast_context(args.device, args.autocast, args.use_fp16):
         teacher_output = run.teacher(images[:2])  # only the 2 global views pass through the teacher
-        utils.mark_step()
         student_output = student(images)
-        utils.mark_step()
-        loss = run.dino_loss(student_output, teacher_output, epoch)
-    utils.mark_step()
+        loss, step_figures = run.dino_loss(student_output, teacher_output, epoch, with_figures=True)
 
     optimizer.zero_grad(set_to_none=True)
-    if fp16_scaler is None:
-        loss.backward()
-        utils.mark_step()
-        if args.clip_grad:
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        optimizer.step()
-    else:
-        fp16_scaler.scale(loss).backward()
-        if args.clip_grad:
-            fp16_scaler.unscale_(optimizer)
-            utils.clip_gradients(student, args.clip_grad)
-        utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
-        fp16_scaler.step(optimizer)
-        fp16_scaler.update()
-    utils.mark_step()
+    scaler.scale(loss).backward()  # the scaler is disabled (a no-op) but with CUDA fp16
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        utils.clip_gradients(student, args.clip_grad)
+    utils.cancel_gradients_last_layer(epoch, student, args.freeze_last_layer)
+    scaler.step(optimizer)
+    scaler.update()
 
     update_teacher(student, run.teacher_without_ddp, float(momentum_schedule[it]))
-    utils.mark_step()
+    if figures is not None:
+        figures.update(step_figures)
     return loss.detach()
+
+
+def set_learning_rate_and_weight_decay(optimizer, lr, weight_decay):
+    for i, param_group in enumerate(optimizer.param_groups):
+        param_group["lr"] = lr
+        if i == 0:  # only the first group is regularized
+            param_group["weight_decay"] = weight_decay
+
+
+def log_step(run, metric_logger, epoch, it, loss, figures):
+    """Read the loss and its figures from the device (once), stop on a non-finite loss, log, watch for collapse."""
+    loss_value, *values = torch.stack([loss, *figures.values()]).tolist()
+    if not math.isfinite(loss_value):
+        print(f"Loss is {loss_value} at epoch {epoch}, iteration {it}: stopping training. "
+              f"The last good checkpoint in {run.args.output_dir} is kept; "
+              "try a lower --lr, a lower --teacher_temp or --clip_grad.", force=True)
+        sys.exit(1)
+    figures = dict(zip(figures, values))
+    metric_logger.update(loss=loss_value, **figures, lr=run.optimizer.param_groups[0]["lr"],
+                         wd=run.optimizer.param_groups[0]["weight_decay"])
+    run.collapse_watch.update(epoch, **figures)
+
+
+def stop_after_iteration(run, data_loader, epoch, step, metric_logger):
+    """The bookkeeping between two iterations (`step` of `epoch` done): the fault-injection point, the stop
+    signal (True: stop here), and checkpoint.pth every --saveckp_every_iters iterations."""
+    checkpoints.fault_point('step')
+    if step == run.iters_per_epoch:
+        return False
+    if run.stop.requested(run.device):
+        return True
+    every = run.args.saveckp_every_iters
+    if every and step % every == 0:
+        run.skipped.merge(len(data_loader.dataset), run.device)
+        save_resumable_checkpoint(run, epoch, step, metric_logger)
+    return False
 
 
 @torch.no_grad()
@@ -276,7 +287,7 @@ def update_teacher(student, teacher_without_ddp, momentum):
 
 
 class DINOLoss(nn.Module):
-    # what self.figures holds after each forward pass (see collapse_figures)
+    # the collapse figures forward returns by name (see collapse_figures), in this order
     FIGURES = ('teacher_entropy', 'teacher_student_kl', 'teacher_top_mass')
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
@@ -287,15 +298,16 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.figures = None  # a device tensor, read with the loss (not a buffer: checkpoints keep their keys)
+        self.figures = None  # the last forward's figures as one device tensor, in FIGURES order (not a buffer)
         # a too hot teacher at the start makes training unstable, hence the linear warm-up
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
         ))
 
-    def forward(self, student_output, teacher_output, epoch):
-        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs.
+    def forward(self, student_output, teacher_output, epoch, with_figures=False):
+        """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs;
+        with_figures: the loss and its collapse figures, {name: 0-dim device tensor} (see collapse_figures).
 
         Averages -<q_iq, log p_v> over the batch and over the pairs of a teacher view iq (global crop)
         and a different student view v, without a loop over pairs: the sum over all pairs is
@@ -313,6 +325,8 @@ class DINOLoss(nn.Module):
         total_loss = (same_view - all_pairs).mean() / n_loss_terms
         teacher_mass = self.update_center(teacher_output, teacher_probs)
         self.figures = self.collapse_figures(teacher_probs, total_loss.detach(), teacher_mass)
+        if with_figures:
+            return total_loss, dict(zip(self.FIGURES, self.figures.unbind()))
         return total_loss
 
     @torch.no_grad()
@@ -369,10 +383,10 @@ class CollapseWatch:
         self.recent = deque(maxlen=args.collapse_window)  # (entropy, kl, top_mass) of the last iterations
         self.warned = set()
 
-    def update(self, epoch, entropy, kl, top_mass):
+    def update(self, epoch, teacher_entropy, teacher_student_kl, teacher_top_mass):
         if not self.recent.maxlen or epoch < self.first_epoch:
             return
-        self.recent.append((entropy, kl, top_mass))
+        self.recent.append((teacher_entropy, teacher_student_kl, teacher_top_mass))
         if len(self.recent) < self.recent.maxlen:
             return
         entropy, kl, top_mass = np.mean(self.recent, axis=0)  # single steps are noisy: judge the window's mean
@@ -502,7 +516,7 @@ class TrainingRun:
     teacher_without_ddp: nn.Module
     dino_loss: 'DINOLoss'
     optimizer: torch.optim.Optimizer
-    fp16_scaler: 'torch.amp.GradScaler | None'
+    fp16_scaler: torch.amp.GradScaler  # disabled (a no-op) but with CUDA fp16
     schedules: tuple
     iters_per_epoch: int
     collapse_watch: 'CollapseWatch | None' = None
@@ -512,8 +526,9 @@ class TrainingRun:
 
     def state_objects(self):
         """The objects whose state dicts a checkpoint holds, under its keys (the original's)."""
+        scaler = self.fp16_scaler if self.fp16_scaler is not None and self.fp16_scaler.is_enabled() else None
         return dict(student=self.student, teacher=self.teacher, optimizer=self.optimizer,
-                    fp16_scaler=self.fp16_scaler, dino_loss=self.dino_loss)
+                    fp16_scaler=scaler, dino_loss=self.dino_loss)
 
     def checkpoint_dict(self, **extra):
         """State dicts, args, the random states (captured now), `extra` and the skipped images, on the CPU."""
@@ -552,7 +567,8 @@ def build_training_run(args, device, iters_per_epoch):
     if init is not None and init.center is not None:
         dino_loss.center.copy_(init.center)
     optimizer = build_optimizer(args, student)
-    fp16_scaler = torch.amp.GradScaler('cuda') if args.use_fp16 else None
+    utils.mark_phases([teacher, student, dino_loss], optimizer)
+    fp16_scaler = torch.amp.GradScaler('cuda', enabled=args.use_fp16)  # always there: the step has one path
     return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
                        build_schedules(args, iters_per_epoch), iters_per_epoch, CollapseWatch(args))
 

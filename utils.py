@@ -329,6 +329,17 @@ def mark_step():
         htcore.mark_step()
 
 
+def mark_phases(modules, optimizer):
+    """Lazy HPU mode: cut the graph after each forward pass of `modules`, before the optimizer step (the
+    backward pass, clipping and freezing are done) and after it. Nothing on other devices or in eager mode."""
+    if not _mark_step_enabled:
+        return
+    for module in modules:
+        module.register_forward_hook(lambda *_: mark_step())
+    optimizer.register_step_pre_hook(lambda *_: mark_step())
+    optimizer.register_step_post_hook(lambda *_: mark_step())
+
+
 def synchronize(device_type):
     """Wait for queued device work (for timing)."""
     if device_type == 'cuda':

@@ -76,17 +76,19 @@ def benchmark_step(args):
     eagerly = torch.compiler.set_stance('force_eager') if args.compile else contextlib.nullcontext()
     with FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_formulas()) as counter, eagerly:
         step(args.warmup_steps, images)
-    flops_per_image = counter.get_total_flops() / args.batch_size_per_device
+    images_per_step = main_dino.images_per_step(args)
+    flops_per_image = counter.get_total_flops() / images_per_step
     peak_reset = reset_peak_memory(args.device)
     timer = StepTimer(args.device)
     for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
         with timer:
             loss = step(it, views())
     seconds = statistics.median(timer.seconds())
-    images_per_s = args.batch_size_per_device / seconds
+    images_per_s = images_per_step / seconds
     result = {
         'mode': 'step', 'device': args.device, 'augment_on': args.augment_on, 'arch': args.arch, 'patch_size': args.patch_size,
         'dtype': str(dtype).replace('torch.', ''), 'batch_size_per_device': args.batch_size_per_device,
+        'accum_steps': args.accum_steps, 'grad_checkpointing': args.grad_checkpointing,
         'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
         'out_dim': args.out_dim, 'threads': torch.get_num_threads(), 'steps': args.steps,
         'images_per_s': images_per_s, 'seconds_per_step': seconds,
@@ -105,7 +107,7 @@ def benchmark_step(args):
         # CPU seconds (all threads) do not count time lost to other processes on a shared machine
         cpu_seconds = statistics.median(timer.cpu_seconds())
         result['cpu_seconds_per_step'] = cpu_seconds
-        result['mfu_by_cpu_time'] = flops_per_image * args.batch_size_per_device / cpu_seconds / peak_per_cpu_second
+        result['mfu_by_cpu_time'] = flops_per_image * images_per_step / cpu_seconds / peak_per_cpu_second
     return result
 
 
@@ -145,9 +147,10 @@ def view_source(args, device):
         images = synthetic_crops(args, device)
         return lambda: images
     augmentation = augmentation_for(args, 'device')
-    shapes = imagedata.SyntheticShapes('train', length=args.batch_size_per_device, image_size=500, seed=args.seed)
+    count = main_dino.images_per_step(args)
+    shapes = imagedata.SyntheticShapes('train', length=count, image_size=500, seed=args.seed)
     batch, _, _ = multicrop.collate_hand_over([(augmentation(shapes.render(i).resize((500, 375))), -1, '')
-                                               for i in range(args.batch_size_per_device)])
+                                               for i in range(count)])
     return lambda: main_dino.views_on_device(batch, args, device)
 
 
@@ -165,7 +168,7 @@ def active_dtype(args):
 def synthetic_crops(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     shapes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
-    return [torch.randn(args.batch_size_per_device, 3, s, s, generator=generator).to(device) for s in shapes]
+    return [torch.randn(main_dino.images_per_step(args), 3, s, s, generator=generator).to(device) for s in shapes]
 
 
 def matmul_peak_flops(args, device):
@@ -333,10 +336,10 @@ def benchmark_train(args):
     data = args.data_path or f"{args.image_width}x{args.image_height} test JPEGs"
     with tempfile.TemporaryDirectory() as root:
         if args.data_path is None:
-            write_test_jpegs(root, (args.warmup_steps + args.steps) * args.batch_size_per_device, args)
+            write_test_jpegs(root, (args.warmup_steps + args.steps) * main_dino.images_per_step(args), args)
             args.data_path = root
         seconds, waiting = time_training_loop(args, device, step)
-    images = args.steps * args.batch_size_per_device
+    images = args.steps * main_dino.images_per_step(args)
     step_seconds = time_step_alone(args, device, step)
     return {
         'mode': 'train', 'device': args.device, 'augment_on': args.augment_on, 'num_workers': args.num_workers,
@@ -512,8 +515,12 @@ def print_report(result):
         return
     print(f"{result['arch']}/{result['patch_size']} on {result['device']} ({result['dtype']}, "
           f"views rendered on {result['augment_on']}, "
-          f"{result['threads']} threads), {result['batch_size_per_device']} images/step, crops {result['crops']}, "
+          f"{result['threads']} threads), {result['batch_size_per_device'] * result['accum_steps']} images/step, "
+          f"crops {result['crops']}, "
           f"out_dim {result['out_dim']}")
+    if result['accum_steps'] > 1 or result['grad_checkpointing']:
+        print(f"  {result['accum_steps']} micro-batch(es) of {result['batch_size_per_device']} images per step, "
+              f"activation checkpointing {'on' if result['grad_checkpointing'] else 'off'}")
     print(f"  images/s (median of {result['steps']} steps): {result['images_per_s']:.2f}")
     print(f"  seconds/step: {result['seconds_per_step']:.3f}")
     print(f"  model GFLOP/image: {result['flops_per_image'] / 1e9:.2f}")
@@ -566,7 +573,7 @@ UNREAD = {
               'use_bn_in_head', 'warmup_teacher_temp', 'teacher_temp', 'warmup_teacher_temp_epochs', 'use_fp16',
               'weight_decay', 'weight_decay_end', 'clip_grad', 'epochs', 'freeze_last_layer', 'lr', 'warmup_epochs',
               'min_lr', 'optimizer', 'drop_path_rate', 'autocast', 'profile_steps',
-              'compile', 'init_weights', 'init_heads']),
+              'compile', 'init_weights', 'init_heads', 'accum_steps', 'grad_checkpointing']),
     'train': ("in --mode train (it times training iterations at the schedules' steady state, and writes nothing)",
               ['output_dir', 'saveckp_freq', 'saveckp_every_iters', 'epochs', 'warmup_epochs',
                'warmup_teacher_temp_epochs', 'warmup_teacher_temp', 'freeze_last_layer', 'collapse_window',

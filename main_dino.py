@@ -1,5 +1,6 @@
 """DINO self-supervised training (Caron et al., 2021) on HPU, CUDA or CPU."""
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib.util
@@ -66,6 +67,12 @@ def get_args_parser():
         parameter; 0 disables clipping.""")
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=32, type=int, help='Images per device and step.')
+    parser.add_argument('--accum_steps', default=1, type=int, help="""Gradient accumulation: each optimizer step
+        takes this many micro-batches of --batch_size_per_device images per device, and computes what one batch of
+        accum_steps x batch_size_per_device computes: every micro-batch is centred with the same centre, which
+        moves once per step with the mean over all of them; the gradient is clipped once; the schedules count
+        steps and the linear lr rule uses the whole batch. Memory is that of one micro-batch. (Stochastic depth
+        draws its dropped samples per micro-batch, and batch norms in the head see micro-batch statistics.)""")
     parser.add_argument('--epochs', default=100, type=int, help='Number of epochs of training.')
     parser.add_argument('--freeze_last_layer', default=1, type=int, help="""Number of epochs during which
         the output layer is kept fixed.""")
@@ -164,7 +171,7 @@ def train_dino(args):
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         step = start_step if epoch == start_epoch else 0
-        data_loader.sampler.set_epoch(epoch, start=step * args.batch_size_per_device)
+        data_loader.sampler.set_epoch(epoch, start=step * images_per_step(args))
         metric_logger, step = train_one_epoch(run, data_loader, epoch, step, epoch_meters if step else None)
         run.skipped.merge(len(data_loader.dataset), device)
         if step < run.iters_per_epoch:
@@ -193,7 +200,7 @@ def train_one_epoch(run, data_loader, epoch, start_step, meters):
     Returns the metric logger and the number of iterations of the epoch done so far.
     """
     args = run.args
-    metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), run.summary_writer)
+    metric_logger = utils.MetricLogger("  ", images_per_step(args) * utils.get_world_size(), run.summary_writer)
     restore_meters(metric_logger, meters)
     header = f'Epoch: [{epoch}/{args.epochs}]'
     if start_step:
@@ -222,13 +229,8 @@ def train_step(run, images, epoch, it, figures=None):
     args, student, optimizer, scaler = run.args, run.student, run.optimizer, run.fp16_scaler
     lr_schedule, wd_schedule, momentum_schedule = run.schedules
     set_learning_rate_and_weight_decay(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-    with utils.autocast_context(args.device, args.autocast, args.use_fp16):
-        teacher_output = run.teacher(images[:2])  # only the 2 global views pass through the teacher
-        student_output = student(images)
-        loss, step_figures = run.dino_loss(student_output, teacher_output, epoch, with_figures=True)
-
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()  # the scaler is disabled (a no-op) but with CUDA fp16
+    loss, step_figures = accumulate_gradients(run, images, epoch)
     if args.clip_grad:
         scaler.unscale_(optimizer)
         utils.clip_gradients(student, args.clip_grad)
@@ -240,6 +242,26 @@ def train_step(run, images, epoch, it, figures=None):
     if figures is not None:
         figures.update(step_figures)
     return loss.detach()
+
+
+def accumulate_gradients(run, images, epoch):
+    """Forward and backward passes of the step's --accum_steps micro-batches (one: the whole batch), the student's
+    gradients summed to those of the whole batch; DDP all-reduces them once, in the last backward pass.
+
+    Returns the loss of the whole batch and its figures.
+    """
+    args, student, scaler, accum_steps = run.args, run.student, run.fp16_scaler, run.args.accum_steps
+    losses = []
+    for micro in range(accum_steps):
+        views = [view.chunk(accum_steps)[micro] for view in images]
+        with contextlib.nullcontext() if micro == accum_steps - 1 else student.no_sync():
+            with utils.autocast_context(args.device, args.autocast, args.use_fp16):
+                teacher_output = run.teacher(views[:2])  # only the 2 global views pass through the teacher
+                student_output = student(views)
+                loss, figures = run.dino_loss(student_output, teacher_output, epoch, with_figures=True)
+            scaler.scale(loss / accum_steps).backward()  # the scaler is disabled (a no-op) but with CUDA fp16
+        losses.append(loss.detach())
+    return sum(losses) / accum_steps, figures
 
 
 def set_learning_rate_and_weight_decay(optimizer, lr, weight_decay):
@@ -292,12 +314,16 @@ class DINOLoss(nn.Module):
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
                  warmup_teacher_temp_epochs, nepochs, student_temp=0.1,
-                 center_momentum=0.9):
+                 center_momentum=0.9, accum_steps=1):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # --accum_steps: forward sees a step's batch as this many equal micro-batches; the centre stays as it is
+        # until the last one, then moves once, with the mean over all of them (step_sums)
+        self.accum_steps = accum_steps
+        self.step_sums = []
         self.figures = None  # the last forward's figures as one device tensor, in FIGURES order (not a buffer)
         # a too hot teacher at the start makes training unstable, hence the linear warm-up
         self.teacher_temp_schedule = np.concatenate((
@@ -308,6 +334,8 @@ class DINOLoss(nn.Module):
     def forward(self, student_output, teacher_output, epoch, with_figures=False):
         """Cross-entropy between the sharpened, centred teacher and the student, over all view pairs;
         with_figures: the loss and its collapse figures, {name: 0-dim device tensor} (see collapse_figures).
+        With accum_steps K, each call is one of a step's K micro-batches: the figures (and the centre) are the
+        step's after its K-th call.
 
         Averages -<q_iq, log p_v> over the batch and over the pairs of a teacher view iq (global crop)
         and a different student view v, without a loop over pairs: the sum over all pairs is
@@ -323,11 +351,29 @@ class DINOLoss(nn.Module):
         same_view = (teacher_probs * student_logp[:2]).sum(dim=(0, 2))
         n_loss_terms = 2 * (self.ncrops - 1)
         total_loss = (same_view - all_pairs).mean() / n_loss_terms
-        teacher_mass = self.update_center(teacher_output, teacher_probs)
-        self.figures = self.collapse_figures(teacher_probs, total_loss.detach(), teacher_mass)
-        if with_figures:
-            return total_loss, dict(zip(self.FIGURES, self.figures.unbind()))
+        step_figures = self.note_micro_batch(teacher_output, teacher_probs, total_loss.detach())
+        if with_figures:  # none before a step's last micro-batch
+            return total_loss, {} if step_figures is None else dict(zip(self.FIGURES, step_figures.unbind()))
         return total_loss
+
+    @torch.no_grad()
+    def note_micro_batch(self, teacher_output, teacher_probs, loss):
+        """Keep the sums of a (micro-)batch that the centre and the figures need; after the step's last, update
+        the centre and self.figures with them (the mean over the micro-batches: equal sizes) and return the
+        figures (else None)."""
+        tiny = torch.finfo(teacher_probs.dtype).tiny  # 0 * log(0) counts as 0
+        entropy = -(teacher_probs * teacher_probs.clamp_min(tiny).log()).sum(-1).mean()
+        self.step_sums.append((torch.sum(teacher_output.float(), dim=0, keepdim=True),
+                               teacher_probs.sum(dim=(0, 1)).unsqueeze(0), torch.stack([entropy, loss])))
+        if len(self.step_sums) < self.accum_steps:
+            return None
+        outputs, probs, means = (sum(parts) for parts in zip(*self.step_sums))
+        count = len(teacher_output) * len(self.step_sums)
+        self.step_sums = []
+        teacher_mass = self.update_center_with_sums(outputs, probs, count)
+        entropy, loss = (means / self.accum_steps).unbind()
+        self.figures = self.collapse_figures(entropy, loss, teacher_mass)
+        return self.figures
 
     @torch.no_grad()
     def update_center(self, teacher_output, teacher_probs=None):
@@ -335,18 +381,25 @@ class DINOLoss(nn.Module):
 
         With `teacher_probs`, their sum over the global batch rides in the same all-reduce and is returned.
         """
-        batch_sums = torch.sum(teacher_output.float(), dim=0, keepdim=True)
-        if teacher_probs is not None:
-            batch_sums = torch.cat([batch_sums, teacher_probs.sum(dim=(0, 1)).unsqueeze(0)])
+        probs = None if teacher_probs is None else teacher_probs.sum(dim=(0, 1)).unsqueeze(0)
+        return self.update_center_with_sums(torch.sum(teacher_output.float(), dim=0, keepdim=True), probs,
+                                            len(teacher_output))
+
+    @torch.no_grad()
+    def update_center_with_sums(self, output_sum, probs_sum, count):
+        """update_center given the sum of this process's `count` teacher outputs (and of their probabilities,
+        which ride in the same all-reduce and come back summed over processes; or None)."""
+        batch_sums = output_sum if probs_sum is None else torch.cat([output_sum, probs_sum])
         batch_sums = utils.all_reduce(batch_sums)
-        batch_center = batch_sums[:1] / (len(teacher_output) * utils.get_world_size())
+        batch_center = batch_sums[:1] / (count * utils.get_world_size())
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        return batch_sums[1] if teacher_probs is not None else None
+        return batch_sums[1] if probs_sum is not None else None
 
     @staticmethod
     @torch.no_grad()
-    def collapse_figures(teacher_probs, loss, teacher_mass):
-        """The paper's two collapse monitors, and the earliest sign of a dominant dimension.
+    def collapse_figures(entropy, loss, teacher_mass):
+        """The paper's two collapse monitors, and the earliest sign of a dominant dimension, from the teacher's mean
+        entropy, the loss and the teacher's mass per output dimension over the global batch.
 
         teacher_entropy: mean entropy of the teacher's distributions (log(out_dim) when uniform, 0 when one-hot).
         teacher_student_kl: mean KL(teacher || student) over the loss's pairs. Every teacher view is in as many
@@ -354,8 +407,6 @@ class DINOLoss(nn.Module):
         teacher_top_mass: share of the global batch's teacher mass in its largest output dimension
             (1/out_dim when uniform, 1 when one dimension takes everything).
         """
-        tiny = torch.finfo(teacher_probs.dtype).tiny  # 0 * log(0) counts as 0
-        entropy = -(teacher_probs * teacher_probs.clamp_min(tiny).log()).sum(-1).mean()
         top_mass = teacher_mass.max() / teacher_mass.sum()
         return torch.stack([entropy, loss - entropy, top_mass])
 
@@ -464,6 +515,11 @@ def views_on_device(images, args, device):
     return multicrop.render_views(pixels.to(device, non_blocking=True), params, sizes, compiled=args.compile)
 
 
+def images_per_step(args):
+    """Images per device and optimizer step: --accum_steps micro-batches of --batch_size_per_device."""
+    return args.batch_size_per_device * args.accum_steps
+
+
 def build_data_loader(args):
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.global_crops_size, args.local_crops_size, args.augment_on)
@@ -475,10 +531,10 @@ def build_data_loader(args):
         dataset, description = imagedata.build_training_images(args.data_path, transform)
     print(f"Data source: {description}")
     dataset = imagedata.limit_dataset(dataset, args.data_limit)
-    global_batch = args.batch_size_per_device * utils.get_world_size()
+    global_batch = images_per_step(args) * utils.get_world_size()
     if len(dataset) < global_batch:
         utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
-                   "lower --batch_size_per_device or add images")
+                   "lower --batch_size_per_device or --accum_steps, or add images")
     # augmentations are seeded per (seed, epoch, image): results do not depend on --num_workers and a run
     # resumes exactly, even mid-epoch; unreadable images are replaced unless --strict_data
     dataset = imagedata.ReproducibleSamples(dataset, args.seed, strict=args.strict_data)
@@ -488,7 +544,7 @@ def build_data_loader(args):
     return torch.utils.data.DataLoader(
         dataset,
         sampler=sampler,
-        batch_size=args.batch_size_per_device,
+        batch_size=images_per_step(args),  # cut into --accum_steps micro-batches by the step
         num_workers=args.num_workers,
         pin_memory=args.device == 'cuda',
         drop_last=True,
@@ -563,6 +619,7 @@ def build_training_run(args, device, iters_per_epoch):
         args.teacher_temp,
         args.warmup_teacher_temp_epochs,
         args.epochs,
+        accum_steps=args.accum_steps,
     ).to(device)
     if init is not None and init.center is not None:
         dino_loss.center.copy_(init.center)
@@ -803,7 +860,7 @@ def fast_optimizer_kwargs(device_type):
 
 def build_schedules(args, iters_per_epoch):
     lr_schedule = utils.cosine_scheduler(
-        args.lr * (args.batch_size_per_device * utils.get_world_size()) / 256.,  # linear scaling rule
+        args.lr * (images_per_step(args) * utils.get_world_size()) / 256.,  # linear scaling rule
         args.min_lr, args.epochs, iters_per_epoch, warmup_epochs=args.warmup_epochs)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     # the teacher momentum rises to 1 during training with a cosine schedule
@@ -847,7 +904,7 @@ def unread_flags(args):
 
 def check_numbers(args):
     utils.check_common_args(args)
-    utils.check_at_least(args, 1, 'epochs', 'out_dim', 'data_limit')
+    utils.check_at_least(args, 1, 'epochs', 'out_dim', 'data_limit', 'accum_steps')
     utils.check_at_least(args, 0, 'local_crops_number', 'warmup_epochs', 'warmup_teacher_temp_epochs',
                          'freeze_last_layer', 'saveckp_freq')
     for name in ('lr', 'min_lr', 'weight_decay', 'weight_decay_end', 'clip_grad', 'momentum_teacher', 'teacher_temp',

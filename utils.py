@@ -587,6 +587,10 @@ class SingleProcess(nn.Module):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def no_sync(self):
+        """DDP's context of backward passes whose gradients are not all-reduced: nothing to do in one process."""
+        return contextlib.nullcontext()
+
 
 def wrap_ddp(model, args):
     """DDP across processes (no device_ids on HPU/CPU), or the single-process stand-in."""

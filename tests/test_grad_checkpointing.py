@@ -73,3 +73,14 @@ def test_grad_checkpointing_is_refused_for_another_arch():
     args = main_dino.get_args_parser().parse_args(['--arch', 'resnet18', '--grad_checkpointing', 'true'])
     with pytest.raises(SystemExit, match='--grad_checkpointing checkpoints the blocks of a ViT; --arch resnet18'):
         main_dino.check_numbers(args)
+
+
+def test_benchmark_reports_images_and_peak_memory_with_both_options(restored_process_state):
+    import benchmark
+    args = benchmark.get_args_parser().parse_args(
+        [*RUN_ARGS, '--batch_size_per_device', '4', '--accum_steps', '2', '--grad_checkpointing', 'true',
+         '--steps', '1', '--warmup_steps', '0', '--out_dim', '256'])
+    result = benchmark.benchmark_step(args)
+    assert result['accum_steps'] == 2 and result['grad_checkpointing']
+    assert result['images_per_s'] == pytest.approx(2 * 4 / result['seconds_per_step'])  # the step's 2 x 4 images
+    assert result['peak_memory_mb'] > 0 and result['memory_measure'] == 'process peak RSS during the timed steps'

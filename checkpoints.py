@@ -120,9 +120,13 @@ def restart_from_checkpoint(ckp_path, run_variables=None, mismatch_hint=DEFAULT_
     """
     if utils.is_main_process():
         _remove_interrupted_writes(ckp_path)
-    if not os.path.isfile(ckp_path):
+    if os.path.isfile(ckp_path):
+        checkpoint, ckp_path = _read_checkpoint_or_fallback(ckp_path)
+    elif os.path.isdir(os.path.dirname(ckp_path) or '.') and numbered_checkpoints(ckp_path):
+        # deleted, or never copied back: the numbered checkpoints are this run's, never to be started over
+        checkpoint, ckp_path = _newest_intact_numbered(ckp_path, f"{ckp_path} is missing")
+    else:
         return None
-    checkpoint, ckp_path = _read_checkpoint_or_fallback(ckp_path)
     print(f"Found checkpoint at {ckp_path}")
     for key, value in kwargs.items():
         if value is None:
@@ -155,10 +159,13 @@ def _read_checkpoint_or_fallback(ckp_path):
         if exc.unsafe:
             utils.fail(str(exc))
         damage = str(exc)
-    candidates = numbered_checkpoints(ckp_path)
-    if candidates:
-        print(f"warning: {damage}; looking for the newest intact numbered checkpoint beside it")
-    for candidate in candidates:
+    return _newest_intact_numbered(ckp_path, damage)
+
+
+def _newest_intact_numbered(ckp_path, damage):
+    """The newest intact numbered checkpoint beside `ckp_path` (loaded) and its path; stops with one line
+    (`damage`: what is wrong with ckp_path) when there is none."""
+    for candidate in numbered_checkpoints(ckp_path):
         try:
             checkpoint = utils.read_checkpoint(candidate)
         except utils.CheckpointError as exc:
@@ -166,10 +173,10 @@ def _read_checkpoint_or_fallback(ckp_path):
                 utils.fail(str(exc))
             print(f"warning: {exc}")
             continue
-        print(f"Resuming from {candidate} instead, the newest intact numbered checkpoint")
+        print(f"warning: {damage}. Resuming from {candidate} instead, the newest intact numbered checkpoint")
         return checkpoint, candidate
     utils.fail(f"{damage}, and no intact numbered checkpoint was found beside it to resume from; "
-               "move it away to start from scratch, or use another --output_dir")
+               "move the checkpoints away to start from scratch, or use another --output_dir")
 
 
 def _remove_interrupted_writes(ckp_path):

@@ -5,6 +5,7 @@ share them)."""
 import atexit
 import contextlib
 import errno
+import hashlib
 import multiprocessing
 import os
 import random
@@ -80,6 +81,15 @@ def _fsync_folder(folder):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_digest(path):
+    """sha256 (hex) of a file's bytes: the identity of a checkpoint, whatever its name or folder."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_cpu(obj):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import eval_linear
 import main_dino
 import utils
 import visualize_attention
@@ -172,3 +173,35 @@ def test_visualize_attention_keeps_a_users_file_of_the_same_name_and_replaces_it
     with process_state_kept():
         visualize_attention.main(list(map(str, argv + ['--overwrite'])))
     assert Image.open(tmp_path / 'attn-head1.png').size[1] == 32  # a PNG again
+
+
+# ---------------------------------------------------------------------------------------------
+# eval_linear: a saved head belongs to its backbone, evaluation size and training flags
+# ---------------------------------------------------------------------------------------------
+
+def test_eval_linear_continues_only_its_own_head_and_evaluates_it_only_on_its_backbone(tmp_path, weights, capsys):
+    other = tmp_path / 'other.pth'
+    torch.save({k: v + 0.01 for k, v in torch.load(weights).items()}, other)
+    out = tmp_path / 'linear'
+    common = ['--arch', 'vit_tiny', '--patch_size', '16', '--device', 'cpu', '--data_path', 'synthetic',
+              '--data_limit', '16', '--batch_size_per_device', '8', '--num_labels', '10', '--num_workers', '0',
+              '--epochs', '1', '--crop_size', '32', '--resize', '32', '--output_dir', out]
+
+    def linear(*argv):
+        with process_state_kept():
+            eval_linear.main(list(map(str, [*common, *argv])))
+        return capsys.readouterr().out
+
+    linear('--pretrained_weights', weights)
+    before = tree_state(out)
+    for argv in (['--pretrained_weights', other, '--lr', '0.01'], ['--pretrained_weights', weights, '--lr', '0.01'],
+                 ['--pretrained_weights', other, '--evaluate']):
+        with pytest.raises(SystemExit) as stop:
+            linear(*argv)
+        assert stop.value.code.startswith(f"error: {out / 'checkpoint.pth.tar'} holds a linear head of other "
+                                          "inputs: ") and '\n' not in stop.value.code
+        assert ('the backbone sha256' in stop.value.code) == (argv[1] == other)
+        assert tree_state(out) == before
+    assert 'is already trained' in linear('--pretrained_weights', weights)
+    assert 'Acc@1' in linear('--pretrained_weights', weights, '--evaluate')
+    assert tree_state(out) == before

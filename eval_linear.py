@@ -33,12 +33,12 @@ def get_args_parser():
         scaled linearly with the global batch size and decayed to 0 with a cosine; worth tuning per model.""")
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=128, type=int, help='Images per device and step.')
-    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=utils.path_arg,
                         help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
     parser.add_argument('--data_limit', default=None, type=int, help='Use only this many images of each split.')
     parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument('--val_freq', default=1, type=int, help='Validate every this many epochs.')
-    parser.add_argument('--output_dir', default='.', help='Where logs and checkpoint.pth.tar go.')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg, help='Where logs and checkpoint.pth.tar go.')
     parser.add_argument('--num_labels', default=1000, type=int, help='Number of outputs of the linear classifier.')
     parser.add_argument('--evaluate', action='store_true', help="""Only evaluate the linear head of
         output_dir/checkpoint.pth.tar (the released head of --arch when there is none).""")

@@ -35,9 +35,10 @@ STAGING = '.incomplete'  # the folder inside --output_dir where a run writes unt
 def get_args_parser():
     parser = argparse.ArgumentParser('Evaluation with video object segmentation on DAVIS 2017')
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
-    parser.add_argument('--output_dir', default='.', help='Where the segmentations and metrics.json go.')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg,
+                        help='Where the segmentations and metrics.json go.')
     outputdir.add_overwrite_arg(parser)
-    parser.add_argument('--data_path', default='/path/to/davis/', type=str, help="""DAVIS 2017 folder holding
+    parser.add_argument('--data_path', default='/path/to/davis/', type=utils.path_arg, help="""DAVIS 2017 folder holding
         JPEGImages/480p, Annotations/480p and ImageSets/2017/val.txt.""")
     parser.add_argument('--n_last_frames', type=int, default=7, help='Number of preceding frames used as context.')
     parser.add_argument('--size_mask_neighborhood', default=12, type=int, help="""Restrict the source patches

@@ -93,11 +93,12 @@ def get_args_parser():
         the training device. auto (default): device on HPU/CUDA, cpu on a CPU.""")
 
     # Misc
-    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
+    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=utils.path_arg,
                         help="""Training images: a folder of images at any depth (an ImageFolder keeps its order),
         a text file listing image paths (one per line, absolute or relative to the file's folder; blank lines
         and # comments skipped), or 'synthetic' for the built-in data.""")
-    parser.add_argument('--output_dir', default=None, type=str, help=f"""Where logs and checkpoints go. Default:
+    parser.add_argument('--output_dir', default=None, type=utils.path_arg, help=f"""Where logs and checkpoints go.
+        Default:
         {DEFAULT_OUTPUT_DIR} (not the current folder, which may hold the repository or your data); rerunning a
         command resumes the run in its folder when its data and batch are the same, and stops otherwise.""")
     parser.add_argument('--overwrite', action='store_true', help="""Start a new run in an --output_dir that holds
@@ -618,7 +619,7 @@ def build_schedules(args, iters_per_epoch):
 def check_args(args):
     """Every flag against its meaningful range and every path against what it must be, before any work."""
     if args.output_dir is None:
-        args.output_dir = os.path.expanduser(DEFAULT_OUTPUT_DIR)
+        args.output_dir = utils.path_arg(DEFAULT_OUTPUT_DIR)
     check_numbers(args)
     utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
     check_resumed_optimizer(args)
@@ -657,8 +658,9 @@ def check_same_run(args, saved, path, start_step):
                    f"{saved['epochs']}; for a longer run, start a new one with --epochs {args.epochs} in another "
                    "--output_dir (--pretrained_weights of eval scripts take its checkpoint)")
     if saved_world != world:
+        where = f" at iteration {start_step}" if start_step else ''
         print(f"Note: {path} was written by {saved_world} process(es), this run has {world}; the global batch is "
-              f"the same, so the epoch continues with the same images{' at iteration ' + str(start_step) if start_step else ''}.")
+              f"the same, so the epoch continues with the same images{where}.")
 
 
 def same_data_path(saved, given):
@@ -677,7 +679,8 @@ def check_fresh_start(args):
     path = os.path.join(args.output_dir, 'log.txt')
     with contextlib.suppress(OSError):
         with open(path) as f:
-            epochs = [entry.get('epoch', 0) for entry in map(parse_log_line, f) if outputdir.is_training_log_entry(entry)]
+            entries = [entry for entry in map(parse_log_line, f) if outputdir.is_training_log_entry(entry)]
+        epochs = [entry.get('epoch', 0) for entry in entries]
         if max(epochs, default=0) > 0 and not args.overwrite:
             utils.fail(f"{path} holds {len(epochs)} epochs of an earlier training run, but {args.output_dir} has no "
                        "checkpoint.pth or numbered checkpoint to resume it from; pass another --output_dir, or "

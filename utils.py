@@ -127,6 +127,12 @@ def cap_default_workers(args, given):
     args.num_workers = cores
 
 
+def path_arg(value):
+    """The argparse type of every path flag: `~` and environment variables expanded, as a shell does outside
+    quotes (a path given quoted, or passed on by a launcher or a job file, arrives unexpanded)."""
+    return os.path.expandvars(os.path.expanduser(value))
+
+
 def check_output_dir(path, flag='--output_dir'):
     """Stop unless `path` is a folder this process can write in, or one it can create; creates nothing."""
     path = os.path.abspath(path)
@@ -237,7 +243,7 @@ def add_model_args(parser, arch, patch_size, weights=True):
     parser.add_argument('--patch_size', default=patch_size, type=int, help="""Size in pixels of the square input
         patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
     if weights:
-        parser.add_argument('--pretrained_weights', default='', type=str, help="""Weights to load: a backbone file
+        parser.add_argument('--pretrained_weights', default='', type=path_arg, help="""Weights to load: a backbone file
             or a DINO training checkpoint (whose --arch/--patch_size are then used); empty: DINO's released
             weights for --arch/--patch_size (image retrieval: vit_small/16 gets the Google Landmarks v2 ones).""")
         parser.add_argument('--checkpoint_key', default='teacher', type=str,
@@ -251,9 +257,11 @@ def add_device_args(parser):
                         help='Device to run on; auto picks HPU, then CUDA, then CPU.')
     parser.add_argument('--autocast', '--hmp', dest='autocast', action='store_true',
                         help='Run forward passes (and the loss) under bf16 autocast (HPU, CUDA or CPU).')
-    parser.add_argument('--hmp-bf16', '--hmp_bf16', dest='hmp_bf16', default=os.path.join(REPO_DIR, 'ops_bf16.txt'),
+    parser.add_argument('--hmp-bf16', '--hmp_bf16', type=path_arg, dest='hmp_bf16',
+                        default=os.path.join(REPO_DIR, 'ops_bf16.txt'),
                         help='HPU autocast: file listing the ops to run in bf16.')
-    parser.add_argument('--hmp-fp32', '--hmp_fp32', dest='hmp_fp32', default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
+    parser.add_argument('--hmp-fp32', '--hmp_fp32', type=path_arg, dest='hmp_fp32',
+                        default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
                         help='HPU autocast: file listing the ops kept in fp32.')
     parser.add_argument('--lazy_mode', default=True, type=bool_flag,
                         help='HPU only: run in lazy mode with mark_step() between phases (default true).')

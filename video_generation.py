@@ -28,9 +28,9 @@ OUTLINE_COLOR = (255, 255, 255)
 def get_args_parser():
     parser = argparse.ArgumentParser('Generation self-attention video')
     utils.add_model_args(parser, arch='vit_small', patch_size=8)
-    parser.add_argument('--input_path', required=True, type=str, help="""A video file to extract frames from,
+    parser.add_argument('--input_path', required=True, type=utils.path_arg, help="""A video file to extract frames from,
         a folder of frames, or with --video_only a folder of attention images.""")
-    parser.add_argument('--output_path', default='./', type=str, help="""Where the folders of frames and
+    parser.add_argument('--output_path', default='./', type=utils.path_arg, help="""Where the folders of frames and
         attention images and the video go (default: the current folder).""")
     parser.add_argument('--threshold', type=float, default=0.6, help="""With --outline, outline the region that
         keeps this fraction of the attention mass (0 draws no outline).""")

@@ -30,11 +30,11 @@ BYTES_PER_TOKEN_DIM = 85
 def get_args_parser():
     parser = argparse.ArgumentParser('Visualize Self-Attention maps')
     utils.add_model_args(parser, arch='vit_small', patch_size=8)
-    parser.add_argument('--image_path', default=None, type=str, help=f"""Path of the image to visualize;
+    parser.add_argument('--image_path', default=None, type=utils.path_arg, help=f"""Path of the image to visualize;
         without it, scikit-image's sample photograph '{SAMPLE_IMAGE}' is used.""")
     parser.add_argument('--image_size', default=(480, 480), type=int, nargs='+', help="""Resize the image
         to H W (or its short side to one value) before cropping it to a multiple of the patch size.""")
-    parser.add_argument('--output_dir', default='.', help='Where the images go.')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg, help='Where the images go.')
     outputdir.add_overwrite_arg(parser)
     parser.add_argument('--threshold', type=float, default=None, help="""Also save the masks that keep this
         fraction of each head's attention mass (e.g. 0.6), drawn over the image.""")

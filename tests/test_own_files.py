@@ -205,3 +205,26 @@ def test_eval_linear_continues_only_its_own_head_and_evaluates_it_only_on_its_ba
     assert 'is already trained' in linear('--pretrained_weights', weights)
     assert 'Acc@1' in linear('--pretrained_weights', weights, '--evaluate')
     assert tree_state(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths: `~` and environment variables, the same in every path flag of every script
+# ---------------------------------------------------------------------------------------------
+
+def test_every_path_flag_of_every_script_expands_home_and_environment_variables(monkeypatch):
+    import importlib
+    monkeypatch.setenv('HOME', '/home/someone')
+    monkeypatch.setenv('DATASETS', '/mnt/data')
+    scripts = ['main_dino', 'benchmark', 'eval_knn', 'eval_linear', 'eval_copy_detection', 'eval_image_retrieval',
+               'eval_video_segmentation', 'visualize_attention', 'video_generation', 'tools.export_backbone']
+    checked = set()
+    for name in scripts:
+        for action in importlib.import_module(name).get_args_parser()._actions:
+            if action.type in (int, float, utils.bool_flag):  # e.g. --drop_path_rate
+                continue
+            if any(word in action.dest for word in ('path', 'dir', 'weights', 'features', 'events', 'hmp')):
+                assert action.type is not None, f"{name} {action.option_strings[0]}"
+                assert action.type('~/x/$DATASETS/y') == '/home/someone/x//mnt/data/y', f"{name} {action.dest}"
+                checked.add(action.dest)
+    assert {'data_path', 'output_dir', 'pretrained_weights', 'load_features', 'image_path', 'input_path',
+            'output_path', 'whitening_path', 'hmp_bf16'} <= checked

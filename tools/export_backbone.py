@@ -34,8 +34,8 @@ def get_args_parser():
         is created for (its img_size); default 224. At 224 the position embedding is written as stored; at another
         size, resized exactly as this repository's ViT resizes it for such images, so that timm computes the same
         features. For a model trained on small images, pass its --global_crops_size.""")
-    parser.add_argument('--output_dir', default='.', help='Folder for backbone.safetensors, backbone.json '
-                                                          '(and backbone.pth).')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg,
+                        help='Folder for backbone.safetensors, backbone.json (and backbone.pth).')
     parser.add_argument('--save_pth', default=False, type=utils.bool_flag,
                         help='Also write backbone.pth, the same state dict saved with torch.save.')
     outputdir.add_overwrite_arg(parser)
@@ -77,7 +77,7 @@ def write_export(state_dict, info, args):
         torch.save(state_dict, pth)
         write_atomically(os.path.join(args.output_dir, 'backbone.pth'), pth.getvalue())
     write_atomically(os.path.join(args.output_dir, 'backbone.json'), (json.dumps(info, indent=2) + '\n').encode())
-    outputdir.record_written(args.output_dir, [name for name in EXPORT_FILES if name != 'backbone.pth' or args.save_pth])
+    outputdir.record_written(args.output_dir, [name for name in EXPORT_FILES if args.save_pth or name != 'backbone.pth'])
     return weights
 
 

@@ -38,10 +38,16 @@ def save_checkpoint(obj, path):
     failure = None
     try:
         with open(tmp_path, 'wb') as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            try:
+                torch.save(obj, writer)
+            except Exception:
+                if writer.error is None:
+                    raise
+                # torch reports what its writer raised as a RuntimeError of its own (inline_container.cc)
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
-        fault_point('save')
         os.replace(tmp_path, path)
     except OSError as exc:
         failure = exc
@@ -51,6 +57,28 @@ def save_checkpoint(obj, path):
     if failure is not None:
         utils.fail(_write_failure_message(failure, obj, path))
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+class _Writer:
+    """The file object torch.save writes a checkpoint through: it keeps the OSError of a failed write (a full
+    disk), which torch would report as its own RuntimeError, and holds the fault point of the tests, where a
+    write fails in earnest (DINO_FAULT=save:...: the first write of a checkpoint)."""
+
+    def __init__(self, f):
+        self.f, self.error, self.writes = f, None, 0
+
+    def write(self, data):
+        self.writes += 1
+        try:
+            if self.writes == 1:
+                fault_point('save')
+            return self.f.write(data)
+        except BaseException as exc:  # also the SystemExit of a second Ctrl-C
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def _write_failure_message(exc, obj, path):
@@ -286,8 +314,8 @@ def fault_point(name):
     """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
     Actions: kill (SIGKILL itself), hang (sleep until killed), wait (until a stop signal arrives, then go
-    on), enospc (raise the OSError of a full disk) or kill_worker (SIGKILL a DataLoader worker of this
-    process, as the out-of-memory killer would). A fault fires only in the first attempt of a job that
+    on), enospc (raise the OSError of a full disk), interrupt (Ctrl-C twice: SIGINT to itself, twice) or
+    kill_worker (SIGKILL a DataLoader worker of this process, as the out-of-memory killer would). A fault fires only in the first attempt of a job that
     torchrun restarts. Used by the robustness tests to kill or stop a run at a chosen iteration or inside a
     checkpoint write, and to make one process of a job hang.
     """
@@ -309,6 +337,9 @@ def _inject_fault(action, description):
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == 'enospc':
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == 'interrupt':
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     elif action == 'kill_worker':
         os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
     else:  # hang, until the launcher ends this process

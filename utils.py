@@ -33,9 +33,15 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH_VERSION = (2, 5)
 
 
-def fail(message):
-    """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback)."""
-    raise SystemExit(f"error: {message}")
+def fail(message, every_rank=False):
+    """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback).
+
+    Under a launcher every process finds the same mistake: its rank 0 alone prints the line, the others exit
+    with the same status in silence; `every_rank` for what befell this process alone (its data, its peers).
+    """
+    if every_rank or launcher_rank() == 0:
+        raise SystemExit(f"error: {message}")
+    raise SystemExit(1)
 
 
 def check_torch_version(version=None):
@@ -514,14 +520,14 @@ def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and
         print_on_every_process("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
         raise SystemExit(130) from None
     except DataError as exc:
-        fail(f"{data_error_message(exc)}; {data_hint}")
+        fail(f"{data_error_message(exc)}; {data_hint}", every_rank=True)
     except (RuntimeError, ConnectionError, EOFError) as exc:
         dead_worker = _dead_data_worker(exc)
         if dead_worker:
-            fail(dead_worker_message(dead_worker, args))
+            fail(dead_worker_message(dead_worker, args), every_rank=True)
         if not (isinstance(exc, RuntimeError) and getattr(args, 'distributed', False) and is_peer_failure(exc)):
             raise
-        fail(peer_failure_message(exc, args))
+        fail(peer_failure_message(exc, args), every_rank=True)
 
 
 # what torch's DataLoader raises when one of its worker processes is killed

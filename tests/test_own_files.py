@@ -4,17 +4,21 @@ Every damage case compares the folder's files (their hashes) before and after: a
 """
 import argparse
 import json
+import re
 import shutil
 
 import pytest
+import numpy as np
 import torch
 from PIL import Image
 
 import eval_linear
+import evaluation
+import imagedata
 import main_dino
 import utils
 import visualize_attention
-from conftest import TINY_TRAIN_ARGS, process_state_kept
+from conftest import TINY_TRAIN_ARGS, process_state_kept, run_torchrun
 from test_bad_input import tree_state
 
 # 2 iterations of 8 images per epoch, 2 epochs: checkpoint0000.pth (after epoch 0), checkpoint0001.pth, checkpoint.pth
@@ -228,3 +232,53 @@ def test_every_path_flag_of_every_script_expands_home_and_environment_variables(
                 checked.add(action.dest)
     assert {'data_path', 'output_dir', 'pretrained_weights', 'load_features', 'image_path', 'input_path',
             'output_path', 'whitening_path', 'hmp_bf16'} <= checked
+
+
+def test_an_error_under_torchrun_is_printed_once_and_every_rank_exits_with_status_1(tmp_path):
+    proc = run_torchrun('main_dino.py', 2, *ARGS, '--lr', '-1', '--output_dir', tmp_path / 'out', check=False)
+    assert proc.stderr.count('error: --lr must be positive, got -1.0') == 1, proc.stderr[-2000:]
+    assert proc.returncode == 1 and re.findall(r'exitcode\s*:\s*(-?\d+)', proc.stderr) in (['1'], ['1', '1'])
+    assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data layouts that are almost certainly mistakes
+# ---------------------------------------------------------------------------------------------
+
+def image_tree(root, *relative_paths):
+    for relative in relative_paths:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (40, 30), (200, 30, 30)).save(root / relative)
+    return root
+
+
+def test_training_on_the_parent_of_train_and_val_is_refused(tmp_path):
+    root = image_tree(tmp_path, 'train/cat/0.png', 'train/dog/1.png', 'val/cat/2.png', 'val/dog/3.png')
+    with pytest.raises(SystemExit) as stop:
+        imagedata.build_training_images(str(root))
+    assert stop.value.code == (f"error: --data_path {root} holds train/ and val/: training on it would also train "
+                               f"on the val images; pass --data_path {root / 'train'}")
+    assert len(imagedata.build_training_images(str(root / 'train'))[0]) == 2
+
+
+def test_hidden_folders_are_neither_training_images_nor_classes(tmp_path, capsys):
+    root = image_tree(tmp_path, 'cat/0.png', 'dog/1.png', '.ipynb_checkpoints/0-checkpoint.png', 'dog/.thumbs/1.png')
+    images, _ = imagedata.build_training_images(str(root))
+    assert len(images) == 2
+    assert 'warning: 2 hidden folder(s) under' in capsys.readouterr().err
+    assert imagedata.build_image_folder(str(root)).classes == ['cat', 'dog']
+    assert 'not taken as classes (.ipynb_checkpoints)' in capsys.readouterr().err
+
+
+def test_an_evaluation_of_a_single_class_is_refused(tmp_path):
+    root = image_tree(tmp_path, 'train/cat/0.png', 'val/cat/1.png')
+    train, val = (evaluation.build_eval_split(str(root), split) for split in ('train', 'val'))
+    with pytest.raises(SystemExit, match=r'train/ holds a single class \(cat\): every prediction would be right'):
+        evaluation.check_matching_classes(train, val, root)
+
+
+def test_a_float_tiff_in_0_1_is_read_as_its_grey_levels_not_black(tmp_path):
+    levels = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(levels, mode='F').save(tmp_path / 'float.tif')
+    rgb = np.asarray(imagedata.pil_loader(tmp_path / 'float.tif'))
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(levels * 255).astype(np.uint8))

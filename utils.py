@@ -999,6 +999,13 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
              f"({'shape of ' + mismatched[0] + ' differs' if mismatched else 'no parameter names in common'}); "
              "pass the --arch/--patch_size it was trained with")
     if 'pos_embed' in state_dict and 'pos_embed' in own and state_dict['pos_embed'].shape != own['pos_embed'].shape:
+        theirs, ours = state_dict['pos_embed'].shape, own['pos_embed'].shape
+        if theirs[-1] == ours[-1] and mismatched == []:  # the right network, its position embedding resized
+            side = round((theirs[1] - 1) ** 0.5)
+            fail(f"{source} has a position embedding for {theirs[1] - 1} patches ({side}x{side}: {side * patch_size}-"
+                 f"pixel images at --patch_size {patch_size}), where DINO's ViTs keep theirs for 224-pixel images "
+                 f"({ours[1] - 1} patches), as tools/export_backbone.py --img_size {side * patch_size} writes it; pass "
+                 "the DINO checkpoint it was exported from, or an export made without --img_size")
         fail(f"{source} does not match --arch {model_name} --patch_size {patch_size} (pos_embed shape differs); "
              "pass the --arch/--patch_size it was trained with")
     msg = model.load_state_dict(state_dict, strict=False)

@@ -284,3 +284,14 @@ def test_a_float_tiff_in_0_1_is_read_as_its_grey_levels_not_black(tmp_path):
     Image.fromarray(levels, mode='F').save(tmp_path / 'float.tif')
     rgb = np.asarray(imagedata.pil_loader(tmp_path / 'float.tif'))
     np.testing.assert_array_equal(rgb[..., 0], np.rint(levels * 255).astype(np.uint8))
+
+
+def test_a_backbone_with_a_resized_position_embedding_is_refused_naming_it(tmp_path):
+    """What tools/export_backbone.py --img_size 64 writes, given back to an evaluation with the right --arch."""
+    model, _ = utils.build_backbone('vit_tiny', 16)
+    state_dict = dict(model.state_dict(), pos_embed=torch.zeros(1, 17, 192))  # 4x4 patches: 64-pixel images
+    torch.save(state_dict, tmp_path / 'export.pth')
+    with pytest.raises(SystemExit) as stop:
+        utils.load_pretrained_weights(model, str(tmp_path / 'export.pth'), 'teacher', 'vit_tiny', 16)
+    assert 'has a position embedding for 16 patches (4x4: 64-pixel images at --patch_size 16)' in stop.value.code
+    assert 'does not match --arch' not in stop.value.code

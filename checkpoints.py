@@ -5,6 +5,7 @@ share them)."""
 import atexit
 import contextlib
 import errno
+import hashlib
 import multiprocessing
 import os
 import random
@@ -37,10 +38,16 @@ def save_checkpoint(obj, path):
     failure = None
     try:
         with open(tmp_path, 'wb') as f:
-            torch.save(obj, f)
+            writer = _Writer(f)
+            try:
+                torch.save(obj, writer)
+            except Exception:
+                if writer.error is None:
+                    raise
+                # torch reports what its writer raised as a RuntimeError of its own (inline_container.cc)
+                raise writer.error from None
             f.flush()
             os.fsync(f.fileno())
-        fault_point('save')
         os.replace(tmp_path, path)
     except OSError as exc:
         failure = exc
@@ -50,6 +57,28 @@ def save_checkpoint(obj, path):
     if failure is not None:
         utils.fail(_write_failure_message(failure, obj, path))
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+class _Writer:
+    """The file object torch.save writes a checkpoint through: it keeps the OSError of a failed write (a full
+    disk), which torch would report as its own RuntimeError, and holds the fault point of the tests, where a
+    write fails in earnest (DINO_FAULT=save:...: the first write of a checkpoint)."""
+
+    def __init__(self, f):
+        self.f, self.error, self.writes = f, None, 0
+
+    def write(self, data):
+        self.writes += 1
+        try:
+            if self.writes == 1:
+                fault_point('save')
+            return self.f.write(data)
+        except BaseException as exc:  # also the SystemExit of a second Ctrl-C
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def _write_failure_message(exc, obj, path):
@@ -80,6 +109,15 @@ def _fsync_folder(folder):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def file_digest(path):
+    """sha256 (hex) of a file's bytes: the identity of a checkpoint, whatever its name or folder."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def to_cpu(obj):
@@ -120,9 +158,13 @@ def restart_from_checkpoint(ckp_path, run_variables=None, mismatch_hint=DEFAULT_
     """
     if utils.is_main_process():
         _remove_interrupted_writes(ckp_path)
-    if not os.path.isfile(ckp_path):
+    if os.path.isfile(ckp_path):
+        checkpoint, ckp_path = _read_checkpoint_or_fallback(ckp_path)
+    elif os.path.isdir(os.path.dirname(ckp_path) or '.') and numbered_checkpoints(ckp_path):
+        # deleted, or never copied back: the numbered checkpoints are this run's, never to be started over
+        checkpoint, ckp_path = _newest_intact_numbered(ckp_path, f"{ckp_path} is missing")
+    else:
         return None
-    checkpoint, ckp_path = _read_checkpoint_or_fallback(ckp_path)
     print(f"Found checkpoint at {ckp_path}")
     for key, value in kwargs.items():
         if value is None:
@@ -155,10 +197,13 @@ def _read_checkpoint_or_fallback(ckp_path):
         if exc.unsafe:
             utils.fail(str(exc))
         damage = str(exc)
-    candidates = numbered_checkpoints(ckp_path)
-    if candidates:
-        print(f"warning: {damage}; looking for the newest intact numbered checkpoint beside it")
-    for candidate in candidates:
+    return _newest_intact_numbered(ckp_path, damage)
+
+
+def _newest_intact_numbered(ckp_path, damage):
+    """The newest intact numbered checkpoint beside `ckp_path` (loaded) and its path; stops with one line
+    (`damage`: what is wrong with ckp_path) when there is none."""
+    for candidate in numbered_checkpoints(ckp_path):
         try:
             checkpoint = utils.read_checkpoint(candidate)
         except utils.CheckpointError as exc:
@@ -166,10 +211,10 @@ def _read_checkpoint_or_fallback(ckp_path):
                 utils.fail(str(exc))
             print(f"warning: {exc}")
             continue
-        print(f"Resuming from {candidate} instead, the newest intact numbered checkpoint")
+        print(f"warning: {damage}. Resuming from {candidate} instead, the newest intact numbered checkpoint")
         return checkpoint, candidate
     utils.fail(f"{damage}, and no intact numbered checkpoint was found beside it to resume from; "
-               "move it away to start from scratch, or use another --output_dir")
+               "move the checkpoints away to start from scratch, or use another --output_dir")
 
 
 def _remove_interrupted_writes(ckp_path):
@@ -269,8 +314,8 @@ def fault_point(name):
     """Test hook: with DINO_FAULT=<name>:<n>:<action>[:<rank>], fail the n-th time this process gets here.
 
     Actions: kill (SIGKILL itself), hang (sleep until killed), wait (until a stop signal arrives, then go
-    on), enospc (raise the OSError of a full disk) or kill_worker (SIGKILL a DataLoader worker of this
-    process, as the out-of-memory killer would). A fault fires only in the first attempt of a job that
+    on), enospc (raise the OSError of a full disk), interrupt (Ctrl-C twice: SIGINT to itself, twice) or
+    kill_worker (SIGKILL a DataLoader worker of this process, as the out-of-memory killer would). A fault fires only in the first attempt of a job that
     torchrun restarts. Used by the robustness tests to kill or stop a run at a chosen iteration or inside a
     checkpoint write, and to make one process of a job hang.
     """
@@ -292,6 +337,9 @@ def _inject_fault(action, description):
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == 'enospc':
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif action == 'interrupt':
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     elif action == 'kill_worker':
         os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
     else:  # hang, until the launcher ends this process

@@ -21,12 +21,12 @@ GEM_P = 4
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Copy detection on Copydays', add_help=False)
-    parser.add_argument('--data_path', default='/path/to/copydays/', type=str,
+    parser.add_argument('--data_path', default='/path/to/copydays/', type=utils.path_arg,
                         help="Copydays folder: original/, strong/, jpegqual/<q>/, crops/<c>/.")
-    parser.add_argument('--whitening_path', default='/path/to/whitening_data/', type=str,
+    parser.add_argument('--whitening_path', default='/path/to/whitening_data/', type=utils.path_arg,
                         help="""Folder of images to learn the PCA whitening on (the paper uses 20k random
         YFCC100M images); skipped when the folder does not exist.""")
-    parser.add_argument('--distractors_path', default='/path/to/distractors/', type=str,
+    parser.add_argument('--distractors_path', default='/path/to/distractors/', type=utils.path_arg,
                         help="""Folder of distractor images added to the database (the paper uses 10k random
         YFCC100M images); none when the folder does not exist.""")
     parser.add_argument('--whitening_cov', default='uncentred', choices=['uncentred', 'centred'], help="""Fit the

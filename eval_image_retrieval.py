@@ -20,7 +20,7 @@ KAPPAS = [1, 5, 10]
 
 def get_args_parser():
     parser = argparse.ArgumentParser('Image Retrieval on revisited Paris and Oxford', add_help=False)
-    parser.add_argument('--data_path', default='/path/to/revisited_paris_oxford/', type=str,
+    parser.add_argument('--data_path', default='/path/to/revisited_paris_oxford/', type=utils.path_arg,
                         help="Folder holding <dataset>/jpg/*.jpg and <dataset>/gnd_<dataset>.pkl.")
     parser.add_argument('--dataset', default='roxford5k', type=str, choices=DATASETS)
     parser.add_argument('--multiscale', default=False, type=utils.bool_flag,

@@ -28,16 +28,17 @@ def get_args_parser():
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
     utils.add_extraction_args(parser)
     evaluation.add_eval_size_args(parser)
-    parser.add_argument('--dump_features', default=None,
+    parser.add_argument('--dump_features', default=None, type=utils.path_arg,
                         help='Folder where to save the computed features and labels; empty for no saving.')
-    parser.add_argument('--load_features', default=None,
+    parser.add_argument('--load_features', default=None, type=utils.path_arg,
                         help='Folder of features saved earlier with --dump_features: skips the extraction.')
-    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=utils.path_arg,
                         help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
     parser.add_argument('--max_batches', default=None, type=int,
                         help='Read only this many batches (per device) of each split; for quick tests.')
-    parser.add_argument('--dump_tb_events', default=None,
+    parser.add_argument('--dump_tb_events', default=None, type=utils.path_arg,
                         help='Folder where to write TensorBoard events; empty for none.')
+    outputdir.add_overwrite_arg(parser)
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
     return parser
@@ -202,6 +203,7 @@ def dump_features(folder, train_features, test_features, train_labels, test_labe
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, tensor in zip(FEATURE_FILES, (train_features, test_features, train_labels, test_labels)):
         checkpoints.save_checkpoint(tensor.cpu(), os.path.join(folder, name))
+    outputdir.record_written(folder, FEATURE_FILES)
     print(f"Features and labels saved in {folder}")
 
 
@@ -239,6 +241,8 @@ def check_args(args):
     for flag in ('dump_features', 'dump_tb_events'):
         if getattr(args, flag):
             utils.check_output_dir(getattr(args, flag), f'--{flag}')
+    if args.dump_features and not args.load_features:
+        outputdir.check_replaceable(args.dump_features, FEATURE_FILES, '--dump_features', args.overwrite)
 
 
 def unread_flags(args):

@@ -33,12 +33,12 @@ def get_args_parser():
         scaled linearly with the global batch size and decayed to 0 with a cosine; worth tuning per model.""")
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=128, type=int, help='Images per device and step.')
-    parser.add_argument('--data_path', default='/path/to/imagenet/', type=str,
+    parser.add_argument('--data_path', default='/path/to/imagenet/', type=utils.path_arg,
                         help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
     parser.add_argument('--data_limit', default=None, type=int, help='Use only this many images of each split.')
     parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument('--val_freq', default=1, type=int, help='Validate every this many epochs.')
-    parser.add_argument('--output_dir', default='.', help='Where logs and checkpoint.pth.tar go.')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg, help='Where logs and checkpoint.pth.tar go.')
     parser.add_argument('--num_labels', default=1000, type=int, help='Number of outputs of the linear classifier.')
     parser.add_argument('--evaluate', action='store_true', help="""Only evaluate the linear head of
         output_dir/checkpoint.pth.tar (the released head of --arch when there is none).""")
@@ -70,8 +70,9 @@ def eval_linear(args):
     check_num_labels(dataset_val, args)
     val_loader = make_val_loader(dataset_val, args)
 
+    inputs = head_inputs(args)
     if args.evaluate:
-        load_linear_head(linear_classifier, args)
+        load_linear_head(linear_classifier, args, inputs)
         test_stats = validate_network(val_loader, model, linear_classifier, args)
         print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
         return
@@ -102,15 +103,19 @@ def eval_linear(args):
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     checkpoint_path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
-    to_restore = {'epoch': 0, 'best_acc': 0.}
+    to_restore = {'epoch': 0, 'best_acc': 0., 'inputs': None}
+    check_saved_head(checkpoint_path, inputs, TRAINING_INPUTS)  # before anything is loaded or written
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     outputdir.warn_if_log_shared(args.output_dir, training=False)
     checkpoints.restart_from_checkpoint(checkpoint_path, run_variables=to_restore, state_dict=linear_classifier,
                                         optimizer=optimizer, scheduler=scheduler, mismatch_hint=HEAD_FLAGS_HINT)
     start_epoch, best_acc = to_restore['epoch'], to_restore['best_acc']
+    if start_epoch >= args.epochs:
+        print(f"The linear head in {checkpoint_path} is already trained ({args.epochs} epochs, the same backbone "
+              "and flags); nothing to train.")
 
     # ============ training ... ============
-    summary_writer = utils.summary_writer(args.output_dir)
+    summary_writer = utils.summary_writer(args.output_dir) if start_epoch < args.epochs else None
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
         train_stats = train(model, linear_classifier, optimizer, train_loader, epoch, args, summary_writer)
@@ -131,6 +136,7 @@ def eval_linear(args):
             'optimizer': optimizer.state_dict(),
             'scheduler': scheduler.state_dict(),
             'best_acc': best_acc,
+            'inputs': inputs,
         }
         checkpoints.save_on_master(checkpoints.to_cpu(save_dict), checkpoint_path)
     if summary_writer is not None:
@@ -231,16 +237,19 @@ def check_num_labels(dataset, args):
                    f"{args.data_path}; pass --num_labels {num_classes} (or more)")
 
 
-def load_linear_head(linear_classifier, args):
-    """The head trained in output_dir, or else the released one for --arch/--patch_size."""
+def load_linear_head(linear_classifier, args, inputs):
+    """The head trained in output_dir on this backbone, or else the released one for --arch/--patch_size."""
     path = os.path.join(args.output_dir, 'checkpoint.pth.tar')
     if os.path.isfile(path):
-        checkpoint = utils.load_checkpoint_or_exit(path)
+        checkpoint = check_saved_head(path, inputs, FEATURE_INPUTS)
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
             utils.fail(f"{path} holds no linear head ('state_dict'); train one first (without --evaluate)")
         state_dict, source = checkpoint['state_dict'], path
     else:
         print(f"No {path}: evaluating the released linear head of {args.arch}/{args.patch_size}.")
+        if args.pretrained_weights:
+            utils.warn(f"the released linear head was trained on the released {args.arch}/{args.patch_size} backbone: "
+                       f"on {args.pretrained_weights} its accuracy is that backbone's only if this is the same file")
         state_dict, source = download_linear_head(args), 'the released linear head'
     try:
         linear_classifier.load_state_dict(state_dict)
@@ -250,6 +259,46 @@ def load_linear_head(linear_classifier, args):
         utils.fail(f"{source} does not fit this linear classifier ({detail[:200]}); {HEAD_FLAGS_HINT} "
                    "Use the ones it was trained with")
     print(f"Linear head loaded from {source}")
+
+
+# what a saved head belongs to: the features it was trained on, then the flags of its training
+FEATURE_INPUTS = ('backbone', 'arch', 'patch_size', 'n_last_blocks', 'avgpool_patchtokens', 'num_labels')
+TRAINING_INPUTS = FEATURE_INPUTS + ('crop_size', 'resize', 'data_path', 'data_limit', 'epochs', 'lr', 'global_batch')
+
+
+def head_inputs(args):
+    """What the head this run trains or evaluates belongs to (saved with it as 'inputs'): the backbone (the
+    sha256 of --pretrained_weights and its --checkpoint_key, or the released weights), the evaluation size
+    and the flags of its training."""
+    if args.pretrained_weights:
+        backbone = f"sha256 {checkpoints.file_digest(args.pretrained_weights)} [{args.checkpoint_key}]"
+    else:
+        backbone = f"released {args.arch}/{args.patch_size}"
+    data = 'synthetic' if imagedata.is_synthetic(args.data_path) else os.path.realpath(args.data_path)
+    inputs = {name: getattr(args, name) for name in TRAINING_INPUTS if hasattr(args, name)}
+    inputs.update(backbone=backbone, data_path=data, global_batch=args.batch_size_per_device * utils.get_world_size())
+    return inputs
+
+
+def check_saved_head(path, inputs, names):
+    """The checkpoint at `path` (None when missing) after checking that its head belongs to `inputs` (the
+    entries `names`): one error line naming what differs otherwise; a head of an older version (no record) gets a
+    warning."""
+    if not os.path.isfile(path):
+        return None
+    checkpoint = utils.load_checkpoint_or_exit(path)
+    saved = checkpoint.get('inputs') if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        utils.warn(f"{path} does not record the backbone and flags its head was trained with (an older version); "
+                   "it is taken as theirs")
+        return checkpoint
+    differ = [name for name in names if saved.get(name) != inputs.get(name)]
+    if differ:
+        what = '; '.join(f"{'the backbone' if n == 'backbone' else '--' + n} {saved.get(n)} (this run: {inputs.get(n)})"
+                         for n in differ)
+        utils.fail(f"{path} holds a linear head of other inputs: {what}; pass another --output_dir to train a head "
+                   "for these, or the head's own backbone and flags")
+    return checkpoint
 
 
 def download_linear_head(args):

@@ -35,8 +35,10 @@ STAGING = '.incomplete'  # the folder inside --output_dir where a run writes unt
 def get_args_parser():
     parser = argparse.ArgumentParser('Evaluation with video object segmentation on DAVIS 2017')
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
-    parser.add_argument('--output_dir', default='.', help='Where the segmentations and metrics.json go.')
-    parser.add_argument('--data_path', default='/path/to/davis/', type=str, help="""DAVIS 2017 folder holding
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg,
+                        help='Where the segmentations and metrics.json go.')
+    outputdir.add_overwrite_arg(parser)
+    parser.add_argument('--data_path', default='/path/to/davis/', type=utils.path_arg, help="""DAVIS 2017 folder holding
         JPEGImages/480p, Annotations/480p and ImageSets/2017/val.txt.""")
     parser.add_argument('--n_last_frames', type=int, default=7, help='Number of preceding frames used as context.')
     parser.add_argument('--size_mask_neighborhood', default=12, type=int, help="""Restrict the source patches
@@ -50,6 +52,8 @@ def get_args_parser():
 def eval_davis(args):
     device = utils.start_run(args, join_group=False)
     videos = list_videos(args.data_path)
+    names = [name for name, _, _ in videos]
+    outputdir.check_replaceable(args.output_dir, [*names, 'metrics.json'], '--output_dir', args.overwrite)
     model = evaluation.load_frozen_vit(args, device)
     color_palette = davis_palette()
     staging = start_staging(args.output_dir)
@@ -67,7 +71,8 @@ def eval_davis(args):
         scores[name] = evaluate_video(gt_paths, predictions[1:-1], n_objects=int(seg_ori.max()))
         tqdm.write(f"{name}: {format_scores(scores[name])}")
         write_metrics(scores, os.path.join(staging, 'metrics.json'))
-    publish(staging, args.output_dir, [name for name, _, _ in videos])
+    publish(staging, args.output_dir, names)
+    outputdir.record_written(args.output_dir, [*names, *(['metrics.json'] if scores else [])])
     print(f"Masks written to {args.output_dir}")
     if scores:
         print(f"DAVIS 2017 over {len(scores)} videos: {format_scores(overall_scores(scores))}")

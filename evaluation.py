@@ -97,6 +97,9 @@ def dataset_classes(dataset):
 def check_matching_classes(dataset_train, dataset_val, data_path):
     """Labels are folder indices, so train/ and val/ must hold the same class folders."""
     train_classes, val_classes = dataset_classes(dataset_train), dataset_classes(dataset_val)
+    if len(train_classes) < 2:
+        utils.fail(f"--data_path {data_path}: train/ holds a single class ({', '.join(train_classes)}): every "
+                   "prediction would be right, 100% whatever the features; an evaluation needs two classes or more")
     if train_classes != val_classes:
         odd = sorted(set(train_classes) ^ set(val_classes))[:3]
         utils.fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "

@@ -133,6 +133,10 @@ def to_rgb(img):
     if img.mode.startswith('I'):  # I;16*, or I as 16-bit PNGs load in some Pillow versions
         levels = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257
         img = Image.fromarray(np.rint(levels).astype(np.uint8))
+    if img.mode == 'F':  # 32-bit float (a float TIFF): levels in [0, 1] are scaled up (PIL would make them black)
+        levels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        levels = levels * 255 if levels.max(initial=0) <= 1 else levels
+        img = Image.fromarray(np.rint(levels.clip(0, 255)).astype(np.uint8))
     if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
         img = img.convert('RGBA')
         white = Image.new('RGBA', img.size, (255, 255, 255, 255))
@@ -153,15 +157,39 @@ def pil_loader(path):
 
 
 def build_image_folder(root, transform=None):
-    """torchvision ImageFolder with a clear error when the folder is missing or holds no images."""
-    from torchvision import datasets
+    """torchvision ImageFolder (hidden folders left out) with a clear error when the folder is missing, holds no
+    images or a class folder that cannot be read."""
     if not os.path.isdir(root):
         utils.fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
                    "or 'synthetic'")
+    with os.scandir(root) as entries:
+        folders = sorted((entry for entry in entries if entry.is_dir()), key=lambda entry: entry.name)
+    unreadable = [entry.name for entry in folders if not os.access(entry.path, os.R_OK | os.X_OK)]
+    if unreadable:
+        utils.fail(f"--data_path {root}: the class folder {unreadable[0]} cannot be read (permission denied); "
+                   "make it readable, or move it out")
+    hidden = [entry.name for entry in folders if entry.name.startswith('.')]
+    if hidden:
+        utils.warn(f"{root}: {len(hidden)} hidden folder(s) left out, not taken as classes ({', '.join(hidden[:3])})")
     try:
-        return datasets.ImageFolder(root, transform=transform, loader=pil_loader)
+        return _visible_image_folder()(root, transform=transform, loader=pil_loader)
     except (FileNotFoundError, RuntimeError) as exc:
         utils.fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+
+
+def _visible_image_folder():
+    from torchvision import datasets
+
+    class VisibleImageFolder(datasets.ImageFolder):
+        """ImageFolder whose classes leave out hidden folders (.ipynb_checkpoints, .git, .DS_Store's kin)."""
+
+        def find_classes(self, directory):
+            classes, _ = super().find_classes(directory)
+            classes = [name for name in classes if not name.startswith('.')]
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: index for index, name in enumerate(classes)}
+    return VisibleImageFolder
 
 
 # Training images come from an ImageFolder, a folder of images at any depth, or a text file listing
@@ -193,7 +221,7 @@ def scan_image_tree(root):
     has one inside root. Unreadable folders are reported, not silently left out.
     """
     extensions = image_extensions()
-    found, seen, pending, linked = {}, set(), [('', root)], []
+    found, seen, pending, linked, hidden = {}, set(), [('', root)], [], []
     while pending or linked:  # depth first, sub-folders by name, so that the result never varies
         if not pending:  # folders reached through links come after all the others
             pending, linked = linked[::-1], []
@@ -206,7 +234,9 @@ def scan_image_tree(root):
             names, subfolders, links = [], [], []
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.is_dir():
+                    if entry.is_dir() and entry.name.startswith('.'):
+                        hidden.append(entry.path)
+                    elif entry.is_dir():
                         (links if entry.is_symlink() else subfolders).append(
                             (os.path.join(relative, entry.name), entry.path))
                     elif entry.name.lower().endswith(extensions):
@@ -218,7 +248,14 @@ def scan_image_tree(root):
             found[relative] = names
         pending.extend(sorted(subfolders, reverse=True))
         linked.extend(sorted(links))
+    if hidden:  # tools' folders (.ipynb_checkpoints, .git, .thumbnails) hold copies or no images of the data
+        utils.warn(f"{len(hidden)} hidden folder(s) under {root} left out ({', '.join(sorted(hidden)[:3])})")
     return found
+
+
+def found_under(found, folder):
+    """Whether scan_image_tree's `found` holds images in `folder` (relative to its root) or below it."""
+    return any(relative == folder or relative.startswith(folder + os.sep) for relative in found)
 
 
 def _class_folder(relative):
@@ -270,7 +307,12 @@ def _folder_images(root):
                    f"for {', '.join(TORCHVISION_IMAGE_EXTENSIONS)} and the other formats Pillow reads)")
     classes = {_class_folder(relative) for relative in found if relative}
     with os.scandir(root) as entries:
-        subfolders = sum(1 for entry in entries if entry.is_dir())
+        names = {entry.name for entry in entries if entry.is_dir() and not entry.name.startswith('.')}
+    subfolders = len(names)
+    split = next((name for name in ('val', 'validation', 'test') if name in names), None)
+    if 'train' in names and split and found_under(found, split):
+        utils.fail(f"--data_path {root} holds train/ and {split}/: training on it would also train on the "
+                   f"{split} images; pass --data_path {os.path.join(root, 'train')}")
     if '' in found or len(classes) < subfolders:
         return paths, (f"folder of images {root}: {len(paths)} images, found at any depth "
                        f"({len(found.get('', ()))} at its top level)")

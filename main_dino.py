@@ -25,6 +25,9 @@ import utils
 from vision_transformer import DINOHead
 
 
+DEFAULT_OUTPUT_DIR = os.path.join('~', 'dino_output')
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser('DINO', add_help=False)
 
@@ -111,11 +114,16 @@ def get_args_parser():
         the training device. auto (default): device on HPU/CUDA, cpu on a CPU.""")
 
     # Misc
-    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=str,
+    parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=utils.path_arg,
                         help="""Training images: a folder of images at any depth (an ImageFolder keeps its order),
         a text file listing image paths (one per line, absolute or relative to the file's folder; blank lines
         and # comments skipped), or 'synthetic' for the built-in data.""")
-    parser.add_argument('--output_dir', default=".", type=str, help='Where logs and checkpoints go.')
+    parser.add_argument('--output_dir', default=None, type=utils.path_arg, help=f"""Where logs and checkpoints go.
+        Default:
+        {DEFAULT_OUTPUT_DIR} (not the current folder, which may hold the repository or your data); rerunning a
+        command resumes the run in its folder when its data and batch are the same, and stops otherwise.""")
+    parser.add_argument('--overwrite', action='store_true', help="""Start a new run in an --output_dir that holds
+        the log of an earlier run but no checkpoint to resume from (its log.txt lines are replaced).""")
     parser.add_argument('--saveckp_freq', default=20, type=int, help='Keep checkpointNNNN.pth every x epochs.')
     parser.add_argument('--saveckp_every_iters', default=0, type=int, help="""Also write checkpoint.pth every N
         iterations of an epoch (counted from its start), resumable at that iteration, so that a killed job loses
@@ -143,6 +151,7 @@ def get_args_parser():
 
 def train_dino(args):
     device = utils.start_run(args)
+    print(f"Output folder: {os.path.abspath(args.output_dir)}")
     resolve_augment_on(args)
     resolve_compile(args)
     utils.fix_random_seeds(args.seed)
@@ -152,6 +161,7 @@ def train_dino(args):
     # ============ preparing data ... ============
     data_loader = build_data_loader(args)
     print(f"Data loaded: there are {len(data_loader.dataset)} images.")
+    args.data_images = len(data_loader.dataset)  # saved with the args: a resume checks it is the same data
 
     # ============ building student and teacher networks, loss, optimizer and schedules ... ============
     run = build_training_run(args, device, len(data_loader))
@@ -162,6 +172,12 @@ def train_dino(args):
     # checkpoints hold the random states, and the iteration reached when a signal stopped the run mid-epoch
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)  # only now: bad input has been rejected
     start_epoch, start_step, epoch_meters = run.resume(os.path.join(args.output_dir, "checkpoint.pth"))
+    if start_epoch == 0 and start_step == 0:
+        check_fresh_start(args)
+    elif start_epoch >= args.epochs:
+        print(f"Training is finished: {args.output_dir} holds all {args.epochs} epochs; nothing to do. "
+              "Pass another --output_dir for a new run.")
+        return
     if utils.is_main_process():
         outputdir.warn_if_log_shared(args.output_dir, training=True)
         trim_log(Path(args.output_dir) / "log.txt", start_epoch)
@@ -594,14 +610,18 @@ class TrainingRun:
         return checkpoints.to_cpu(save_dict)
 
     def resume(self, path):
-        """Load the checkpoint at `path` if there is one: state dicts, random states, skipped images.
+        """Load the checkpoint at `path` if there is one (after checking that this run may continue it): state
+        dicts, random states, skipped images.
 
         Returns the epoch and iteration to start at, and the meter states of the epoch's first iterations
         (a checkpoint written mid-epoch), or None.
         """
-        to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None}
-        checkpoints.restart_from_checkpoint(path, run_variables=to_restore, **self.state_objects())
+        to_restore = {"epoch": 0, "step": 0, "rng_state": None, "epoch_meters": None, "skipped_images": None,
+                      "args": None}
+        loaded = checkpoints.restart_from_checkpoint(path, run_variables=to_restore, **self.state_objects())
         start_epoch, start_step = to_restore["epoch"], to_restore["step"]
+        if loaded:
+            check_same_run(self.args, to_restore["args"], loaded, start_step)
         restore_random_states(to_restore["rng_state"], resuming=start_epoch > 0 or start_step > 0)
         self.skipped = imagedata.SkippedImages(to_restore["skipped_images"])
         return start_epoch, start_step, to_restore["epoch_meters"]
@@ -870,6 +890,8 @@ def build_schedules(args, iters_per_epoch):
 
 def check_args(args):
     """Every flag against its meaningful range and every path against what it must be, before any work."""
+    if args.output_dir is None:
+        args.output_dir = utils.path_arg(DEFAULT_OUTPUT_DIR)
     check_numbers(args)
     utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
     check_resumed_optimizer(args)
@@ -884,6 +906,65 @@ def check_resumed_optimizer(args):
     if saved != args.optimizer:
         utils.fail(f"{path} was written with --optimizer {saved}, not {args.optimizer}: resume with --optimizer "
                    f"{saved}, or pass another --output_dir to start a new run")
+
+
+def check_same_run(args, saved, path, start_step):
+    """Stop with one line when this command cannot continue the run of the checkpoint at `path` exactly (its
+    `saved` args): other data, another global batch or --epochs (schedules laid out anew would jump)."""
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved or {}
+    again = "rerun with the checkpoint's settings, or pass another --output_dir for a new run"
+    if 'data_path' in saved and not same_data_path(saved['data_path'], args.data_path):
+        utils.fail(f"{path} was trained on --data_path {saved['data_path']}, not {args.data_path}; {again}")
+    if saved.get('data_limit') != args.data_limit and 'data_limit' in saved:
+        utils.fail(f"{path} was trained with --data_limit {saved['data_limit']}, not {args.data_limit}; {again}")
+    if saved.get('data_images', args.data_images) != args.data_images:
+        utils.fail(f"{path} was trained on {saved['data_images']} images of {args.data_path}, which now holds "
+                   f"{args.data_images}: the epochs and schedules would not continue; {again}")
+    world = utils.get_world_size()
+    batch, saved_world = saved.get('batch_size_per_device', args.batch_size_per_device), saved.get('world_size', 1)
+    if batch * saved_world != args.batch_size_per_device * world:
+        utils.fail(f"{path} was trained with a global batch of {batch * saved_world} ({batch} per device x "
+                   f"{saved_world} process(es)), not {args.batch_size_per_device * world}: the images of the epoch "
+                   f"and the lr would not continue; {again}")
+    if saved.get('epochs', args.epochs) != args.epochs:
+        utils.fail(f"{path} was trained with --epochs {saved['epochs']}, not {args.epochs}: the lr, weight decay and "
+                   f"teacher momentum schedules are laid out over --epochs and would jump. Resume with --epochs "
+                   f"{saved['epochs']}; for a longer run, start a new one with --epochs {args.epochs} in another "
+                   "--output_dir (--pretrained_weights of eval scripts take its checkpoint)")
+    if saved_world != world:
+        where = f" at iteration {start_step}" if start_step else ''
+        print(f"Note: {path} was written by {saved_world} process(es), this run has {world}; the global batch is "
+              f"the same, so the epoch continues with the same images{where}.")
+
+
+def same_data_path(saved, given):
+    """Whether two --data_path values name the same data (the built-in data, or the same file or folder)."""
+    if imagedata.is_synthetic(saved) or imagedata.is_synthetic(given):
+        return imagedata.is_synthetic(saved) == imagedata.is_synthetic(given)
+    return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+
+
+def check_fresh_start(args):
+    """A new run (epoch 0) must not replace the log of an earlier one in --output_dir, unless --overwrite.
+
+    A log.txt holding training epochs from 1 on, with no checkpoint to resume, is another run's (a run killed
+    before its first checkpoint logged epoch 0 at most, which it repeats).
+    """
+    path = os.path.join(args.output_dir, 'log.txt')
+    with contextlib.suppress(OSError):
+        with open(path) as f:
+            entries = [entry for entry in map(parse_log_line, f) if outputdir.is_training_log_entry(entry)]
+        epochs = [entry.get('epoch', 0) for entry in entries]
+        if max(epochs, default=0) > 0 and not args.overwrite:
+            utils.fail(f"{path} holds {len(epochs)} epochs of an earlier training run, but {args.output_dir} has no "
+                       "checkpoint.pth or numbered checkpoint to resume it from; pass another --output_dir, or "
+                       "--overwrite to start a new run there (its log lines are replaced)")
+
+
+def parse_log_line(line):
+    with contextlib.suppress(ValueError):
+        return json.loads(line)
+    return None
 
 
 def unread_flags(args):

@@ -1,8 +1,10 @@
 """Output folders: one writer per folder (a lock the run holds on each folder it writes, from start to end),
-and the warning when training and evaluation logs share a folder. Used by main_dino and every script that writes
-an output folder."""
+the record of the files runs wrote there (a run never replaces a file it cannot show a run of this repository
+wrote, unless --overwrite), and the warning when training and evaluation logs share a folder. Used by main_dino
+and every script that writes an output folder."""
 import contextlib
 import fcntl
+import fnmatch
 import json
 import os
 import sys
@@ -116,6 +118,61 @@ def _close_held_locks():
 
 
 os.register_at_fork(after_in_child=_close_held_locks)
+
+
+# =====================================================================================
+# What runs wrote: never replace a user's file of the same name
+# =====================================================================================
+
+RECORD_FILE = '.dino_outputs.json'  # {name: signature} of the files and folders runs wrote in the folder
+
+
+def add_overwrite_arg(parser):
+    parser.add_argument('--overwrite', action='store_true', help="""Replace files in the output folder that have
+        the names of this script's outputs although no run of this repository wrote them (by default the run stops
+        and names them).""")
+
+
+def check_replaceable(folder, patterns, flag, overwrite=False):
+    """Stop with one line when `folder` holds a file or folder matching one of `patterns` (the names this run
+    writes there, shell patterns allowed) that no run of this repository wrote, or that was changed since;
+    nothing is checked with `overwrite`."""
+    if overwrite or not os.path.isdir(folder):
+        return
+    record = _read_record(folder)
+    foreign = sorted(name for name in os.listdir(folder) if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+                     and record.get(name) != _signature(os.path.join(folder, name)))
+    if foreign:
+        shown = ', '.join(foreign[:3]) + (f' and {len(foreign) - 3} more' if len(foreign) > 3 else '')
+        utils.fail(f"{flag} {folder} holds {shown}, which this run would replace but no run of this repository "
+                   f"wrote; pass another {flag}, or --overwrite to replace them")
+
+
+def record_written(folder, names):
+    """Note `names` (files or folders in `folder`) as written by this run: a later run may replace them."""
+    record = _read_record(folder)
+    record.update({name: _signature(os.path.join(folder, name)) for name in names})
+    path = os.path.join(folder, RECORD_FILE)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with contextlib.suppress(OSError):
+        with open(tmp, 'w') as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
+
+
+def _read_record(folder):
+    with contextlib.suppress(OSError, ValueError), open(os.path.join(folder, RECORD_FILE)) as f:
+        record = json.load(f)
+        return record if isinstance(record, dict) else {}
+    return {}
+
+
+def _signature(path):
+    """What changes when another program replaces or edits the file: its size and modification time."""
+    with contextlib.suppress(OSError):
+        stat = os.stat(path)
+        return [stat.st_size if os.path.isfile(path) else 'folder', stat.st_mtime_ns]
+    return None
 
 
 def is_training_log_entry(entry):

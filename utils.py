@@ -33,9 +33,15 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 MIN_TORCH_VERSION = (2, 5)
 
 
-def fail(message):
-    """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback)."""
-    raise SystemExit(f"error: {message}")
+def fail(message, every_rank=False):
+    """Stop with one line on stderr and exit status 1 (for user mistakes, never a traceback).
+
+    Under a launcher every process finds the same mistake: its rank 0 alone prints the line, the others exit
+    with the same status in silence; `every_rank` for what befell this process alone (its data, its peers).
+    """
+    if every_rank or launcher_rank() == 0:
+        raise SystemExit(f"error: {message}")
+    raise SystemExit(1)
 
 
 def check_torch_version(version=None):
@@ -125,6 +131,12 @@ def cap_default_workers(args, given):
         print(f"--num_workers: the default {args.num_workers} is capped at the {cores} CPU cores available "
               f"(pass --num_workers to choose)")
     args.num_workers = cores
+
+
+def path_arg(value):
+    """The argparse type of every path flag: `~` and environment variables expanded, as a shell does outside
+    quotes (a path given quoted, or passed on by a launcher or a job file, arrives unexpanded)."""
+    return os.path.expandvars(os.path.expanduser(value))
 
 
 def check_output_dir(path, flag='--output_dir'):
@@ -237,7 +249,7 @@ def add_model_args(parser, arch, patch_size, weights=True):
     parser.add_argument('--patch_size', default=patch_size, type=int, help="""Size in pixels of the square input
         patches of a ViT (16 or 8). Smaller patches work better but cost more memory and time.""")
     if weights:
-        parser.add_argument('--pretrained_weights', default='', type=str, help="""Weights to load: a backbone file
+        parser.add_argument('--pretrained_weights', default='', type=path_arg, help="""Weights to load: a backbone file
             or a DINO training checkpoint (whose --arch/--patch_size are then used); empty: DINO's released
             weights for --arch/--patch_size (image retrieval: vit_small/16 gets the Google Landmarks v2 ones).""")
         parser.add_argument('--checkpoint_key', default='teacher', type=str,
@@ -251,9 +263,11 @@ def add_device_args(parser):
                         help='Device to run on; auto picks HPU, then CUDA, then CPU.')
     parser.add_argument('--autocast', '--hmp', dest='autocast', action='store_true',
                         help='Run forward passes (and the loss) under bf16 autocast (HPU, CUDA or CPU).')
-    parser.add_argument('--hmp-bf16', '--hmp_bf16', dest='hmp_bf16', default=os.path.join(REPO_DIR, 'ops_bf16.txt'),
+    parser.add_argument('--hmp-bf16', '--hmp_bf16', type=path_arg, dest='hmp_bf16',
+                        default=os.path.join(REPO_DIR, 'ops_bf16.txt'),
                         help='HPU autocast: file listing the ops to run in bf16.')
-    parser.add_argument('--hmp-fp32', '--hmp_fp32', dest='hmp_fp32', default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
+    parser.add_argument('--hmp-fp32', '--hmp_fp32', type=path_arg, dest='hmp_fp32',
+                        default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
                         help='HPU autocast: file listing the ops kept in fp32.')
     parser.add_argument('--lazy_mode', default=True, type=bool_flag,
                         help='HPU only: run in lazy mode with mark_step() between phases (default true).')
@@ -517,14 +531,14 @@ def run_reporting_failures(pipeline, args, data_hint="remove or fix the file and
         print_on_every_process("Interrupted (Ctrl-C); the files already written are kept.", file=sys.stderr)
         raise SystemExit(130) from None
     except DataError as exc:
-        fail(f"{data_error_message(exc)}; {data_hint}")
+        fail(f"{data_error_message(exc)}; {data_hint}", every_rank=True)
     except (RuntimeError, ConnectionError, EOFError) as exc:
         dead_worker = _dead_data_worker(exc)
         if dead_worker:
-            fail(dead_worker_message(dead_worker, args))
+            fail(dead_worker_message(dead_worker, args), every_rank=True)
         if not (isinstance(exc, RuntimeError) and getattr(args, 'distributed', False) and is_peer_failure(exc)):
             raise
-        fail(peer_failure_message(exc, args))
+        fail(peer_failure_message(exc, args), every_rank=True)
 
 
 # what torch's DataLoader raises when one of its worker processes is killed
@@ -1000,6 +1014,13 @@ def load_pretrained_weights(model, pretrained_weights, checkpoint_key, model_nam
              f"({'shape of ' + mismatched[0] + ' differs' if mismatched else 'no parameter names in common'}); "
              "pass the --arch/--patch_size it was trained with")
     if 'pos_embed' in state_dict and 'pos_embed' in own and state_dict['pos_embed'].shape != own['pos_embed'].shape:
+        theirs, ours = state_dict['pos_embed'].shape, own['pos_embed'].shape
+        if theirs[-1] == ours[-1] and mismatched == []:  # the right network, its position embedding resized
+            side = round((theirs[1] - 1) ** 0.5)
+            fail(f"{source} has a position embedding for {theirs[1] - 1} patches ({side}x{side}: {side * patch_size}-"
+                 f"pixel images at --patch_size {patch_size}), where DINO's ViTs keep theirs for 224-pixel images "
+                 f"({ours[1] - 1} patches), as tools/export_backbone.py --img_size {side * patch_size} writes it; pass "
+                 "the DINO checkpoint it was exported from, or an export made without --img_size")
         fail(f"{source} does not match --arch {model_name} --patch_size {patch_size} (pos_embed shape differs); "
              "pass the --arch/--patch_size it was trained with")
     msg = model.load_state_dict(state_dict, strict=False)

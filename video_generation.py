@@ -28,9 +28,9 @@ OUTLINE_COLOR = (255, 255, 255)
 def get_args_parser():
     parser = argparse.ArgumentParser('Generation self-attention video')
     utils.add_model_args(parser, arch='vit_small', patch_size=8)
-    parser.add_argument('--input_path', required=True, type=str, help="""A video file to extract frames from,
+    parser.add_argument('--input_path', required=True, type=utils.path_arg, help="""A video file to extract frames from,
         a folder of frames, or with --video_only a folder of attention images.""")
-    parser.add_argument('--output_path', default='./', type=str, help="""Where the folders of frames and
+    parser.add_argument('--output_path', default='./', type=utils.path_arg, help="""Where the folders of frames and
         attention images and the video go (default: the current folder).""")
     parser.add_argument('--threshold', type=float, default=0.6, help="""With --outline, outline the region that
         keeps this fraction of the attention mass (0 draws no outline).""")
@@ -48,6 +48,7 @@ def get_args_parser():
     parser.add_argument('--video_format', default='mp4', type=str, choices=['mp4', 'avi'],
                         help='Format of the generated video (mp4 or avi).')
     parser.add_argument('--batch_size', default=8, type=int, help='Frames per forward pass.')
+    outputdir.add_overwrite_arg(parser)
     utils.add_device_args(parser)
     return parser
 
@@ -55,6 +56,7 @@ def get_args_parser():
 def generate(args):
     if args.video_only:
         generate_video_from_images(args.input_path, args.output_path, args)
+        outputdir.record_written(args.output_path, output_names(args))
         return
     frames_folder = args.input_path
     if os.path.isfile(args.input_path):
@@ -69,6 +71,7 @@ def generate(args):
     attention_folder = os.path.join(args.output_path, 'attention')
     inference(model, frame_list, attention_folder, args, device)
     generate_video_from_images(attention_folder, args.output_path, args)
+    outputdir.record_written(args.output_path, output_names(args))
 
 
 def extract_frames_from_video(video_path, out_folder, default_fps):
@@ -191,6 +194,15 @@ def check_args(args):
     if args.video_only and not os.path.isdir(args.input_path):
         utils.fail("--video_only needs --input_path to be a folder of attention images (attn-*.jpg)")
     utils.check_output_dir(args.output_path, '--output_path')
+    outputdir.check_replaceable(args.output_path, output_names(args), '--output_path', args.overwrite)
+
+
+def output_names(args):
+    """The files and folders this run writes in --output_path."""
+    names = [f'video.{args.video_format}']
+    if not args.video_only:
+        names += ['attention'] + (['frames'] if os.path.isfile(args.input_path) else [])
+    return names
 
 
 def unread_flags(args):

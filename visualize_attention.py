@@ -30,11 +30,12 @@ BYTES_PER_TOKEN_DIM = 85
 def get_args_parser():
     parser = argparse.ArgumentParser('Visualize Self-Attention maps')
     utils.add_model_args(parser, arch='vit_small', patch_size=8)
-    parser.add_argument('--image_path', default=None, type=str, help=f"""Path of the image to visualize;
+    parser.add_argument('--image_path', default=None, type=utils.path_arg, help=f"""Path of the image to visualize;
         without it, scikit-image's sample photograph '{SAMPLE_IMAGE}' is used.""")
     parser.add_argument('--image_size', default=(480, 480), type=int, nargs='+', help="""Resize the image
         to H W (or its short side to one value) before cropping it to a multiple of the patch size.""")
-    parser.add_argument('--output_dir', default='.', help='Where the images go.')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg, help='Where the images go.')
+    outputdir.add_overwrite_arg(parser)
     parser.add_argument('--threshold', type=float, default=None, help="""Also save the masks that keep this
         fraction of each head's attention mass (e.g. 0.6), drawn over the image.""")
     utils.add_device_args(parser)
@@ -57,6 +58,7 @@ def visualize(args):
 
     os.makedirs(args.output_dir, exist_ok=True)
     image = to_uint8_image(img[0])
+    written = ['img.png'] + [f'attn-head{head}.png' for head in range(len(attentions))]
     save(image, os.path.join(args.output_dir, 'img.png'))
     maps = evaluation.upsample_patches(attentions, args.patch_size).numpy()
     for head, head_map in enumerate(maps):
@@ -64,8 +66,9 @@ def visualize(args):
     if args.threshold is not None:
         masks = evaluation.attention_mass_masks(attentions, args.threshold)
         for head, mask in enumerate(evaluation.upsample_patches(masks, args.patch_size).numpy()):
-            save(evaluation.draw_mask(image, mask),
-                 os.path.join(args.output_dir, f'mask_th{args.threshold}_head{head}.png'))
+            written.append(f'mask_th{args.threshold}_head{head}.png')
+            save(evaluation.draw_mask(image, mask), os.path.join(args.output_dir, written[-1]))
+    outputdir.record_written(args.output_dir, written)
 
 
 def load_image(image_path):
@@ -159,6 +162,8 @@ def check_args(args):
     if args.image_path is not None:
         utils.check_input_file(args.image_path, '--image_path')
     utils.check_output_dir(args.output_dir)
+    masks = [] if args.threshold is None else [f'mask_th{args.threshold}_head*.png']
+    outputdir.check_replaceable(args.output_dir, ['img.png', 'attn-head*.png', *masks], '--output_dir', args.overwrite)
 
 
 def main(argv=None):

@@ -13,6 +13,7 @@ import checkpoints
 import main_dino
 import utils
 from conftest import run_torchrun
+from test_bad_input import tree_state
 from test_robustness import RUN_ARGS, assert_same_run
 
 # 2 epochs of 4 iterations on 2 processes (4 images each per iteration)
@@ -90,3 +91,32 @@ def test_a_killed_loader_worker_stops_the_run_with_one_line(train_here, tmp_path
     assert message.startswith('error: data loading worker (pid ') and '\n' not in message
     assert 'of process 0 ' in message and 'lower --num_workers' in message
     assert checkpoint_position(tmp_path) == (1, 0) and logged_epochs(tmp_path) == [0]
+
+
+def test_a_write_failing_inside_torch_save_stops_with_one_line_and_keeps_the_last_checkpoint(train_here, tmp_path):
+    """A real failure of the file system inside torch.save's writer (torch turns it into a RuntimeError of its own):
+    a file-size limit (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) far below a checkpoint's size."""
+    import resource
+    train_here(tmp_path, '--saveckp_every_iters', '2', fault='save:2:enospc')  # checkpoint.pth at iteration 2
+    before = tree_state(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, hard))
+    try:
+        message = train_here(tmp_path, '--saveckp_every_iters', '2')  # resumed; then the end of epoch 0's write
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert message.startswith(f"error: cannot write checkpoint {tmp_path / 'checkpoint0000.pth'} (File too large): "
+                              "it needs about ") and '\n' not in message
+    after = tree_state(tmp_path)
+    assert after['checkpoint.pth'] == before['checkpoint.pth'] and 'checkpoint0000.pth' not in after
+    assert not list(tmp_path.glob('*.tmp*'))
+
+
+def test_a_second_ctrl_c_inside_a_checkpoint_write_exits_130_with_one_line(train_here, tmp_path, capfd):
+    """Ctrl-C twice during the end-of-epoch write (checkpoint0000.pth): the mid-epoch checkpoint.pth stays."""
+    message = train_here(tmp_path, '--saveckp_every_iters', '2', fault='save:2:interrupt')
+    assert message == '130'
+    err = capfd.readouterr().err
+    assert 'Interrupted again: stopping now' in err and 'Traceback' not in err and 'RuntimeError' not in err
+    assert checkpoint_position(tmp_path) == (0, 2) and not (tmp_path / 'checkpoint0000.pth').exists()
+    assert not list(tmp_path.glob('*.tmp*'))

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import outputdir  # noqa: E402
 import utils  # noqa: E402
 
 # the names timm registers for DINO's ViTs; the others are the patch-16 model with its patch_size overridden
 # (timm has no vit_tiny_patch8_224)
 TIMM_MODELS = {'vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_small_patch8_224', 'vit_base_patch16_224',
                'vit_base_patch8_224'}
+EXPORT_FILES = ('backbone.safetensors', 'backbone.pth', 'backbone.json')
 STORED_IMAGE_SIZE = 224  # DINO's ViTs keep their position embedding for a 224-pixel image
 
 
@@ -32,10 +34,11 @@ def get_args_parser():
         is created for (its img_size); default 224. At 224 the position embedding is written as stored; at another
         size, resized exactly as this repository's ViT resizes it for such images, so that timm computes the same
         features. For a model trained on small images, pass its --global_crops_size.""")
-    parser.add_argument('--output_dir', default='.', help='Folder for backbone.safetensors, backbone.json '
-                                                          '(and backbone.pth).')
+    parser.add_argument('--output_dir', default='.', type=utils.path_arg,
+                        help='Folder for backbone.safetensors, backbone.json (and backbone.pth).')
     parser.add_argument('--save_pth', default=False, type=utils.bool_flag,
                         help='Also write backbone.pth, the same state dict saved with torch.save.')
+    outputdir.add_overwrite_arg(parser)
     return parser
 
 
@@ -74,6 +77,7 @@ def write_export(state_dict, info, args):
         torch.save(state_dict, pth)
         write_atomically(os.path.join(args.output_dir, 'backbone.pth'), pth.getvalue())
     write_atomically(os.path.join(args.output_dir, 'backbone.json'), (json.dumps(info, indent=2) + '\n').encode())
+    outputdir.record_written(args.output_dir, [name for name in EXPORT_FILES if args.save_pth or name != 'backbone.pth'])
     return weights
 
 
@@ -130,6 +134,7 @@ def check_args(args):
         args.img_size = STORED_IMAGE_SIZE
     utils.check_image_size(args.img_size, args.patch_size, '--img_size')
     utils.check_output_dir(args.output_dir)
+    outputdir.check_replaceable(args.output_dir, EXPORT_FILES, '--output_dir', args.overwrite)
     if importlib.util.find_spec('safetensors') is None:
         utils.fail("the export is written with safetensors, which is not installed; pip install safetensors "
                    "(timm, which loads the export, depends on it too)")

@@ -2,7 +2,6 @@
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -68,10 +67,10 @@ def get_args_parser():
     parser.add_argument('--drop_path_rate', type=float, default=0.1, help="Stochastic depth rate.")
     parser.add_argument('--compile', default=None, type=utils.bool_flag, help="""Compile the transformer blocks
         of student and teacher with torch.compile, during the first iteration of each process: the same numbers
-        within float rounding, faster. Default: true on CUDA; false on HPU, where lazy mode compiles the step's
-        graph itself (true is refused there), and on a CPU, where the compiled step is hardly faster and needs
-        a C++ compiler. ViTs only. On CUDA it also compiles the multi-crop render of --augment_on device
-        (false: both eager).""")
+        within float rounding, faster. Default: true on CUDA (inductor) and in HPU eager mode (hpu_backend); false
+        in HPU lazy mode, where Habana compiles the step's graph itself (true is refused there), and on a CPU,
+        where the compiled step is hardly faster and needs a C++ compiler. ViTs only. On CUDA and HPU it also
+        compiles the multi-crop render of --augment_on device (false: both eager).""")
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
@@ -207,7 +206,7 @@ def train_step(run, images, epoch, it, figures=None):
     args, student, optimizer, scaler = run.args, run.student, run.optimizer, run.fp16_scaler
     lr_schedule, wd_schedule, momentum_schedule = run.schedules
     set_learning_rate_and_weight_decay(optimizer, float(lr_schedule[it]), float(wd_schedule[it]))
-    with utils.autocast_context(args.device, args.autocast, args.use_fp16):
+    with utils.run_device().autocast():
         teacher_output = run.teacher(images[:2])  # only the 2 global views pass through the teacher
         student_output = student(images)
         loss, step_figures = run.dino_loss(student_output, teacher_output, epoch, with_figures=True)
@@ -417,27 +416,25 @@ class DataAugmentationDINO(object):
 
 def resolve_augment_on(args):
     if args.augment_on == 'auto':
-        args.augment_on = 'cpu' if args.device == 'cpu' else 'device'
+        args.augment_on = 'device' if utils.run_device().accelerator else 'cpu'
     print(f"Multi-crop views rendered on: {args.augment_on}")
 
 
 def resolve_compile(args):
-    """--compile's default for the device: true on CUDA (with Triton, its code generator), else false; refused
-    on HPU, ignored with a warning for other architectures than ViTs. Prints which training step runs."""
-    has_triton = importlib.util.find_spec('triton') is not None
-    if args.compile and args.device == 'hpu':
-        utils.fail("--compile true is not supported on HPU: its lazy mode already compiles the training step's "
-                   "graph; leave --compile out (false on HPU)")
-    if args.compile and args.device == 'cuda' and not has_triton:
-        utils.fail("--compile true on CUDA needs Triton (torch.compile's GPU code generator), which is not "
-                   "installed; pip install triton, or pass --compile false")
+    """--compile's default for the device: true on CUDA (with Triton, its code generator) and in HPU eager mode
+    (backend hpu_backend), else false; refused in HPU lazy mode, ignored with a warning for other architectures
+    than ViTs. Prints which training step runs."""
+    device = utils.run_device()
+    if args.compile and device.compile_unavailable():
+        utils.fail(f"--compile true {device.compile_unavailable()}")
     if args.compile and args.arch not in utils.VIT_ARCHS:
         utils.warn(f"--compile applies to the ViT architectures; --arch {args.arch} trains eagerly")
     if args.compile is None:
-        args.compile = args.device == 'cuda' and has_triton
+        args.compile = device.compiles_by_default()
     args.compile = args.compile and args.arch in utils.VIT_ARCHS
-    print("Training step: " + ("compiled (torch.compile of the transformer blocks, during the first iteration; "
-                               "--compile false runs it eagerly)" if args.compile else "eager"))
+    print("Training step: " + (f"compiled (torch.compile of the transformer blocks with {device.compile_backend}, "
+                               "during the first iteration; --compile false runs it eagerly)" if args.compile
+                               else "eager"))
 
 
 def views_on_device(images, args, device):
@@ -475,7 +472,7 @@ def build_data_loader(args):
         sampler=sampler,
         batch_size=args.batch_size_per_device,
         num_workers=args.num_workers,
-        pin_memory=args.device == 'cuda',
+        pin_memory=utils.run_device().pin_memory,
         drop_last=True,
         persistent_workers=False,
         worker_init_fn=checkpoints.StopSignal.ignore_in_worker,
@@ -549,8 +546,8 @@ def build_training_run(args, device, iters_per_epoch):
         args.epochs,
     ).to(device)
     optimizer = build_optimizer(args, student)
-    utils.mark_phases([teacher, student, dino_loss], optimizer)
-    fp16_scaler = torch.amp.GradScaler('cuda', enabled=args.use_fp16)  # always there: the step has one path
+    utils.run_device().mark_phases([student, teacher, dino_loss], optimizer)  # lazy HPU mode's graph cuts
+    fp16_scaler = utils.run_device().grad_scaler()  # always there, enabled for CUDA fp16 only: one step path
     return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
                        build_schedules(args, iters_per_epoch), iters_per_epoch, CollapseWatch(args))
 
@@ -569,7 +566,7 @@ def build_student_teacher(args, device):
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
-        if args.device != 'cpu':  # torch's SyncBatchNorm refuses CPU tensors in a process group
+        if utils.run_device().sync_batch_norm:  # torch's SyncBatchNorm refuses CPU tensors in a process group
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
@@ -577,8 +574,8 @@ def build_student_teacher(args, device):
     else:
         teacher_without_ddp = teacher
     if args.compile:
-        student.backbone.compile_blocks()
-        teacher_without_ddp.backbone.compile_blocks()
+        student.backbone.compile_blocks(utils.run_device().compile_backend)
+        teacher_without_ddp.backbone.compile_blocks(utils.run_device().compile_backend)
     student = utils.wrap_ddp(student, args)
     # teacher and student start with the same weights; the teacher never receives gradients
     teacher_without_ddp.load_state_dict(student.module.state_dict())
@@ -590,15 +587,12 @@ def build_student_teacher(args, device):
 def build_optimizer(args, student):
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params_groups, **fast_optimizer_kwargs(args.device))
+        # fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path
+        return torch.optim.AdamW(params_groups, **({'fused': True} if utils.run_device().fused_optimizers
+                                                   else {'foreach': True}))
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the schedule
     return utils.LARS(params_groups)  # for convnets and large batches
-
-
-def fast_optimizer_kwargs(device_type):
-    """Fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path."""
-    return {'fused': True} if device_type in ('cpu', 'cuda') else {'foreach': True}
 
 
 def build_schedules(args, iters_per_epoch):

@@ -20,7 +20,6 @@ import contextlib
 import itertools
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -60,14 +59,14 @@ def benchmark_step(args):
     """Time main_dino.train_step on fixed synthetic crops (the data pipeline is not involved)."""
     device = utils.start_run(args, show_args=False)
     utils.fix_random_seeds(args.seed)
-    dtype = active_dtype(args)
+    dtype = utils.run_device().autocast_dtype or torch.float32
     peak, peak_per_cpu_second = matmul_peak_flops(args, device)
     main_dino.resolve_compile(args)
     step = build_training_step(args, device)
     main_dino.resolve_augment_on(args)
     views = view_source(args, device)
 
-    warmup = StepTimer(args.device)
+    warmup = StepTimer(utils.run_device())
     for it in range(args.warmup_steps):
         with warmup:  # the first step compiles (--compile)
             step(it, views())
@@ -78,15 +77,15 @@ def benchmark_step(args):
         step(args.warmup_steps, images)
     images_per_step = main_dino.images_per_step(args)
     flops_per_image = counter.get_total_flops() / images_per_step
-    peak_reset = reset_peak_memory(args.device)
-    timer = StepTimer(args.device)
+    peak_reset = utils.run_device().reset_peak_memory()
+    timer = StepTimer(utils.run_device())
     for it in range(args.warmup_steps + 1, args.warmup_steps + 1 + args.steps):
         with timer:
             loss = step(it, views())
     seconds = statistics.median(timer.seconds())
     images_per_s = images_per_step / seconds
     result = {
-        'mode': 'step', 'device': args.device, 'augment_on': args.augment_on, 'arch': args.arch, 'patch_size': args.patch_size,
+        'mode': 'step', 'device': args.device, 'execution': utils.run_device().mode, 'augment_on': args.augment_on, 'arch': args.arch, 'patch_size': args.patch_size,
         'dtype': str(dtype).replace('torch.', ''), 'batch_size_per_device': args.batch_size_per_device,
         'accum_steps': args.accum_steps, 'grad_checkpointing': args.grad_checkpointing,
         'crops': f"2x{args.global_crops_size} + {args.local_crops_number}x{args.local_crops_size}",
@@ -94,7 +93,8 @@ def benchmark_step(args):
         'images_per_s': images_per_s, 'seconds_per_step': seconds,
         'flops_per_image': flops_per_image, 'achieved_flops_per_s': flops_per_image * images_per_s,
         'matmul_peak_flops_per_s': peak, 'mfu': flops_per_image * images_per_s / peak,
-        'peak_memory_mb': peak_memory_mb(args.device), 'memory_measure': memory_measure(args.device, peak_reset),
+        'peak_memory_mb': utils.run_device().peak_memory_mib(),
+        'memory_measure': utils.run_device().memory_measure(peak_reset),
         'final_loss': loss.item(), 'compile': args.compile,
         # the first step's time beyond a steady step's: the compilation (with --compile)
         'first_step_seconds': warmup.times[0] if warmup.times else None,
@@ -103,7 +103,7 @@ def benchmark_step(args):
     if args.profile_steps:
         kernel_seconds = profile_steps(step, views, args, args.warmup_steps + 1 + args.steps)
         result['device_busy_fraction'] = kernel_seconds / seconds if kernel_seconds is not None else None
-    if args.device == 'cpu':
+    if not utils.run_device().accelerator:
         # CPU seconds (all threads) do not count time lost to other processes on a shared machine
         cpu_seconds = statistics.median(timer.cpu_seconds())
         result['cpu_seconds_per_step'] = cpu_seconds
@@ -126,15 +126,16 @@ def profile_steps(step, views, args, first_it):
     the most device time (CPU time on a CPU) to stderr. Returns the GPU's kernel seconds per step (None on
     other devices)."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == 'cuda' else [])
+    kernels = utils.run_device().profiles_kernels
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kernels else [])
     with profile(activities=activities) as profiler:
         for it in range(first_it, first_it + args.profile_steps):
             step(it, views())
-        utils.synchronize(args.device)
+        utils.run_device().synchronize()
     events = profiler.key_averages()
-    sort_by = 'self_device_time_total' if args.device == 'cuda' else 'self_cpu_time_total'
+    sort_by = 'self_device_time_total' if kernels else 'self_cpu_time_total'
     print(events.table(sort_by=sort_by, row_limit=25), file=sys.stderr)
-    if args.device != 'cuda':
+    if not kernels:
         return None
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     return kernel_us / 1e6 / args.profile_steps
@@ -159,12 +160,6 @@ def augmentation_for(args, augment_on):
                                           args.global_crops_size, args.local_crops_size, augment_on)
 
 
-def active_dtype(args):
-    if args.device == 'cuda' and args.use_fp16:
-        return torch.float16
-    return torch.bfloat16 if args.autocast else torch.float32
-
-
 def synthetic_crops(args, device):
     generator = torch.Generator().manual_seed(args.seed)
     shapes = [args.global_crops_size] * 2 + [args.local_crops_size] * args.local_crops_number
@@ -181,16 +176,16 @@ def matmul_peak_flops(args, device):
     size for the device); the best of three repetitions counts. Returns FLOP per second of wall
     time and FLOP per second of process CPU time.
     """
-    largest = 2048 if device.type == 'cpu' else 8192
+    largest = 8192 if utils.run_device().accelerator else 2048
     best = best_per_cpu_second = 0.
     for transposed in (False, True):
         size = 256
         while True:
             a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
             rhs = b.t() if transposed else b
-            timer = StepTimer(device.type)
+            timer = StepTimer(utils.run_device())
             for _ in range(3):
-                with timer, utils.autocast_context(args.device, args.autocast, args.use_fp16):
+                with timer, utils.run_device().autocast():
                     vits.lower_precision(torch.mm, a, rhs)
             seconds = min(timer.seconds())
             if seconds >= 0.2 or size >= largest:
@@ -216,78 +211,36 @@ def cpu_attention_flop_formulas():
 
 
 class StepTimer:
-    """Context manager collecting the duration of device work: CUDA events on CUDA, else a synchronised
-    wall clock; also the process CPU time (all threads) of each timed block."""
+    """Context manager collecting the duration of device work on `device` (a utils.RunDevice; None: host work):
+    CUDA events on CUDA, else a synchronised wall clock; also the process CPU time (all threads) of each
+    timed block."""
 
-    def __init__(self, device_type):
-        self.device_type = device_type
+    def __init__(self, device=None):
+        self.device = device or utils.RunDevice('cpu')
         self.events, self.times, self.cpu_times = [], [], []
 
     def __enter__(self):
-        utils.synchronize(self.device_type)
-        if self.device_type == 'cuda':
+        self.device.synchronize()
+        if self.device.timing_events:
             self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
             self.events[-1][0].record()
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def __exit__(self, *exc):
-        utils.mark_step()
-        if self.device_type == 'cuda':
+        self.device.mark_step()
+        if self.device.timing_events:
             self.events[-1][1].record()
-        utils.synchronize(self.device_type)
+        self.device.synchronize()
         self.times.append(time.perf_counter() - self.start)
         self.cpu_times.append(time.process_time() - self.cpu_start)
 
     def seconds(self):
-        if self.device_type == 'cuda':
+        if self.device.timing_events:
             return [start.elapsed_time(end) / 1000 for start, end in self.events]
         return self.times
 
     def cpu_seconds(self):
         return self.cpu_times
-
-
-def reset_peak_memory(device_type):
-    """Start the peak memory anew; False where it cannot be (a CPU whose kernel does not let the process reset its
-    peak RSS: peak_memory_mb then gives the peak since the process started)."""
-    if device_type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-    elif device_type == 'hpu':
-        import habana_frameworks.torch.hpu as hthpu
-        hthpu.reset_peak_memory_stats()
-    else:
-        try:  # Linux: resets the kernel's high-water mark of the resident set (VmHWM) to the current RSS
-            with open('/proc/self/clear_refs', 'w') as f:
-                f.write('5')
-        except OSError:
-            return False
-    return True
-
-
-def peak_memory_mb(device_type):
-    if device_type == 'cuda':
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    if device_type == 'hpu':
-        import habana_frameworks.torch.hpu as hthpu
-        return hthpu.max_memory_allocated() / 2 ** 20
-    peak_kb = resident_high_water_mark_kb()
-    return (peak_kb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2 ** 10  # both in kB on Linux
-
-
-def resident_high_water_mark_kb():
-    """The process's peak RSS since its start or the last reset_peak_memory (Linux's VmHWM), or None."""
-    try:
-        with open('/proc/self/status') as f:
-            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
-    except (OSError, StopIteration):
-        return None
-
-
-def memory_measure(device_type, reset=True):
-    return {'cuda': 'torch.cuda.max_memory_allocated during the timed steps',
-            'hpu': 'hpu max_memory_allocated during the timed steps'}.get(
-        device_type, 'process peak RSS during the timed steps' if reset else
-        'process peak RSS since it started: this system does not let it be reset before the timed steps')
 
 
 def benchmark_data(args):
@@ -402,13 +355,13 @@ def time_data_loader(args, root):
 def time_per_image(paths, transform, collate=None):
     """Median images/s (wall and CPU time) of decoding and transforming one image; with `collate`, the
     batching of the results counts too, shared out over its images."""
-    timer, outputs = StepTimer('cpu'), []
+    timer, outputs = StepTimer(), []
     for path in paths:
         with timer:
             outputs.append(transform(imagedata.pil_loader(path)))
     seconds, cpu_seconds = statistics.median(timer.seconds()), statistics.median(timer.cpu_seconds())
     if collate is not None:
-        timer = StepTimer('cpu')
+        timer = StepTimer()
         with timer:
             collate([(out, -1, '') for out in outputs])
         seconds += timer.seconds()[0] / len(outputs)
@@ -424,9 +377,9 @@ def time_renders(args, device, paths, cpu, on_device):
     handed = [(on_device(image), -1, '') for image in images]
     sizes = [t.size for t in on_device.transforms()]
     render = time_device_render(args, device, handed, sizes)
-    if device.type in multicrop.COMPILE_ON:
+    if utils.run_device().type in multicrop.COMPILE_ON:
         render['eager_images_per_s'] = time_device_render(args, device, handed, sizes, False)['images_per_s']
-    timer = StepTimer('cpu')
+    timer = StepTimer()
     transforms = cpu.transforms()
     for image in images:
         views = [t.sample(image) for t in transforms]
@@ -438,7 +391,7 @@ def time_renders(args, device, paths, cpu, on_device):
 
 def time_device_render(args, device, handed, sizes, compiled=True):
     """Images/s of multicrop.render_views on `device` (median over batches; per CPU second too on a CPU)."""
-    timer = StepTimer(device.type)
+    timer = StepTimer(utils.run_device())
     batch = args.batch_size_per_device
     for i in range(args.warmup_steps + args.steps):
         pixels, params = multicrop.collate_hand_over(handed[i * batch:(i + 1) * batch])[0]
@@ -449,7 +402,7 @@ def time_device_render(args, device, handed, sizes, compiled=True):
         with timer:
             multicrop.render_views(pixels, params, sizes, compiled)
     render = {'images_per_s': batch / statistics.median(timer.seconds())}
-    if device.type == 'cpu':
+    if not utils.run_device().accelerator:
         render['images_per_cpu_second'] = batch / statistics.median(timer.cpu_seconds())
     return render
 
@@ -547,7 +500,7 @@ def training_limit(result):
     if result['ratio_to_step'] >= 0.9:
         return "the step"
     render = result['augment_on'] == 'device'
-    if result['device'] == 'cpu':
+    if not utils.run_device().accelerator:
         return "the CPU time the loader's processes take from the step" + (", and the render" if render else "")
     return "the render on the device" if render else "moving the views to the device"
 

@@ -90,7 +90,7 @@ def eval_linear(args):
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=utils.get_world_size(),
                                                   rank=utils.get_rank(), shuffle=True)
     train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_device,
-                                               num_workers=args.num_workers, pin_memory=args.device == 'cuda')
+                                               num_workers=args.num_workers, pin_memory=utils.run_device().pin_memory)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
     # ============ optimizer, schedule, resuming ... ============
@@ -227,7 +227,7 @@ def make_val_loader(dataset, args):
     # each process evaluates every world_size-th image, with no padding, so every image counts once
     indices = range(utils.get_rank(), len(dataset), utils.get_world_size())
     return torch.utils.data.DataLoader(dataset, sampler=indices, batch_size=args.batch_size_per_device,
-                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda')
+                                       num_workers=args.num_workers, pin_memory=utils.run_device().pin_memory)
 
 
 def check_num_labels(dataset, args):

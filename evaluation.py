@@ -112,7 +112,7 @@ def feature_loader(dataset, args, batch_size=None):
     distributed = utils.is_dist_avail_and_initialized()
     sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False) if distributed else None
     return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size or args.batch_size_per_device,
-                                       num_workers=args.num_workers, pin_memory=args.device == 'cuda',
+                                       num_workers=args.num_workers, pin_memory=utils.run_device().pin_memory,
                                        drop_last=False)
 
 

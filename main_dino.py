@@ -2,8 +2,8 @@
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
+import datetime
 import json
 import math
 import os
@@ -93,10 +93,10 @@ def get_args_parser():
         composes with --compile and --accum_steps. benchmark.py --mode step gives the peak memory of either.""")
     parser.add_argument('--compile', default=None, type=utils.bool_flag, help="""Compile the transformer blocks
         of student and teacher with torch.compile, during the first iteration of each process: the same numbers
-        within float rounding, faster. Default: true on CUDA; false on HPU, where lazy mode compiles the step's
-        graph itself (true is refused there), and on a CPU, where the compiled step is hardly faster and needs
-        a C++ compiler. ViTs only. On CUDA it also compiles the multi-crop render of --augment_on device
-        (false: both eager).""")
+        within float rounding, faster. Default: true on CUDA (inductor) and in HPU eager mode (hpu_backend); false
+        in HPU lazy mode, where Habana compiles the step's graph itself (true is refused there), and on a CPU,
+        where the compiled step is hardly faster and needs a C++ compiler. ViTs only. On CUDA and HPU it also
+        compiles the multi-crop render of --augment_on device (false: both eager).""")
 
     # Multi-crop parameters
     parser.add_argument('--global_crops_scale', type=float, nargs='+', default=(0.4, 1.),
@@ -266,12 +266,12 @@ def accumulate_gradients(run, images, epoch):
 
     Returns the loss of the whole batch and its figures.
     """
-    args, student, scaler, accum_steps = run.args, run.student, run.fp16_scaler, run.args.accum_steps
+    student, scaler, accum_steps = run.student, run.fp16_scaler, run.args.accum_steps
     losses = []
     for micro in range(accum_steps):
         views = [view.chunk(accum_steps)[micro] for view in images]
         with contextlib.nullcontext() if micro == accum_steps - 1 else student.no_sync():
-            with utils.autocast_context(args.device, args.autocast, args.use_fp16):
+            with utils.run_device().autocast():
                 teacher_output = run.teacher(views[:2])  # only the 2 global views pass through the teacher
                 student_output = student(views)
                 loss, figures = run.dino_loss(student_output, teacher_output, epoch, with_figures=True)
@@ -499,27 +499,25 @@ class DataAugmentationDINO(object):
 
 def resolve_augment_on(args):
     if args.augment_on == 'auto':
-        args.augment_on = 'cpu' if args.device == 'cpu' else 'device'
+        args.augment_on = 'device' if utils.run_device().accelerator else 'cpu'
     print(f"Multi-crop views rendered on: {args.augment_on}")
 
 
 def resolve_compile(args):
-    """--compile's default for the device: true on CUDA (with Triton, its code generator), else false; refused
-    on HPU, ignored with a warning for other architectures than ViTs. Prints which training step runs."""
-    has_triton = importlib.util.find_spec('triton') is not None
-    if args.compile and args.device == 'hpu':
-        utils.fail("--compile true is not supported on HPU: its lazy mode already compiles the training step's "
-                   "graph; leave --compile out (false on HPU)")
-    if args.compile and args.device == 'cuda' and not has_triton:
-        utils.fail("--compile true on CUDA needs Triton (torch.compile's GPU code generator), which is not "
-                   "installed; pip install triton, or pass --compile false")
+    """--compile's default for the device: true on CUDA (with Triton, its code generator) and in HPU eager mode
+    (backend hpu_backend), else false; refused in HPU lazy mode, ignored with a warning for other architectures
+    than ViTs. Prints which training step runs."""
+    device = utils.run_device()
+    if args.compile and device.compile_unavailable():
+        utils.fail(f"--compile true {device.compile_unavailable()}")
     if args.compile and args.arch not in utils.VIT_ARCHS:
         utils.warn(f"--compile applies to the ViT architectures; --arch {args.arch} trains eagerly")
     if args.compile is None:
-        args.compile = args.device == 'cuda' and has_triton
+        args.compile = device.compiles_by_default()
     args.compile = args.compile and args.arch in utils.VIT_ARCHS
-    print("Training step: " + ("compiled (torch.compile of the transformer blocks, during the first iteration; "
-                               "--compile false runs it eagerly)" if args.compile else "eager"))
+    print("Training step: " + (f"compiled (torch.compile of the transformer blocks with {device.compile_backend}, "
+                               "during the first iteration; --compile false runs it eagerly)" if args.compile
+                               else "eager"))
 
 
 def views_on_device(images, args, device):
@@ -562,7 +560,7 @@ def build_data_loader(args):
         sampler=sampler,
         batch_size=images_per_step(args),  # cut into --accum_steps micro-batches by the step
         num_workers=args.num_workers,
-        pin_memory=args.device == 'cuda',
+        pin_memory=utils.run_device().pin_memory,
         drop_last=True,
         persistent_workers=False,
         worker_init_fn=checkpoints.StopSignal.ignore_in_worker,
@@ -644,8 +642,8 @@ def build_training_run(args, device, iters_per_epoch):
     if init is not None and init.center is not None:
         dino_loss.center.copy_(init.center)
     optimizer = build_optimizer(args, student)
-    utils.mark_phases([teacher, student, dino_loss], optimizer)
-    fp16_scaler = torch.amp.GradScaler('cuda', enabled=args.use_fp16)  # always there: the step has one path
+    utils.run_device().mark_phases([student, teacher, dino_loss], optimizer)  # lazy HPU mode's graph cuts
+    fp16_scaler = utils.run_device().grad_scaler()  # always there, enabled for CUDA fp16 only: one step path
     return TrainingRun(args, device, student, teacher, teacher_without_ddp, dino_loss, optimizer, fp16_scaler,
                        build_schedules(args, iters_per_epoch), iters_per_epoch, CollapseWatch(args))
 
@@ -668,7 +666,7 @@ def build_student_teacher(args, device, init=None):
     student, teacher = student.to(device), teacher.to(device)
 
     if utils.has_batchnorms(student) and args.distributed:
-        if args.device != 'cpu':  # torch's SyncBatchNorm refuses CPU tensors in a process group
+        if utils.run_device().sync_batch_norm:  # torch's SyncBatchNorm refuses CPU tensors in a process group
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
         teacher = utils.wrap_ddp(teacher, args)  # synchronised batch norms need the DDP wrapper
@@ -678,8 +676,8 @@ def build_student_teacher(args, device, init=None):
     if args.grad_checkpointing:
         student.backbone.set_grad_checkpointing()
     if args.compile:
-        student.backbone.compile_blocks()
-        teacher_without_ddp.backbone.compile_blocks()
+        student.backbone.compile_blocks(utils.run_device().compile_backend)
+        teacher_without_ddp.backbone.compile_blocks(utils.run_device().compile_backend)
     student = utils.wrap_ddp(student, args)
     # teacher and student start with the same weights; the teacher never receives gradients
     teacher_without_ddp.load_state_dict(student.module.state_dict())
@@ -867,15 +865,12 @@ def resize_pos_embed(pos_embed, tokens, path):
 def build_optimizer(args, student):
     params_groups = utils.get_params_groups(student)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(params_groups, **fast_optimizer_kwargs(args.device))
+        # fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path
+        return torch.optim.AdamW(params_groups, **({'fused': True} if utils.run_device().fused_optimizers
+                                                   else {'foreach': True}))
     if args.optimizer == "sgd":
         return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by the schedule
     return utils.LARS(params_groups)  # for convnets and large batches
-
-
-def fast_optimizer_kwargs(device_type):
-    """Fused AdamW kernels where torch has them (CPU, CUDA), else the multi-tensor (foreach) path."""
-    return {'fused': True} if device_type in ('cpu', 'cuda') else {'foreach': True}
 
 
 def build_schedules(args, iters_per_epoch):

@@ -175,9 +175,9 @@ _IDENTITY_FACTORS = (1., 1., 1., 0.)
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL and OpenCV use
 CPU_RENDER_CHUNK = 8  # images resized together on a CPU device
 OPENCV_ON_CPU = True  # False: the accelerators' tensor ops on CPU tensors too (the tests run both)
-# device types on which the render's fixed chain after the resize runs compiled (torch.compile, static
-# shapes, fused kernels); not HPU, whose lazy mode compiles graphs itself
-COMPILE_ON = ('cuda',)
+# device types on which the render's fixed chain after the resize runs compiled (torch.compile with the run
+# device's backend, static shapes, fused kernels); with --compile, which HPU lazy mode refuses
+COMPILE_ON = ('cuda', 'hpu')
 
 
 def hand_over(image, views, max_short_side):
@@ -232,8 +232,8 @@ def render_views(pixels, params, sizes, compiled=True):
     """The normalised views of a handed-over batch, as a list of (B, 3, size, size) tensors, one per view.
 
     pixels: (B, H, W, 3) uint8 on the device; params: (B, views, fields) float64 on the CPU; sizes:
-    the output side of each view. Consecutive views of the same size are resized together. compiled: on the
-    device types of COMPILE_ON, run the chain after the resize compiled (False: eager).
+    the output side of each view. Consecutive views of the same size are resized together. compiled: where the
+    run's device type is in COMPILE_ON, run the chain after the resize compiled (False: eager).
     """
     if _opencv_takes(pixels):
         return _render_on_cpu(pixels, params, sizes)
@@ -252,7 +252,7 @@ def _render_batched(pixels, params, sizes, compiled):
     resample, taps = _resample_table(rows, layout, pixels.shape)
     resample, colour = _to_device(pixels.device, resample, _colour_table(rows))
     resized = _resize(_columns(pixels), resample, layout, taps)
-    if compiled and pixels.device.type in COMPILE_ON:
+    if compiled and utils.run_device().type in COMPILE_ON:
         finished = _finish_compiled(resized, colour, layout)
     else:
         finished = _finish(resized, colour, layout)
@@ -559,9 +559,9 @@ def _finish_compiled(resized, table, layout):
     """_finish compiled (once per batch shape); eager for the rest of the process if compiling fails."""
     global COMPILE_ON
     try:
-        return _compiled_finish()(resized, table, layout)
+        return _compiled_finish(utils.run_device().compile_backend)(resized, table, layout)
     except Exception as exc:  # noqa: BLE001 (a compiler's failure must not stop a training run)
-        device_type = resized[0].device.type
+        device_type = utils.run_device().type
         COMPILE_ON = tuple(t for t in COMPILE_ON if t != device_type)
         utils.warn(f"the multi-crop render runs eager on {device_type}: torch.compile failed "
                    f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})")
@@ -569,8 +569,8 @@ def _finish_compiled(resized, table, layout):
 
 
 @functools.cache
-def _compiled_finish():
-    return torch.compile(_finish, dynamic=False)
+def _compiled_finish(backend):
+    return torch.compile(_finish, dynamic=False, backend=backend)
 
 
 def _colour(x, table, layout):

@@ -107,13 +107,8 @@ def warn_unread_flags(given, unread):
 def unread_shared_flags(args):
     """The shared flags (each where the script has it) that this run does not read: {name: why}."""
     unread = {}
-    device = getattr(args, 'device', None)  # None: a tool without device flags (tools/export_backbone.py)
-    if device in ('cpu', 'cuda') or device and not _habana_present():
-        unread.update(dict.fromkeys(['lazy_mode', 'hmp_bf16', 'hmp_fp32'], 'off HPU'))
-    elif device and not args.autocast:
-        unread.update(dict.fromkeys(['hmp_bf16', 'hmp_fp32'], 'without --autocast'))
-    if hasattr(args, 'use_fp16') and not (args.device == 'cuda' or args.device == 'auto' and torch.cuda.is_available()):
-        unread['use_fp16'] = 'off CUDA (fp16 with a gradient scaler is the CUDA path; see --autocast)'
+    if getattr(args, 'device', None):  # None: a tool without device flags (tools/export_backbone.py)
+        unread.update(RunDevice.unread_flags(args))
     if not getattr(args, 'pretrained_weights', True):
         unread['checkpoint_key'] = 'without --pretrained_weights (the released weights hold one network)'
     if getattr(args, 'arch', VIT_ARCHS[0]) not in VIT_ARCHS:
@@ -220,9 +215,6 @@ def check_common_args(args):
 # Shared flags, devices and precision (every script; bool_flag is the flags' true/false type)
 # =====================================================================================
 
-_mark_step_enabled = False
-
-
 def bool_flag(s):
     """argparse type for true/false values written as on/off, true/false or 1/0."""
     if s.lower() in {'off', 'false', '0'}:
@@ -269,9 +261,242 @@ def add_device_args(parser):
     parser.add_argument('--hmp-fp32', '--hmp_fp32', type=path_arg, dest='hmp_fp32',
                         default=os.path.join(REPO_DIR, 'ops_fp32.txt'),
                         help='HPU autocast: file listing the ops kept in fp32.')
-    parser.add_argument('--lazy_mode', default=True, type=bool_flag,
-                        help='HPU only: run in lazy mode with mark_step() between phases (default true).')
+    parser.add_argument('--lazy_mode', default=None, type=bool_flag, help="""HPU only: true runs Habana's lazy
+        mode (the graph of each phase is built op by op and cut by mark_step; torch.compile is refused), false
+        its eager mode (torch.compile with backend hpu_backend compiles the ViT blocks and the render). Default:
+        PT_HPU_LAZY_MODE if set, else the installed Gaudi software's default (eager since the stacks that ship
+        PyTorch 2.5 or newer).""")
     return parser
+
+
+class RunDevice:
+    """The device of this run and what it means for the code, resolved once (setup_device): the scripts ask it
+    instead of comparing device names.
+
+    type: 'hpu', 'cuda' or 'cpu'; mode: 'hpu-lazy', 'hpu-eager', 'cuda' or 'cpu'. autocast_dtype: bf16 with
+    --autocast, fp16 on CUDA with --use_fp16 (the original's path, with a gradient scaler), else None.
+    """
+
+    PROCESS_GROUP_BACKENDS = {'cuda': 'nccl', 'hpu': 'hccl', 'cpu': 'gloo'}
+
+    def __init__(self, device_type='cpu', lazy=False, autocast=False, use_fp16=False):
+        self.type = device_type
+        self.mode = ('hpu-lazy' if lazy else 'hpu-eager') if device_type == 'hpu' else device_type
+        self.lazy = self.mode == 'hpu-lazy'
+        self.accelerator = device_type != 'cpu'
+        fp16 = device_type == 'cuda' and use_fp16
+        self.autocast_dtype = torch.float16 if fp16 else torch.bfloat16 if autocast else None
+        # torch.compile: inductor where it generates code (CUDA with Triton, a CPU with a C++ compiler), Habana's
+        # backend in eager mode; lazy mode builds its graphs itself and takes no torch.compile
+        self.compile_backend = {'hpu-lazy': None, 'hpu-eager': 'hpu_backend'}.get(self.mode, 'inductor')
+        self.pin_memory = device_type == 'cuda'
+        self.fused_optimizers = device_type in ('cpu', 'cuda')  # torch's fused AdamW kernels
+        self.sync_batch_norm = device_type != 'cpu'  # torch's SyncBatchNorm refuses CPU tensors
+        self.timing_events = self.profiles_kernels = device_type == 'cuda'
+
+    def __repr__(self):
+        return f"RunDevice({self.mode}, autocast {self.autocast_dtype})"
+
+    @classmethod
+    def resolve(cls, args):
+        """The run's device from its flags: args.device resolved in place ('auto' -> the best present), the HPU
+        environment set before Habana is imported, args.lazy_mode set to the mode Habana's bridge runs in,
+        args.use_fp16 cleared off CUDA (fp16 with a gradient scaler is the original's CUDA path)."""
+        if args.device in ('auto', 'hpu') and _habana_present():
+            _set_hpu_environment(args)
+        args.device = cls.resolve_name(args.device)
+        lazy = False
+        if args.device == 'hpu':
+            import habana_frameworks.torch.core  # noqa: F401  (registers the device and torch.compile's hpu_backend)
+            asked, lazy = getattr(args, 'lazy_mode', None), _hpu_is_lazy()
+            if asked is not None and asked != lazy:
+                fail(f"--lazy_mode {str(asked).lower()}: Habana's bridge runs in {'lazy' if lazy else 'eager'} mode "
+                     "(PT_HPU_LAZY_MODE is read once, when it is loaded, and not every release has both modes); "
+                     "leave --lazy_mode out to run in the bridge's mode")
+            args.lazy_mode = lazy
+        if getattr(args, 'use_fp16', False) and args.device != 'cuda':
+            args.use_fp16 = False
+        return cls(args.device, lazy, getattr(args, 'autocast', False), getattr(args, 'use_fp16', False))
+
+    @staticmethod
+    def resolve_name(requested):
+        """'auto' -> the best device present; an explicit device that is absent stops with one line."""
+        if requested == 'hpu':
+            if not _habana_present():
+                fail("--device hpu needs Habana's PyTorch packages (habana_frameworks), which are not installed; "
+                     "run on a Gaudi image or choose --device cuda/cpu")
+            if not _hpu_available():
+                fail("--device hpu: habana_frameworks is installed but no Gaudi device was found; "
+                     "choose --device cuda/cpu")
+            return 'hpu'
+        if requested == 'cuda':
+            if not torch.cuda.is_available():
+                fail("--device cuda: no CUDA GPU is visible to PyTorch (or this torch build has no CUDA); "
+                     "choose --device cpu or install a CUDA build of torch")
+            return 'cuda'
+        if requested == 'cpu':
+            return 'cpu'
+        if _habana_present() and _hpu_available():
+            return 'hpu'
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+    @staticmethod
+    def unread_flags(args):
+        """The device flags that a run with args.device (not resolved yet) does not read: {name: why}."""
+        unread, device = {}, args.device
+        if device in ('cpu', 'cuda') or not _habana_present():
+            unread.update(dict.fromkeys(['lazy_mode', 'hmp_bf16', 'hmp_fp32'], 'off HPU'))
+        elif not args.autocast:
+            unread.update(dict.fromkeys(['hmp_bf16', 'hmp_fp32'], 'without --autocast'))
+        if hasattr(args, 'use_fp16') and not (device == 'cuda' or device == 'auto' and torch.cuda.is_available()):
+            unread['use_fp16'] = 'off CUDA (fp16 with a gradient scaler is the CUDA path; see --autocast)'
+        return unread
+
+    def describe(self):
+        """The start-up line's words for the execution mode."""
+        return {'hpu-lazy': "hpu, lazy mode (PT_HPU_LAZY_MODE=1: graphs built op by op and cut by mark_step; "
+                            "no torch.compile)",
+                'hpu-eager': "hpu, eager mode (PT_HPU_LAZY_MODE=0: torch.compile with backend hpu_backend)",
+                }.get(self.mode, self.mode)
+
+    @property
+    def torch_device(self):
+        """This process's torch.device."""
+        if self.type == 'cuda':
+            return torch.device('cuda', torch.cuda.current_device())
+        return torch.device(self.type)
+
+    def compile_unavailable(self):
+        """Why torch.compile cannot run here, as the end of a sentence starting '--compile true', or None."""
+        if self.compile_backend is None:
+            return ("is not supported in HPU lazy mode: lazy mode already compiles the training step's graph; "
+                    "leave --compile out, or pass --lazy_mode false (eager mode with torch.compile)")
+        if self.type == 'cuda' and importlib.util.find_spec('triton') is None:
+            return ("on CUDA needs Triton (torch.compile's GPU code generator), which is not installed; "
+                    "pip install triton, or pass --compile false")
+        return None
+
+    def compiles_by_default(self):
+        """--compile's default: on the accelerators where it can (CUDA with Triton, HPU eager mode); not on a CPU,
+        where the compiled step is hardly faster and needs a C++ compiler."""
+        return self.accelerator and self.compile_unavailable() is None
+
+    def autocast(self):
+        """The forward passes' autocast context (nothing without --autocast or CUDA fp16). On HPU, the op
+        lists were handed to Habana (PT_HPU_AUTOCAST_*) before its modules were imported."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self):
+        """A gradient scaler for the step's one optimizer path: enabled for CUDA fp16 only, a no-op otherwise."""
+        return torch.amp.GradScaler('cuda', enabled=self.autocast_dtype == torch.float16)
+
+    def mark_step(self):
+        """Cut the lazy HPU graph here; a no-op on every other device and in eager mode."""
+        if self.lazy:
+            import habana_frameworks.torch.core as htcore
+            htcore.mark_step()
+
+    def mark_phases(self, modules, optimizer):
+        """Lazy HPU mode: cut the graph after each forward pass of `modules`, before the optimizer step (the
+        backward pass, clipping and freezing are done) and after it. Nothing elsewhere."""
+        if not self.lazy:
+            return
+        for module in modules:
+            module.register_forward_hook(lambda *_: self.mark_step())
+        optimizer.register_step_pre_hook(lambda *_: self.mark_step())
+        optimizer.register_step_post_hook(lambda *_: self.mark_step())
+
+    def synchronize(self):
+        """Wait for queued device work (for timing); lazy mode first runs the pending graph."""
+        self.mark_step()
+        if self.type == 'cuda':
+            torch.cuda.synchronize()
+        elif self.type == 'hpu':
+            import habana_frameworks.torch.hpu as hthpu
+            hthpu.synchronize()
+
+    def set_local_device(self, local_index):
+        """Bind this process to its GPU (CUDA; the other devices pick theirs themselves)."""
+        if self.type == 'cuda':
+            torch.cuda.set_device(local_index % torch.cuda.device_count())
+
+    def ddp_device_ids(self):
+        return [torch.cuda.current_device()] if self.type == 'cuda' else None
+
+    def reset_peak_memory(self):
+        """Start the peak memory anew; False where it cannot be (a CPU whose kernel does not let the process reset
+        its peak RSS: peak_memory_mib then gives the peak since the process started)."""
+        if self.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        elif self.type == 'hpu':
+            import habana_frameworks.torch.hpu as hthpu
+            hthpu.reset_peak_memory_stats()
+        else:
+            try:  # Linux: resets the kernel's high-water mark of the resident set (VmHWM) to the current RSS
+                with open('/proc/self/clear_refs', 'w') as f:
+                    f.write('5')
+            except OSError:
+                return False
+        return True
+
+    def peak_memory_mib(self):
+        """Peak device memory allocated by torch (MiB); on a CPU, the process's peak resident memory."""
+        if self.type == 'cuda':
+            return torch.cuda.max_memory_allocated() / 2 ** 20
+        if self.type == 'hpu':
+            import habana_frameworks.torch.hpu as hthpu
+            return hthpu.max_memory_allocated() / 2 ** 20
+        return _resident_high_water_mark_kib() / 2 ** 10
+
+    def memory_measure(self, reset=True):
+        """What peak_memory_mib measures, in words (`reset`: what reset_peak_memory returned)."""
+        return {'cuda': 'torch.cuda.max_memory_allocated during the timed steps',
+                'hpu': 'hpu max_memory_allocated during the timed steps'}.get(
+            self.type, 'process peak RSS during the timed steps' if reset else
+            'process peak RSS since it started: this system does not let it be reset before the timed steps')
+
+    def free_memory(self):
+        """Bytes a computation may take: the CPU's physical memory, the GPU's free memory; None on HPU."""
+        if self.type == 'cpu':
+            return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+        if self.type == 'cuda':
+            return torch.cuda.mem_get_info(self.torch_device)[0]
+        return None
+
+    def process_group_backend(self):
+        """The backend of this device's process group (HPU: hccl, which importing Habana's module registers)."""
+        if self.type == 'hpu':
+            import habana_frameworks.torch.distributed.hccl  # noqa: F401
+        return self.PROCESS_GROUP_BACKENDS[self.type]
+
+    def collective_dtype(self, dtype):
+        """The dtype a tensor of `dtype` travels in through this device's collectives: HCCL takes 32-bit and
+        16-bit floats and 32-bit integers only."""
+        if self.type != 'hpu':
+            return dtype
+        if dtype.is_floating_point:
+            return torch.float32 if dtype == torch.float64 else dtype
+        return torch.int32
+
+
+def _resident_high_water_mark_kib():
+    """The process's peak RSS since its start or the last reset (Linux's VmHWM), else the lifetime maximum."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+
+
+_run_device = RunDevice()  # until setup_device resolves the run's (tests and library use: the CPU, no autocast)
+
+
+def run_device():
+    """The RunDevice of this process (setup_device resolves it)."""
+    return _run_device
 
 
 def _habana_present():
@@ -279,8 +504,10 @@ def _habana_present():
 
 
 def _set_hpu_environment(args):
-    """Environment Habana reads when its modules are imported, so it must be set first."""
-    os.environ['PT_HPU_LAZY_MODE'] = '1' if args.lazy_mode else '0'
+    """Environment Habana reads when its modules are imported, so it must be set first: the execution mode
+    when --lazy_mode is given (else PT_HPU_LAZY_MODE or the bridge's default rules), and the autocast op lists."""
+    if getattr(args, 'lazy_mode', None) is not None:
+        os.environ['PT_HPU_LAZY_MODE'] = '1' if args.lazy_mode else '0'
     if getattr(args, 'autocast', False):
         for path in (args.hmp_bf16, args.hmp_fp32):
             if not os.path.isfile(path):
@@ -295,81 +522,38 @@ def _hpu_available():
     return hthpu.is_available()
 
 
+def _hpu_is_lazy():
+    """The mode Habana's bridge runs in (asked once its modules are imported)."""
+    try:
+        from habana_frameworks.torch.utils.internal import is_lazy
+    except ImportError:  # a bridge without the query: releases before eager mode existed ran lazy
+        return os.environ.get('PT_HPU_LAZY_MODE', '1') != '0'
+    return bool(is_lazy())
+
+
 def resolve_device_name(requested):
     """'auto' -> the best device present; an explicit device that is absent stops with one line."""
-    if requested == 'hpu':
-        if not _habana_present():
-            fail("--device hpu needs Habana's PyTorch packages (habana_frameworks), which are not installed; "
-                 "run on a Gaudi image or choose --device cuda/cpu")
-        if not _hpu_available():
-            fail("--device hpu: habana_frameworks is installed but no Gaudi device was found; "
-                 "choose --device cuda/cpu")
-        return 'hpu'
-    if requested == 'cuda':
-        if not torch.cuda.is_available():
-            fail("--device cuda: no CUDA GPU is visible to PyTorch (or this torch build has no CUDA); "
-                 "choose --device cpu or install a CUDA build of torch")
-        return 'cuda'
-    if requested == 'cpu':
-        return 'cpu'
-    if _habana_present() and _hpu_available():
-        return 'hpu'
-    return 'cuda' if torch.cuda.is_available() else 'cpu'
+    return RunDevice.resolve_name(requested)
 
 
 def setup_device(args):
-    """Resolve args.device in place, prepare HPU specifics, and return the device type name.
-
-    Call once, before init_distributed_mode and before any model is built.
+    """Resolve the run's device once: args.device (and args.lazy_mode on HPU) in place, the HPU environment
+    set before Habana is imported, and the RunDevice that the code asks (run_device()). Returns the device
+    type name. Call once, before init_distributed_mode and before any model is built.
     """
-    global _mark_step_enabled
-    if args.device in ('auto', 'hpu') and _habana_present():
-        _set_hpu_environment(args)
-    args.device = resolve_device_name(args.device)
-    if args.device == 'hpu':
-        import habana_frameworks.torch.core  # noqa: F401  (registers the device)
-        _mark_step_enabled = bool(args.lazy_mode)
-    else:
-        _mark_step_enabled = False
-    if getattr(args, 'use_fp16', False) and args.device != 'cuda':
-        args.use_fp16 = False  # fp16 + GradScaler is the CUDA-only path, as in the original
+    global _run_device
+    _run_device = RunDevice.resolve(args)
     return args.device
 
 
 def mark_step():
     """Cut the lazy HPU graph here; a no-op on every other device or in eager mode."""
-    if _mark_step_enabled:
-        import habana_frameworks.torch.core as htcore
-        htcore.mark_step()
-
-
-def mark_phases(modules, optimizer):
-    """Lazy HPU mode: cut the graph after each forward pass of `modules`, before the optimizer step (the
-    backward pass, clipping and freezing are done) and after it. Nothing on other devices or in eager mode."""
-    if not _mark_step_enabled:
-        return
-    for module in modules:
-        module.register_forward_hook(lambda *_: mark_step())
-    optimizer.register_step_pre_hook(lambda *_: mark_step())
-    optimizer.register_step_post_hook(lambda *_: mark_step())
-
-
-def synchronize(device_type):
-    """Wait for queued device work (for timing)."""
-    if device_type == 'cuda':
-        torch.cuda.synchronize()
-    elif device_type == 'hpu':
-        import habana_frameworks.torch.hpu as hthpu
-        hthpu.synchronize()
+    _run_device.mark_step()
 
 
 def autocast_context(device_type, autocast=False, use_fp16=False):
     """bf16 autocast when --autocast, fp16 autocast on CUDA when --use_fp16, else nothing."""
-    if device_type == 'cuda' and use_fp16:
-        return torch.autocast(device_type='cuda', dtype=torch.float16)
-    if autocast:
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return RunDevice(device_type, autocast=autocast, use_fp16=use_fp16).autocast()
 
 
 # =====================================================================================
@@ -418,12 +602,6 @@ def add_distributed_args(parser):
 BACKEND_DEVICE_TYPES = {'nccl': 'cuda', 'hccl': 'hpu', 'gloo': 'cpu'}
 
 
-def _backend_for(device_type):
-    if device_type == 'hpu':
-        import habana_frameworks.torch.distributed.hccl  # noqa: F401  (registers the hccl backend)
-    return {device: backend for backend, device in BACKEND_DEVICE_TYPES.items()}[device_type]
-
-
 def init_distributed_mode(args):
     """Join the process group set up by torchrun / torch.distributed.launch / SLURM.
 
@@ -442,16 +620,14 @@ def init_distributed_mode(args):
         args.gpu = int(os.environ.get('SLURM_LOCALID', 0))
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        if args.device == 'cuda':
-            torch.cuda.set_device(0)
+        _run_device.set_local_device(0)
         setup_for_distributed(True)
         return
     args.distributed = True
-    if args.device == 'cuda':
-        torch.cuda.set_device(args.gpu % torch.cuda.device_count())
+    _run_device.set_local_device(args.gpu)
     # a collective that waits longer than this raises on every surviving process instead of hanging
     timeout = datetime.timedelta(seconds=getattr(args, 'dist_timeout', 1800))
-    dist.init_process_group(backend=_backend_for(args.device), world_size=args.world_size, rank=args.rank,
+    dist.init_process_group(backend=_run_device.process_group_backend(), world_size=args.world_size, rank=args.rank,
                             timeout=timeout, **_rendezvous(args, timeout))
     barrier()
     setup_for_distributed(args.rank == 0)
@@ -572,10 +748,8 @@ def dead_worker_message(match, args):
 
 
 def device_for(args):
-    """torch.device of this process."""
-    if args.device == 'cuda':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device(args.device)
+    """torch.device of this process (of the device setup_device resolved from args)."""
+    return _run_device.torch_device
 
 
 def start_run(args, show_args=True, join_group=True):
@@ -586,6 +760,7 @@ def start_run(args, show_args=True, join_group=True):
     if join_group:
         init_distributed_mode(args)
     if show_args:
+        print(f"Device: {_run_device.describe()}")
         print(f"git:\n  {get_sha()}\n")
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     return device_for(args)
@@ -610,9 +785,7 @@ def wrap_ddp(model, args):
     """DDP across processes (no device_ids on HPU/CPU), or the single-process stand-in."""
     if not getattr(args, 'distributed', False):
         return SingleProcess(model)
-    if args.device == 'cuda':
-        return nn.parallel.DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
-    return nn.parallel.DistributedDataParallel(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=_run_device.ddp_device_ids())
 
 
 # Every collective of the scripts goes through the helpers below. Each hands the backend a copy of its
@@ -621,19 +794,12 @@ def wrap_ddp(model, args):
 
 def backend_device(backend):
     """torch.device on which collectives of `backend` ('nccl', 'hccl', 'gloo') take their tensors."""
-    device_type = BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')
-    if device_type == 'cuda':
-        return torch.device('cuda', torch.cuda.current_device())
-    return torch.device(device_type)
+    return RunDevice(BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')).torch_device
 
 
 def backend_dtype(dtype, backend):
-    """The dtype a tensor of `dtype` travels in: HCCL takes 32-bit and 16-bit floats and 32-bit integers only."""
-    if str(backend).lower() != 'hccl':
-        return dtype
-    if dtype.is_floating_point:
-        return torch.float32 if dtype == torch.float64 else dtype
-    return torch.int32
+    """The dtype a tensor of `dtype` travels in through `backend` (RunDevice.collective_dtype of its device)."""
+    return RunDevice(BACKEND_DEVICE_TYPES.get(str(backend).lower(), 'cpu')).collective_dtype(dtype)
 
 
 def _to_backend(tensor, copy=False):

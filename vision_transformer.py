@@ -219,14 +219,14 @@ class VisionTransformer(nn.Module):
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
 
-    def compile_blocks(self):
+    def compile_blocks(self, backend='inductor'):
         """Compile the transformer blocks in place with torch.compile, for training: parameters, state-dict keys
         and the other methods stay as they are; forward runs the compiled graph of Block.residual_branches.
 
         One graph per input shape and grad mode serves all blocks (compiled when first met: the global and the
         local crops of the student, the teacher's global crops); attention maps are still computed eagerly.
         """
-        compiled = torch.compile(Block.residual_branches, dynamic=False, fullgraph=True)
+        compiled = torch.compile(Block.residual_branches, dynamic=False, fullgraph=True, backend=backend)
         for block in self.blocks:
             block.compiled_branches = compiled
 

@@ -112,6 +112,15 @@ def process_state_kept():
             signal.signal(signum, handler)
 
 
+@pytest.fixture(autouse=True)
+def run_device_kept():
+    """setup_device resolves the process's device once per run: every test starts from the same (the CPU's)."""
+    import utils
+    saved = utils._run_device
+    yield
+    utils._run_device = saved
+
+
 @pytest.fixture
 def restored_process_state():
     with process_state_kept():

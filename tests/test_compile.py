@@ -112,21 +112,26 @@ def test_benchmark_reports_compile_time_and_counts_the_eager_flops():
 
 @pytest.mark.parametrize('device, given, triton, expected', [
     ('cuda', None, True, True), ('cuda', None, False, False), ('cuda', False, True, False), ('cpu', None, True, False),
-    ('cpu', True, False, True), ('hpu', None, True, False)])
+    ('cpu', True, False, True), ('hpu-lazy', None, True, False), ('hpu-eager', None, False, True),
+    ('hpu-eager', False, True, False)])
 def test_compile_default_per_device(monkeypatch, device, given, triton, expected):
-    monkeypatch.setattr(main_dino.importlib.util, 'find_spec', lambda name: object() if triton else None)
-    args = argparse.Namespace(device=device, compile=given, arch='vit_small')
+    monkeypatch.setattr(utils.importlib.util, 'find_spec', lambda name: object() if triton else None)
+    monkeypatch.setattr(utils, '_run_device', utils.RunDevice(device.split('-')[0], lazy=device == 'hpu-lazy'))
+    args = argparse.Namespace(compile=given, arch='vit_small')
     main_dino.resolve_compile(args)
     assert args.compile is expected
 
 
-def test_compile_refused_on_hpu_and_without_triton_and_ignored_for_resnets(monkeypatch, capsys):
-    with pytest.raises(SystemExit, match='--compile true is not supported on HPU'):
-        main_dino.resolve_compile(argparse.Namespace(device='hpu', compile=True, arch='vit_small'))
-    monkeypatch.setattr(main_dino.importlib.util, 'find_spec', lambda name: None)
+def test_compile_refused_in_hpu_lazy_mode_and_without_triton_and_ignored_for_resnets(monkeypatch, capsys):
+    monkeypatch.setattr(utils, '_run_device', utils.RunDevice('hpu', lazy=True))
+    with pytest.raises(SystemExit, match='--compile true is not supported in HPU lazy mode'):
+        main_dino.resolve_compile(argparse.Namespace(compile=True, arch='vit_small'))
+    monkeypatch.setattr(utils.importlib.util, 'find_spec', lambda name: None)
+    monkeypatch.setattr(utils, '_run_device', utils.RunDevice('cuda'))
     with pytest.raises(SystemExit, match='--compile true on CUDA needs Triton'):
-        main_dino.resolve_compile(argparse.Namespace(device='cuda', compile=True, arch='vit_small'))
-    args = argparse.Namespace(device='cpu', compile=True, arch='resnet50')
+        main_dino.resolve_compile(argparse.Namespace(compile=True, arch='vit_small'))
+    monkeypatch.setattr(utils, '_run_device', utils.RunDevice('cpu'))
+    args = argparse.Namespace(compile=True, arch='resnet50')
     main_dino.resolve_compile(args)
     assert args.compile is False
     output = capsys.readouterr()

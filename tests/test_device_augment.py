@@ -133,11 +133,11 @@ def test_accelerator_render_runs_a_fixed_schedule(photos, monkeypatch):
 
 
 def test_compiled_render_equals_eager(monkeypatch, capsys):
-    """On CUDA the render's chain after the resize runs compiled (never on HPU, whose lazy mode compiles
-    itself, nor on a CPU device, which renders with OpenCV). Compiled by inductor on CPU tensors here: the
+    """On CUDA and HPU the render's chain after the resize runs compiled (with the run device's backend; HPU lazy
+    mode refuses --compile), never on a CPU device, which renders with OpenCV. Compiled by inductor on CPU tensors here: the
     views equal the eager ones to float rounding (fused kernels round differently, so a floored level may
     fall the other way now and then), and a batch of other draws reuses the compiled graph."""
-    assert multicrop.COMPILE_ON == ('cuda',)
+    assert multicrop.COMPILE_ON == ('cuda', 'hpu')
     monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
     shapes = imagedata.SyntheticShapes('train', image_size=64, seed=3)
     images = [shapes.render(i) for i in range(4)]
@@ -161,7 +161,7 @@ def test_a_failed_compile_leaves_the_render_eager(photos, monkeypatch, capsys):
         raise RuntimeError('no compiler here\nsecond line')
 
     monkeypatch.setattr(multicrop, 'OPENCV_ON_CPU', False)
-    monkeypatch.setattr(multicrop, '_compiled_finish', lambda: failing)
+    monkeypatch.setattr(multicrop, '_compiled_finish', lambda backend: failing)
     monkeypatch.setattr(multicrop, 'COMPILE_ON', ('cpu',))
     batch = handed_over([photo.resize((96, 72)) for photo in photos], seed=0, sizes=(32, 16), local_crops_number=2)
     got = multicrop.render_views(*batch)

@@ -128,9 +128,9 @@ step fixtures 240 $STEPS fixtures "$WORK" "$LEARN_IMAGES"
 
 # ---------------------------------------------------------------- training under torchrun (NCCL, world size 1)
 step dino_fp16 300 bash -c "$TORCHRUN main_dino.py ${TINY_DINO[*]} --output_dir $WORK/fp16 \
-    && $STEPS training_run $WORK/fp16 2 $DEVICE"
+    && $STEPS training_run $WORK/fp16 2"
 step dino_bf16 300 bash -c "$TORCHRUN main_dino.py ${TINY_DINO[*]} --use_fp16 false --autocast \
-    --output_dir $WORK/bf16 && $STEPS training_run $WORK/bf16 2 $DEVICE"
+    --output_dir $WORK/bf16 && $STEPS training_run $WORK/bf16 2"
 step dino_sigterm_resume 400 $STEPS sigterm_resume "$WORK/fp16" "$WORK/stopped" \
     $TORCHRUN main_dino.py "${TINY_DINO[@]}" --output_dir "$WORK/stopped"
 

@@ -1,4 +1,5 @@
-"""The Python parts of tools/gpu_check.sh: environment checks, fixtures, and checks of what a step wrote.
+"""The Python parts of tools/gpu_check.sh and tools/hpu_check.sh: environment checks, fixtures, and checks of
+what a step wrote.
 
 Run as `python tools/gpu_check_steps.py <command> ...` from the repository root (the shell script does).
 Every command prints its findings; the last line is what gpu_check.sh shows on the step's PASS/FAIL line.
@@ -32,6 +33,25 @@ def gpu():
     memory = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     print(f"{name}, {memory:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"Python {sys.version.split()[0]}")
+
+
+def hpu():
+    """The Gaudi, Habana's software and the execution mode its bridge defaults to (PT_HPU_LAZY_MODE unset)."""
+    os.environ.pop('PT_HPU_LAZY_MODE', None)
+    try:
+        import habana_frameworks.torch.core  # noqa: F401
+        import habana_frameworks.torch.hpu as hthpu
+    except ImportError as exc:
+        sys.exit(f"Habana's PyTorch packages do not import ({exc}); run this in a Gaudi software image")
+    import torch
+    if not hthpu.is_available():
+        sys.exit("habana_frameworks imports but sees no Gaudi (hthpu.is_available() is False)")
+    sys.path.insert(0, str(REPO))
+    import utils
+    default = 'lazy' if utils._hpu_is_lazy() else 'eager'
+    version = getattr(importlib.import_module('habana_frameworks.torch'), '__version__', 'unknown')
+    print(f"{hthpu.get_device_name()} x{hthpu.device_count()}; Habana PyTorch {version}, torch {torch.__version__}, "
+          f"Python {sys.version.split()[0]}; the bridge's default mode: {default}")
 
 
 def requirements():
@@ -96,7 +116,7 @@ def _read_log(out):
     return [json.loads(line) for line in (Path(out) / 'log.txt').read_text().splitlines()]
 
 
-def training_run(out, epochs, device):
+def training_run(out, epochs):
     """A torchrun training run: one log line per epoch with finite figures, its checkpoint, its process group."""
     import utils
     log = _read_log(out)
@@ -107,7 +127,8 @@ def training_run(out, epochs, device):
     assert checkpoint['epoch'] == int(epochs), f"checkpoint epoch {checkpoint['epoch']}"
     assert args.distributed and args.world_size == 1, "the torchrun process did not join a process group"
     scaler = checkpoint.get('fp16_scaler')
-    assert (scaler is not None) == (device == 'cuda' and args.use_fp16), f"fp16_scaler {scaler}"
+    # setup_device clears --use_fp16 off CUDA, and a checkpoint keeps an enabled scaler only
+    assert (scaler is not None) == args.use_fp16, f"fp16_scaler {scaler}"
     precision = 'fp16 + GradScaler' if scaler else ('bf16 autocast' if args.autocast else 'fp32')
     print(f"{precision}: losses {[round(entry['train_loss'], 4) for entry in log]}, checkpoint epoch "
           f"{checkpoint['epoch']}, process group joined (world size 1)")
@@ -202,7 +223,7 @@ def found(log_path, pattern):
     sys.exit(f"no line matching {pattern!r} in {log_path}")
 
 
-COMMANDS = {'gpu': gpu, 'requirements': requirements, 'fixtures': fixtures, 'training_run': training_run,
+COMMANDS = {'gpu': gpu, 'hpu': hpu, 'requirements': requirements, 'fixtures': fixtures, 'training_run': training_run,
             'sigterm_resume': sigterm_resume, 'learning': learning, 'benchmark': benchmark, 'train': train,
             'found': found}
 

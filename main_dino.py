@@ -2,8 +2,8 @@
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import datetime
+import importlib.util
 import json
 import math
 import os

@@ -131,7 +131,11 @@ def cap_default_workers(args, given):
 def path_arg(value):
     """The argparse type of every path flag: `~` and environment variables expanded, as a shell does outside
     quotes (a path given quoted, or passed on by a launcher or a job file, arrives unexpanded)."""
-    return os.path.expandvars(os.path.expanduser(value))
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.search(r'\$(\w+|\{[^}]*\})', expanded)
+    if unset and not os.path.exists(expanded):  # left as typed: a folder named '$DATA' would be created
+        fail(f"{value}: the environment variable {unset.group(1).strip('{}')} is not set; set it, or write the path out")
+    return expanded
 
 
 def check_output_dir(path, flag='--output_dir'):

@@ -295,3 +295,13 @@ def test_a_backbone_with_a_resized_position_embedding_is_refused_naming_it(tmp_p
         utils.load_pretrained_weights(model, str(tmp_path / 'export.pth'), 'teacher', 'vit_tiny', 16)
     assert 'has a position embedding for 16 patches (4x4: 64-pixel images at --patch_size 16)' in stop.value.code
     assert 'does not match --arch' not in stop.value.code
+
+
+def test_an_unset_environment_variable_in_a_path_is_one_line_not_a_folder_named_after_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('NOT_SET_DATA', raising=False)
+    with pytest.raises(SystemExit) as stop:
+        main_dino.get_args_parser().parse_args(['--output_dir', '$NOT_SET_DATA/run'])
+    assert stop.value.code == ("error: $NOT_SET_DATA/run: the environment variable NOT_SET_DATA is not set; set it, "
+                               "or write the path out")
+    assert list(tmp_path.iterdir()) == []

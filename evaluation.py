@@ -25,7 +25,7 @@ FASHION_MNIST_EVAL_SIZE = 32
 
 
 def eval_crop_size(data_path):
-    """Side of the evaluation crops: 224, or that of a built-in source (SYNTHETIC_EVAL_SIZE, FASHION_MNIST_EVAL_SIZE)."""
+    """Side of the evaluation crops: 224, or a built-in source's (SYNTHETIC_EVAL_SIZE, FASHION_MNIST_EVAL_SIZE)."""
     if imagedata.is_synthetic(data_path):
         return SYNTHETIC_EVAL_SIZE
     return FASHION_MNIST_EVAL_SIZE if imagedata.is_fashion_mnist(data_path) else 224
@@ -34,10 +34,12 @@ def eval_crop_size(data_path):
 def add_eval_size_args(parser):
     """--resize and --crop_size: the size the evaluations see their images at (the original's 256 and 224)."""
     parser.add_argument('--resize', default=None, type=int, help="""Side in pixels the short side of every image
-        is resized to (bicubic) before the centre crop; default crop_size * 256 / 224 (256 for 224, the original's).""")
+        is resized to (bicubic) before the centre crop; default crop_size * 256 / 224 (256 for 224, the original's;
+        for fashion-mnist, crop_size: the whole image).""")
     parser.add_argument('--crop_size', default=None, type=int, help="""Side in pixels of the square centre crop the
-        network sees: 224 by default, as in the original (64 with --data_path synthetic, 32 with fashion-mnist). For small images, use the
-        training resolution, e.g. --resize 64 --crop_size 64 for a model trained with --global_crops_size 64.""")
+        network sees: 224 by default, as in the original (64 with --data_path synthetic, 32 with fashion-mnist). For
+        small images, use the training resolution, e.g. --resize 64 --crop_size 64 for a model trained with
+        --global_crops_size 64.""")
     return parser
 
 
@@ -413,14 +415,16 @@ class KnnMonitor:
         self.splits = [imagedata.limit_dataset(ds, min(args.knn_limit, len(ds))) for ds in self.splits]
         self.labels = [torch.tensor(dataset_labels(ds)) for ds in self.splits]
         pixels = sum(len(ds) for ds in self.splits) * 3 * args.global_crops_size ** 2
-        if pixels * 4 <= self.CACHE_BYTES:  # small images: decoded and transformed once, not at every measurement
+        self.cached = pixels * 4 <= self.CACHE_BYTES
+        if self.cached:  # small images: decoded and transformed once, not at every measurement
             self.splits = [torch.utils.data.TensorDataset(torch.stack([img for img, _ in ds]), labels)
                            for ds, labels in zip(self.splits, self.labels)]
         self.baseline = logged_baseline(args.output_dir)
         self.warned = False
         self.clock = None  # (time, epochs trained) at the end of the last measurement
-        print(f"k-NN monitor of the teacher's {self.K}-NN top-1 on {len(self.splits[0])} train and {len(self.splits[1])} val images "
-              f"of {args.knn_data} at {args.global_crops_size} pixels, every {args.knn_every} epoch(s)")
+        print(f"k-NN monitor of the teacher's {self.K}-NN top-1 on {len(self.splits[0])} train and "
+              f"{len(self.splits[1])} val images of {args.knn_data} at {args.global_crops_size} pixels, every "
+              f"{args.knn_every} epoch(s)")
 
     def due(self, epochs_trained):
         return epochs_trained == 0 or epochs_trained % self.args.knn_every == 0 or epochs_trained == self.args.epochs
@@ -449,7 +453,7 @@ class KnnMonitor:
 
     def _loader(self, dataset):
         return torch.utils.data.DataLoader(imagedata.ReturnIndexDataset(dataset), batch_size=128,
-                                           num_workers=min(self.args.num_workers, 2))
+                                           num_workers=0 if self.cached else min(self.args.num_workers, 2))
 
     def log(self, top1, epochs_trained, seconds, summary_writer):
         args = self.args
@@ -469,12 +473,17 @@ class KnnMonitor:
             f.write(json.dumps({'knn_top1': top1, 'knn_epochs_trained': epochs_trained}) + '\n')
         if summary_writer is not None:
             summary_writer.add_scalar(f'knn/{self.K}nn_top1', top1, epochs_trained)
-        if (self.baseline is not None and not self.warned and epochs_trained >= self.WARN_AFTER * args.epochs
-                and top1 <= self.baseline):
-            self.warned = True
-            print(f"Warning: after {epochs_trained} of {args.epochs} epochs the teacher's k-NN top-1 ({top1:.1f}%) is "
-                  f"not above its random initialisation's ({self.baseline:.1f}%): it is not learning. "
-                  f"Try {not_learning_advice(args, self.steps)}. See README, 'My loss does not decrease'.")
+        self.warn_if_not_learning(top1, epochs_trained)
+
+    def warn_if_not_learning(self, top1, epochs_trained):
+        args = self.args
+        if self.baseline is None or self.warned or epochs_trained < self.WARN_AFTER * args.epochs \
+                or top1 > self.baseline:
+            return
+        self.warned = True
+        print(f"Warning: after {epochs_trained} of {args.epochs} epochs the teacher's k-NN top-1 ({top1:.1f}%) is "
+              f"not above its random initialisation's ({self.baseline:.1f}%): it is not learning. "
+              f"Try {not_learning_advice(args, self.steps)}. See README, 'My loss does not decrease'.")
 
 
 def logged_baseline(output_dir):
@@ -493,7 +502,7 @@ def not_learning_advice(args, steps):
     """Flag values, computed from the run's, for a run of `steps` iterations whose teacher does not beat its random
     initialisation (README, 'My loss does not decrease', says why each matters on small data)."""
     tries = []
-    momentum = max(0.9, round(1 - SMALL_RUN_HORIZON / steps, 3))  # the teacher must follow the student's progress
+    momentum = max(0.9, round(1 - HORIZONS_PER_RUN / steps, 3))  # the teacher must follow the student's progress
     if args.momentum_teacher > momentum:
         tries.append(f"--momentum_teacher {momentum:g} (the teacher's horizon of {1 / (1 - args.momentum_teacher):.0f} "
                      f"steps is long against this run's {steps})")
@@ -502,13 +511,10 @@ def not_learning_advice(args, steps):
         tries.append(f"--warmup_epochs {warmup}")
     if args.out_dim > SMALL_RUN_OUT_DIM:
         tries.append(f"--out_dim {SMALL_RUN_OUT_DIM}")
-    if args.teacher_temp > SMALL_RUN_TEACHER_TEMP:
-        tries.append(f"--teacher_temp {SMALL_RUN_TEACHER_TEMP:g} --warmup_teacher_temp {SMALL_RUN_TEACHER_TEMP:g}")
-    tries.append(f"more epochs (--epochs {2 * args.epochs})")
+    tries.append(f"more iterations (--epochs {2 * args.epochs}, or more images)")
     return ', '.join(tries)
 
 
-# what the README's small-data recipe found on Fashion-MNIST (see README, 'My loss does not decrease')
-SMALL_RUN_HORIZON = 20  # the teacher's EMA horizon 1 / (1 - momentum), at most 1/SMALL_RUN_HORIZON of the run
+# README, 'Why the paper's ImageNet defaults do not carry over to 2,000 images'
+HORIZONS_PER_RUN = 10  # the teacher's EMA horizon 1 / (1 - momentum): at most a tenth of the run
 SMALL_RUN_OUT_DIM = 4096
-SMALL_RUN_TEACHER_TEMP = 0.02

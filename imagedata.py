@@ -1,5 +1,6 @@
-"""Image data of training and evaluation: the built-in synthetic shapes and Fashion-MNIST, image folders and list files (the
-tree scan), PIL loading, resumable seeded sampling, and the unreadable images a run skips. Used by every script."""
+"""Image data of training and evaluation: the built-in synthetic shapes and Fashion-MNIST, image folders and list
+files (the tree scan), PIL loading, resumable seeded sampling, and the unreadable images a run skips. Used by every
+script."""
 import contextlib
 import gzip
 import os
@@ -133,7 +134,8 @@ class FashionMNIST(torch.utils.data.Dataset):
         self.images = _read_idx(prefix + '-images-idx3-ubyte', header=16).reshape(-1, 28, 28)
         self.targets = _read_idx(prefix + '-labels-idx1-ubyte', header=8).astype(np.int64).tolist()
         if len(self.images) != len(self.targets):
-            utils.fail(f"Fashion-MNIST in {root}: the {split} images and labels differ in number; fetch the files again")
+            utils.fail(f"Fashion-MNIST in {root}: the {split} images and labels differ in number; "
+                       "fetch the files again")
 
     def __len__(self):
         return len(self.targets)
@@ -195,9 +197,10 @@ def find_fashion_mnist(data_path, download_root=os.path.join('~', '.cache', 'din
             for train in (True, False):
                 datasets.FashionMNIST(root, train=train, download=True)
         except (OSError, RuntimeError) as exc:
-            utils.fail(f"--data_path fashion-mnist: not installed and cannot be downloaded ({str(exc).splitlines()[0]}); "
-                       "install Debian's package (apt-get install dataset-fashion-mnist), or download its four "
-                       "idx files from https://github.com/zalandoresearch/fashion-mnist and pass --data_path <that folder>")
+            utils.fail(f"--data_path fashion-mnist: not installed and cannot be downloaded "
+                       f"({str(exc).splitlines()[0]}); install Debian's package (apt-get install "
+                       "dataset-fashion-mnist), or download its four idx files from "
+                       "https://github.com/zalandoresearch/fashion-mnist and pass --data_path <that folder>")
     return raw
 
 

@@ -648,8 +648,8 @@ def unread_flags(args):
         unread['collapse_margin'] = 'with --collapse_window 0 (no collapse warning)'
     if not args.knn_every:
         unread.update(dict.fromkeys(['knn_data', 'knn_limit'], 'with --knn_every 0 (no k-NN monitor)'))
-    if imagedata.is_synthetic(args.data_path):
-        unread['strict_data'] = 'on --data_path synthetic (its images are always readable)'
+    if imagedata.is_builtin(args.data_path):
+        unread['strict_data'] = f'on --data_path {args.data_path} (its images are always readable)'
     return unread
 
 

@@ -75,7 +75,7 @@ def test_monitor_flags_are_checked():
 @pytest.mark.parametrize('arch, patch_size', [('vit_tiny', 16), ('vit_tiny', 8)])
 def test_random_weights_are_a_fresh_backbone_of_the_seed_and_mains_first_teacher(arch, patch_size):
     args = argparse.Namespace(arch=arch, patch_size=patch_size, random_weights=True, seed=5)
-    with utils.restored_process_state() if hasattr(utils, 'restored_process_state') else _kept_rng():
+    with torch.random.fork_rng():
         model, embed_dim = utils.build_evaluated_backbone(args)
         torch.manual_seed(5)
         fresh, _ = utils.build_backbone(arch, patch_size)
@@ -90,14 +90,6 @@ def test_random_weights_are_a_fresh_backbone_of_the_seed_and_mains_first_teacher
     for name, value in state.items():
         assert torch.equal(value, fresh.state_dict()[name]) and torch.equal(value, teacher_state[name]), name
     assert not torch.equal(state['blocks.0.attn.qkv.weight'], other.state_dict()['blocks.0.attn.qkv.weight'])
-
-
-class _kept_rng:
-    def __enter__(self):
-        self.state = torch.random.get_rng_state()
-
-    def __exit__(self, *exc):
-        torch.random.set_rng_state(self.state)
 
 
 @pytest.mark.parametrize('script', [eval_knn, eval_linear])
@@ -180,3 +172,12 @@ def test_collapse_advice_names_the_next_values_both_ways(capsys):
     followed = main_dino.CollapseWatch(watch_args(out_dim=16384, teacher_temp=0.03, warmup_teacher_temp=0.03))
     [dominant] = collapse_warnings(followed, capsys, 0.01, 0.01)
     assert '--teacher_temp 0.0375' in dominant
+
+
+def test_not_learning_advice_names_values_computed_from_the_run():
+    args = argparse.Namespace(momentum_teacher=0.996, warmup_epochs=10, epochs=10, out_dim=65536)
+    advice = evaluation.not_learning_advice(args, steps=310)
+    assert '--momentum_teacher 0.968 (the teacher\'s horizon of 250 steps is long against this run\'s 310)' in advice
+    assert '--warmup_epochs 1' in advice and '--out_dim 4096' in advice and '--epochs 20' in advice
+    args = argparse.Namespace(momentum_teacher=0.9, warmup_epochs=1, epochs=10, out_dim=1024)
+    assert evaluation.not_learning_advice(args, steps=310) == 'more iterations (--epochs 20, or more images)'

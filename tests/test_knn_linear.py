@@ -363,7 +363,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, random_vit_tiny, small_image_f
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: --data_path {tmp_path / 'only_val'} has no train/ folder; it must hold train/ and val/ "
-        "ImageFolders (one sub-folder of images per class), or be 'synthetic'"]
+        "ImageFolders (one sub-folder of images per class), or be 'synthetic' or 'fashion-mnist'"]
 
     knn = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder, *CPU]
     assert '--nb_knn 20' in inprocess_error(eval_knn, *knn, '--nb_knn', '10', '20')

@@ -26,6 +26,7 @@ def get_args_parser():
     parser.add_argument('--temperature', default=0.07, type=float,
                         help='Temperature T of the neighbour weights exp(similarity / T).')
     utils.add_model_args(parser, arch='vit_small', patch_size=16)
+    utils.add_random_weights_args(parser)
     utils.add_extraction_args(parser)
     evaluation.add_eval_size_args(parser)
     parser.add_argument('--dump_features', default=None, type=utils.path_arg,
@@ -33,7 +34,8 @@ def get_args_parser():
     parser.add_argument('--load_features', default=None, type=utils.path_arg,
                         help='Folder of features saved earlier with --dump_features: skips the extraction.')
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=utils.path_arg,
-                        help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
+                        help="""A folder with train/ and val/ ImageFolders, 'synthetic' for the built-in shapes, or
+                        'fashion-mnist' (val: its 10,000 held-out images; see main_dino.py --data_path).""")
     parser.add_argument('--max_batches', default=None, type=int,
                         help='Read only this many batches (per device) of each split; for quick tests.')
     parser.add_argument('--dump_tb_events', default=None, type=utils.path_arg,
@@ -82,8 +84,7 @@ def extract_feature_pipeline(args, device):
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
     # ============ building network ... ============
-    model, _ = utils.build_backbone(args.arch, args.patch_size)
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    model, _ = utils.build_evaluated_backbone(args)
     model.to(device).eval()
     print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
 
@@ -98,8 +99,8 @@ def extract_feature_pipeline(args, device):
             writer.close()
         features.append(F.normalize(feats, dim=1, p=2))
     train_features, test_features = features
-    train_labels = torch.tensor(dataset_labels(dataset_train), dtype=torch.long)
-    test_labels = torch.tensor(dataset_labels(dataset_val), dtype=torch.long)
+    train_labels = torch.tensor(evaluation.dataset_labels(dataset_train), dtype=torch.long)
+    test_labels = torch.tensor(evaluation.dataset_labels(dataset_val), dtype=torch.long)
     if args.dump_features and utils.is_main_process():
         dump_features(args.dump_features, train_features, test_features, train_labels, test_labels)
     return train_features, test_features, train_labels, test_labels
@@ -136,7 +137,7 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
         similarities, indices = evaluation.nearest_neighbours(train_features, queries, k_max)
         neighbour_labels = train_labels[indices]
         for i, k in enumerate(ks):
-            ranked = rank_classes(similarities[:, :k], neighbour_labels[:, :k], T, num_classes)
+            ranked = evaluation.rank_classes(similarities[:, :k], neighbour_labels[:, :k], T, num_classes)
             hits = ranked[:, :min(5, k)] == targets  # top-5 is only meaningful when k >= 5
             correct[i, 0] += hits[:, 0].sum().item()
             correct[i, 1] += hits.sum().item()
@@ -149,15 +150,6 @@ def knn_evaluate(train_features, train_labels, test_features, test_labels, ks, T
 def default_chunk_size(num_train, k, num_classes, budget=2 ** 26):
     """Test samples per chunk so that the similarity and vote matrices stay under `budget` elements."""
     return max(1, budget // max(num_train, k * num_classes))
-
-
-def rank_classes(similarities, labels, T, num_classes):
-    """Classes of each row ranked by their summed neighbour weights exp(similarity / T)."""
-    weights = (similarities / T).exp()
-    one_hot = torch.zeros(*labels.shape, num_classes, dtype=weights.dtype, device=weights.device)
-    one_hot.scatter_(2, labels.unsqueeze(-1), weights.unsqueeze(-1))
-    votes = one_hot.sum(1)
-    return votes.sort(dim=1, descending=True, stable=True).indices
 
 
 def check_nb_knn(nb_knn, num_train):
@@ -173,13 +165,6 @@ def first_batches(dataset, args):
         return dataset
     count = args.max_batches * args.batch_size_per_device * utils.get_world_size()
     return torch.utils.data.Subset(dataset, range(min(count, len(dataset))))
-
-
-def dataset_labels(dataset):
-    if isinstance(dataset, torch.utils.data.Subset):
-        labels = dataset_labels(dataset.dataset)
-        return [labels[i] for i in dataset.indices]
-    return list(dataset.targets)
 
 
 # ============ the original's importable names (for code written against it; these scripts do not use them) ============
@@ -231,11 +216,12 @@ def tensorboard_writer(args, subdir):
 def check_args(args):
     utils.check_common_args(args)
     utils.check_at_least(args, 1, 'max_batches', 'nb_knn')
+    utils.check_random_weights(args)
     if not 0 < args.temperature < float('inf'):
         utils.fail(f"--temperature must be positive, got {args.temperature}")
     if args.load_features:
         utils.check_input_folder(args.load_features, '--load_features')
-    elif not imagedata.is_synthetic(args.data_path):
+    elif not imagedata.is_builtin(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
     evaluation.check_eval_sizes(args)
     for flag in ('dump_features', 'dump_tb_events'):
@@ -246,12 +232,13 @@ def check_args(args):
 
 
 def unread_flags(args):
-    """The flags --load_features does not read (no features are extracted): {name: why}."""
+    """The flags --load_features does not read (no features are extracted), and those of the weights not
+    loaded: {name: why}."""
     if not args.load_features:
-        return {}
+        return utils.random_weights_unread(args)
     return dict.fromkeys(['pretrained_weights', 'checkpoint_key', 'arch', 'patch_size', 'data_path', 'max_batches',
-                          'batch_size_per_device', 'num_workers', 'dump_features', 'autocast'],
-                         'with --load_features (no features are extracted)')
+                          'batch_size_per_device', 'num_workers', 'dump_features', 'autocast', 'random_weights',
+                          'seed'], 'with --load_features (no features are extracted)')
 
 
 def main(argv=None):

@@ -34,7 +34,8 @@ def get_args_parser():
     parser.add_argument('--batch_size_per_device', '--batch_size_per_gpu', dest='batch_size_per_device',
                         default=128, type=int, help='Images per device and step.')
     parser.add_argument('--data_path', default='/path/to/imagenet/', type=utils.path_arg,
-                        help="A folder with train/ and val/ ImageFolders, or 'synthetic' for the built-in data.")
+                        help="""A folder with train/ and val/ ImageFolders, 'synthetic' for the built-in shapes, or
+                        'fashion-mnist' (val: its 10,000 held-out images; see main_dino.py --data_path).""")
     parser.add_argument('--data_limit', default=None, type=int, help='Use only this many images of each split.')
     parser.add_argument('--num_workers', default=10, type=int, help='Data loading workers per device.')
     parser.add_argument('--val_freq', default=1, type=int, help='Validate every this many epochs.')
@@ -42,6 +43,7 @@ def get_args_parser():
     parser.add_argument('--num_labels', default=1000, type=int, help='Number of outputs of the linear classifier.')
     parser.add_argument('--evaluate', action='store_true', help="""Only evaluate the linear head of
         output_dir/checkpoint.pth.tar (the released head of --arch when there is none).""")
+    utils.add_random_weights_args(parser)
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
     return parser
@@ -49,15 +51,13 @@ def get_args_parser():
 
 def eval_linear(args):
     device = utils.start_run(args)
-    utils.fix_random_seeds(0)
 
     # ============ building network ... ============
-    model, embed_dim = utils.build_backbone(args.arch, args.patch_size)
+    model, embed_dim = utils.build_evaluated_backbone(args)  # seeds the random states (0, or --seed)
     if is_vit(model):
         if args.n_last_blocks > len(model.blocks):
             utils.fail(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
         embed_dim *= args.n_last_blocks + int(args.avgpool_patchtokens)
-    utils.load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
     model.requires_grad_(False)
     model.to(device).eval()
     print(f"Model {args.arch} built.")
@@ -274,9 +274,9 @@ def head_inputs(args):
         backbone = f"sha256 {checkpoints.file_digest(args.pretrained_weights)} [{args.checkpoint_key}]"
     else:
         backbone = f"released {args.arch}/{args.patch_size}"
-    data = 'synthetic' if imagedata.is_synthetic(args.data_path) else os.path.realpath(args.data_path)
     inputs = {name: getattr(args, name) for name in TRAINING_INPUTS if hasattr(args, name)}
-    inputs.update(backbone=backbone, data_path=data, global_batch=args.batch_size_per_device * utils.get_world_size())
+    inputs.update(backbone=backbone, data_path=imagedata.data_identity(args.data_path),
+                  global_batch=args.batch_size_per_device * utils.get_world_size())
     return inputs
 
 
@@ -323,17 +323,21 @@ def write_logs(log_stats, epoch, output_dir, summary_writer):
 def check_args(args):
     utils.check_common_args(args)
     utils.check_at_least(args, 1, 'epochs', 'n_last_blocks', 'val_freq', 'num_labels', 'data_limit')
+    utils.check_random_weights(args)
     if not 0 < args.lr < float('inf'):
         utils.fail(f"--lr must be positive, got {args.lr}")
-    if not imagedata.is_synthetic(args.data_path):
+    if not imagedata.is_builtin(args.data_path):
         utils.check_input_folder(args.data_path, '--data_path')
     evaluation.check_eval_sizes(args)
     utils.check_output_dir(args.output_dir)
 
 
 def unread_flags(args):
-    """The flags --evaluate does not read (it trains no head): {name: why}."""
-    return dict.fromkeys(['epochs', 'lr', 'val_freq'], 'with --evaluate (no head is trained)') if args.evaluate else {}
+    """The flags --evaluate does not read (it trains no head), and those of the weights not loaded: {name: why}."""
+    unread = utils.random_weights_unread(args)
+    if args.evaluate:
+        unread.update(dict.fromkeys(['epochs', 'lr', 'val_freq'], 'with --evaluate (no head is trained)'))
+    return unread
 
 
 def main(argv=None):

@@ -2,7 +2,10 @@
 nearest neighbours, the retrieval metrics and PCA whitening, the frozen ViT and its attention maps. Used by
 eval_knn, eval_linear, eval_copy_detection, eval_image_retrieval, eval_video_segmentation and the attention
 scripts."""
+import contextlib
+import json
 import os
+import time
 
 import cv2
 import numpy as np
@@ -17,20 +20,26 @@ import utils
 # Synthetic images are rendered and evaluated at this side (the tests train on 64-pixel crops of
 # them); real data keeps the original resize 256 / centre crop 224.
 SYNTHETIC_EVAL_SIZE = 64
+# Fashion-MNIST's 28-pixel images are evaluated whole, at the 32-pixel global crops of the README's recipe
+FASHION_MNIST_EVAL_SIZE = 32
 
 
 def eval_crop_size(data_path):
-    """Side of the evaluation crops: 224, or SYNTHETIC_EVAL_SIZE for the built-in synthetic data."""
-    return SYNTHETIC_EVAL_SIZE if imagedata.is_synthetic(data_path) else 224
+    """Side of the evaluation crops: 224, or a built-in source's (SYNTHETIC_EVAL_SIZE, FASHION_MNIST_EVAL_SIZE)."""
+    if imagedata.is_synthetic(data_path):
+        return SYNTHETIC_EVAL_SIZE
+    return FASHION_MNIST_EVAL_SIZE if imagedata.is_fashion_mnist(data_path) else 224
 
 
 def add_eval_size_args(parser):
     """--resize and --crop_size: the size the evaluations see their images at (the original's 256 and 224)."""
     parser.add_argument('--resize', default=None, type=int, help="""Side in pixels the short side of every image
-        is resized to (bicubic) before the centre crop; default crop_size * 256 / 224 (256 for 224, the original's).""")
+        is resized to (bicubic) before the centre crop; default crop_size * 256 / 224 (256 for 224, the original's;
+        for fashion-mnist, crop_size: the whole image).""")
     parser.add_argument('--crop_size', default=None, type=int, help="""Side in pixels of the square centre crop the
-        network sees: 224 by default, as in the original (64 with --data_path synthetic). For small images, use the
-        training resolution, e.g. --resize 64 --crop_size 64 for a model trained with --global_crops_size 64.""")
+        network sees: 224 by default, as in the original (64 with --data_path synthetic, 32 with fashion-mnist). For
+        small images, use the training resolution, e.g. --resize 64 --crop_size 64 for a model trained with
+        --global_crops_size 64.""")
     return parser
 
 
@@ -40,8 +49,8 @@ def check_eval_sizes(args):
     crop_given = args.crop_size is not None
     if not crop_given:
         args.crop_size = eval_crop_size(args.data_path)
-    if args.resize is None:
-        args.resize = default_resize(args.crop_size)
+    if args.resize is None:  # Fashion-MNIST's clothes fill the frame: no border is cut off
+        args.resize = args.crop_size if imagedata.is_fashion_mnist(args.data_path) else default_resize(args.crop_size)
     utils.check_at_least(args, 1, 'crop_size', 'resize')
     utils.check_crop_size(args.crop_size, args, '--crop_size')
     if args.resize < args.crop_size:
@@ -77,13 +86,14 @@ def center_crop_transform(crop_size=224, resize=None):
 
 
 def build_eval_split(data_path, split, transform=None):
-    """The `split` ('train' or 'val') ImageFolder under data_path, or that split of the synthetic data."""
-    if imagedata.is_synthetic(data_path):
-        return imagedata.SyntheticShapes(split, image_size=SYNTHETIC_EVAL_SIZE, transform=transform)
+    """The `split` ('train' or 'val') ImageFolder under data_path, or that split of a built-in source (the
+    synthetic shapes; Fashion-MNIST, whose 'val' is its 10,000 held-out images)."""
+    if imagedata.is_builtin(data_path):
+        return imagedata.builtin_split(data_path, split, SYNTHETIC_EVAL_SIZE, transform)[0]
     root = os.path.join(data_path, split)
     if not os.path.isdir(root):
         utils.fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
-                   "(one sub-folder of images per class), or be 'synthetic'")
+                   "(one sub-folder of images per class), or be 'synthetic' or 'fashion-mnist'")
     return imagedata.build_image_folder(root, transform)
 
 
@@ -92,6 +102,14 @@ def dataset_classes(dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     return list(dataset.classes)
+
+
+def dataset_labels(dataset):
+    """Labels of an ImageFolder or a built-in source, also through Subset wrappers."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = dataset_labels(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    return list(dataset.targets)
 
 
 def check_matching_classes(dataset_train, dataset_val, data_path):
@@ -130,20 +148,24 @@ def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
 
 @torch.no_grad()
 def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
-                     forward=None, summary_writer=None):
+                     forward=None, summary_writer=None, this_process_only=False):
     """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
 
     The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
     DistributedSampler: samples it repeats to even out processes are written once.
     `forward(model, images)` overrides the plain `model(images)` call. With a
     summary_writer, the throughput is also written as TensorBoard scalars.
+    `this_process_only`: the loader reads the whole dataset in this process, which neither
+    talks to the others nor prints progress (the training's k-NN monitor).
     """
     global_batch = (data_loader.batch_size or 1) * utils.get_world_size()
     metric_logger = utils.MetricLogger(delimiter="  ", batch_size=global_batch, summary_writer=summary_writer)
     features = None
     forward = forward or (lambda m, x: multi_scale(x, m) if multiscale else m(x))
     epoch = 0 if summary_writer is not None else None
-    for samples, index in metric_logger.log_every(data_loader, 10, 'Extracting features', epoch):
+    batches = data_loader if this_process_only else metric_logger.log_every(data_loader, 10, 'Extracting features',
+                                                                            epoch)
+    for samples, index in batches:
         samples = samples.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         with utils.autocast_context(device.type, autocast):
@@ -153,8 +175,10 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
         if features is None:
             storage = device if store_on_device else 'cpu'
             features = torch.zeros(len(data_loader.dataset), feats.shape[-1], device=storage)
-            print(f"Storing features into tensor of shape {tuple(features.shape)}")
-        feats, index = utils.all_gather(feats), utils.all_gather(index)
+            if not this_process_only:
+                print(f"Storing features into tensor of shape {tuple(features.shape)}")
+        if not this_process_only:
+            feats, index = utils.all_gather(feats), utils.all_gather(index)
         features.index_copy_(0, index.to(features.device), feats.to(features.device))
     return features
 
@@ -184,6 +208,15 @@ def nearest_neighbours(database, queries, k):
     indices, order = indices.sort(dim=1)
     values, order = values.gather(1, order).sort(dim=1, descending=True, stable=True)
     return values, indices.gather(1, order)
+
+
+def rank_classes(similarities, labels, T, num_classes):
+    """Classes of each row ranked by their summed neighbour weights exp(similarity / T)."""
+    weights = (similarities / T).exp()
+    one_hot = torch.zeros(*labels.shape, num_classes, dtype=weights.dtype, device=weights.device)
+    one_hot.scatter_(2, labels.unsqueeze(-1), weights.unsqueeze(-1))
+    votes = one_hot.sum(1)
+    return votes.sort(dim=1, descending=True, stable=True).indices
 
 
 def compute_ap(ranks, nres):
@@ -352,3 +385,139 @@ def draw_mask(image, mask, color=(255, 0, 0), alpha=0.5, fill=True):
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(out, contours, -1, color, 1)
     return out
+
+
+# =====================================================================================
+# k-NN monitor of a training run (main_dino --knn_every)
+# =====================================================================================
+
+def eval_resize(data_path, crop_size):
+    """The side resized to before the centre crop: the whole image for Fashion-MNIST (its clothes fill the frame),
+    else the original's ratio (default_resize)."""
+    return crop_size if imagedata.is_fashion_mnist(data_path) else default_resize(crop_size)
+
+
+class KnnMonitor:
+    """The teacher's weighted 20-NN top-1 during training: before the first step (the random initialisation,
+    the baseline) and every --knn_every epochs, at the training resolution (--global_crops_size), on at most
+    --knn_limit images of each split of --knn_data.
+
+    The main process computes it alone, in its own order, so that any number of processes logs the figure of one.
+    Once the run has done WARN_AFTER of its epochs without beating its baseline, one warning says what to try.
+    """
+    K, T = 20, 0.07  # eval_knn.py's 20-NN and temperature
+    WARN_AFTER = 0.5
+    CACHE_BYTES = 2 ** 28
+
+    def __init__(self, args, device, steps):
+        self.args, self.device, self.steps = args, device, steps  # steps: the run's number of iterations
+        transform = center_crop_transform(args.global_crops_size, eval_resize(args.knn_data, args.global_crops_size))
+        self.splits = [build_eval_split(args.knn_data, split, transform) for split in ('train', 'val')]
+        check_matching_classes(*self.splits, args.knn_data)
+        self.num_classes = len(dataset_classes(self.splits[0]))
+        self.splits = [imagedata.limit_dataset(ds, min(args.knn_limit, len(ds))) for ds in self.splits]
+        self.labels = [torch.tensor(dataset_labels(ds)) for ds in self.splits]
+        pixels = sum(len(ds) for ds in self.splits) * 3 * args.global_crops_size ** 2
+        self.cached = pixels * 4 <= self.CACHE_BYTES
+        if self.cached:  # small images: decoded and transformed once, not at every measurement
+            self.splits = [torch.utils.data.TensorDataset(torch.stack([img for img, _ in ds]), labels)
+                           for ds, labels in zip(self.splits, self.labels)]
+        self.baseline = logged_baseline(args.output_dir)
+        self.warned = False
+        self.clock = None  # (time, epochs trained) at the end of the last measurement
+        print(f"k-NN monitor of the teacher's {self.K}-NN top-1 on {len(self.splits[0])} train and "
+              f"{len(self.splits[1])} val images of {args.knn_data} at {args.global_crops_size} pixels, every "
+              f"{args.knn_every} epoch(s)")
+
+    def due(self, epochs_trained):
+        return epochs_trained == 0 or epochs_trained % self.args.knn_every == 0 or epochs_trained == self.args.epochs
+
+    def __call__(self, teacher_backbone, epochs_trained, summary_writer=None):
+        """Measure (when due) and log the teacher's k-NN top-1 after `epochs_trained` epochs (0: the baseline)."""
+        if not self.due(epochs_trained):
+            return
+        if utils.is_main_process():
+            started = time.time()
+            top1 = self.measure(teacher_backbone)
+            self.log(top1, epochs_trained, time.time() - started, summary_writer)
+            self.clock = (time.time(), epochs_trained)
+        utils.barrier()
+
+    @torch.no_grad()
+    def measure(self, backbone):
+        was_training = backbone.training
+        backbone.eval()
+        train, val = (F.normalize(extract_features(backbone, self._loader(ds), self.device, this_process_only=True),
+                                  dim=1) for ds in self.splits)
+        backbone.train(was_training)
+        similarities, indices = nearest_neighbours(train, val, self.K)
+        ranked = rank_classes(similarities, self.labels[0][indices], self.T, self.num_classes)
+        return 100. * (ranked[:, 0] == self.labels[1]).double().mean().item()
+
+    def _loader(self, dataset):
+        return torch.utils.data.DataLoader(imagedata.ReturnIndexDataset(dataset), batch_size=128,
+                                           num_workers=0 if self.cached else min(self.args.num_workers, 2))
+
+    def log(self, top1, epochs_trained, seconds, summary_writer):
+        args = self.args
+        cost = f"{seconds:.1f} s"
+        if self.clock is not None and epochs_trained > self.clock[1]:
+            epoch_seconds = (time.time() - seconds - self.clock[0]) / (epochs_trained - self.clock[1])
+            cost += f", {100 * seconds / epoch_seconds:.0f}% of an epoch"
+        if epochs_trained == 0:
+            self.baseline = top1
+            print(f"k-NN monitor: {self.K}-NN top-1 {top1:.1f}% at the random initialisation (the baseline) ({cost})")
+        else:
+            versus = '' if self.baseline is None else \
+                f" (random initialisation {self.baseline:.1f}%, {top1 - self.baseline:+.1f})"
+            print(f"k-NN monitor: {self.K}-NN top-1 {top1:.1f}% after {epochs_trained}/{args.epochs} epochs{versus} "
+                  f"({cost})")
+        with open(os.path.join(args.output_dir, 'log.txt'), 'a') as f:
+            f.write(json.dumps({'knn_top1': top1, 'knn_epochs_trained': epochs_trained}) + '\n')
+        if summary_writer is not None:
+            summary_writer.add_scalar(f'knn/{self.K}nn_top1', top1, epochs_trained)
+        self.warn_if_not_learning(top1, epochs_trained)
+
+    def warn_if_not_learning(self, top1, epochs_trained):
+        args = self.args
+        if self.baseline is None or self.warned or epochs_trained < self.WARN_AFTER * args.epochs \
+                or top1 > self.baseline:
+            return
+        self.warned = True
+        print(f"Warning: after {epochs_trained} of {args.epochs} epochs the teacher's k-NN top-1 ({top1:.1f}%) is "
+              f"not above its random initialisation's ({self.baseline:.1f}%): it is not learning. "
+              f"Try {not_learning_advice(args, self.steps)}. See README, 'My loss does not decrease'.")
+
+
+def logged_baseline(output_dir):
+    """The k-NN monitor's baseline logged in output_dir/log.txt by the run being resumed, or None."""
+    baseline = None
+    with contextlib.suppress(OSError), open(os.path.join(output_dir, 'log.txt')) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get('knn_epochs_trained') == 0:
+                    baseline = entry['knn_top1']
+    return baseline
+
+
+def not_learning_advice(args, steps):
+    """Flag values, computed from the run's, for a run of `steps` iterations whose teacher does not beat its random
+    initialisation (README, 'My loss does not decrease', says why each matters on small data)."""
+    tries = []
+    momentum = max(0.9, round(1 - HORIZONS_PER_RUN / steps, 3))  # the teacher must follow the student's progress
+    if args.momentum_teacher > momentum:
+        tries.append(f"--momentum_teacher {momentum:g} (the teacher's horizon of {1 / (1 - args.momentum_teacher):.0f} "
+                     f"steps is long against this run's {steps})")
+    warmup = max(1, args.epochs // 10)
+    if args.warmup_epochs > warmup:
+        tries.append(f"--warmup_epochs {warmup}")
+    if args.out_dim > SMALL_RUN_OUT_DIM:
+        tries.append(f"--out_dim {SMALL_RUN_OUT_DIM}")
+    tries.append(f"more iterations (--epochs {2 * args.epochs}, or more images)")
+    return ', '.join(tries)
+
+
+# README, 'Why the paper's ImageNet defaults do not carry over to 2,000 images'
+HORIZONS_PER_RUN = 10  # the teacher's EMA horizon 1 / (1 - momentum): at most a tenth of the run
+SMALL_RUN_OUT_DIM = 4096

@@ -1,6 +1,8 @@
-"""Image data of training and evaluation: the built-in synthetic shapes, image folders and list files (the
-tree scan), PIL loading, resumable seeded sampling, and the unreadable images a run skips. Used by every script."""
+"""Image data of training and evaluation: the built-in synthetic shapes and Fashion-MNIST, image folders and list
+files (the tree scan), PIL loading, resumable seeded sampling, and the unreadable images a run skips. Used by every
+script."""
 import contextlib
+import gzip
 import os
 import random
 
@@ -111,6 +113,113 @@ class SyntheticShapes(torch.utils.data.Dataset):
             for corner in self._polygon(center, radius * 0.7, angle, 3):
                 r = radius * 0.25
                 draw.ellipse([corner[0] - r, corner[1] - r, corner[0] + r, corner[1] + r], fill=colour)
+
+
+class FashionMNIST(torch.utils.data.Dataset):
+    """Zalando's Fashion-MNIST: 28x28 grey photos of clothes in 10 classes, 60,000 to train and 10,000 held out
+    (the 'val' split here). Images come as RGB PIL images; labels are the class indices.
+
+    The four idx files (gzipped or not) are read from `root`; see find_fashion_mnist for where they are looked for.
+    """
+    CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+               'Ankle boot']
+    FILES = {'train': 'train', 'val': 't10k'}
+
+    def __init__(self, root, split='train', transform=None):
+        if split not in self.FILES:
+            utils.fail(f"unknown Fashion-MNIST split {split}; use train or val")
+        self.transform = transform
+        self.classes = list(self.CLASSES)
+        prefix = os.path.join(root, self.FILES[split])
+        self.images = _read_idx(prefix + '-images-idx3-ubyte', header=16).reshape(-1, 28, 28)
+        self.targets = _read_idx(prefix + '-labels-idx1-ubyte', header=8).astype(np.int64).tolist()
+        if len(self.images) != len(self.targets):
+            utils.fail(f"Fashion-MNIST in {root}: the {split} images and labels differ in number; "
+                       "fetch the files again")
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index]).convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+FASHION_MNIST = 'fashion-mnist'
+DEBIAN_FASHION_MNIST = '/usr/share/datasets/fashion-mnist'  # Debian's dataset-fashion-mnist package
+
+
+def _read_idx(path, header):
+    """The bytes after the header of an idx file, as uint8 (path, or path + '.gz')."""
+    for candidate, opener in ((path + '.gz', gzip.open), (path, open)):
+        if os.path.isfile(candidate):
+            try:
+                with opener(candidate, 'rb') as f:
+                    return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+            except (OSError, EOFError, ValueError) as exc:
+                utils.fail(f"cannot read {candidate} ({exc}); fetch the Fashion-MNIST files again")
+    utils.fail(f"{path}.gz is missing; a Fashion-MNIST folder holds train- and t10k- images-idx3-ubyte and "
+               "labels-idx1-ubyte files (gzipped or not)")
+
+
+def holds_fashion_mnist(folder):
+    """Whether `folder` holds Fashion-MNIST's training images idx file (gzipped or not)."""
+    name = os.path.join(os.path.expanduser(str(folder)), 'train-images-idx3-ubyte')
+    return os.path.isfile(name) or os.path.isfile(name + '.gz')
+
+
+def is_fashion_mnist(data_path):
+    """'fashion-mnist' (the built-in source), or a folder holding its idx files."""
+    return str(data_path).strip().lower() == FASHION_MNIST or holds_fashion_mnist(data_path)
+
+
+def is_builtin(data_path):
+    """A labelled source built in: the synthetic shapes or Fashion-MNIST."""
+    return is_synthetic(data_path) or is_fashion_mnist(data_path)
+
+
+def data_identity(data_path):
+    """What a --data_path names, to compare runs: a built-in source's name, else the real path of the file or folder."""
+    if is_builtin(data_path) and not os.path.isdir(os.path.expanduser(str(data_path))):
+        return str(data_path).strip().lower()
+    return os.path.realpath(os.path.expanduser(str(data_path)))
+
+
+def find_fashion_mnist(data_path, download_root=os.path.join('~', '.cache', 'dino', 'fashion-mnist')):
+    """The folder of the Fashion-MNIST idx files: `data_path` itself when it holds them; for 'fashion-mnist',
+    Debian's dataset-fashion-mnist location, else a copy torchvision downloaded into `download_root` (downloaded
+    now where the network allows)."""
+    if holds_fashion_mnist(data_path):
+        return os.path.expanduser(str(data_path))
+    if holds_fashion_mnist(DEBIAN_FASHION_MNIST):
+        return DEBIAN_FASHION_MNIST
+    root = os.path.expanduser(download_root)
+    raw = os.path.join(root, 'FashionMNIST', 'raw')
+    if not holds_fashion_mnist(raw):
+        from torchvision import datasets
+        print(f"Fashion-MNIST: not in {DEBIAN_FASHION_MNIST}; downloading it into {root}")
+        try:
+            for train in (True, False):
+                datasets.FashionMNIST(root, train=train, download=True)
+        except (OSError, RuntimeError) as exc:
+            utils.fail(f"--data_path fashion-mnist: not installed and cannot be downloaded "
+                       f"({str(exc).splitlines()[0]}); install Debian's package (apt-get install "
+                       "dataset-fashion-mnist), or download its four idx files from "
+                       "https://github.com/zalandoresearch/fashion-mnist and pass --data_path <that folder>")
+    return raw
+
+
+def builtin_split(data_path, split, image_size, transform=None, seed=0):
+    """The `split` ('train' or 'val') of a built-in labelled source (see is_builtin), and one line describing it.
+    `image_size` is the side the synthetic shapes are drawn at (Fashion-MNIST's are 28 pixels)."""
+    if is_synthetic(data_path):
+        dataset = SyntheticShapes(split, image_size=image_size, seed=seed, transform=transform)
+        return dataset, f"synthetic shapes ({split}): {len(dataset)} images"
+    root = find_fashion_mnist(data_path)
+    dataset = FashionMNIST(root, split, transform)
+    return dataset, f"Fashion-MNIST ({split}) from {root}: {len(dataset)} images in {len(dataset.classes)} classes"
 
 
 def is_synthetic(data_path):

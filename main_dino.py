@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoints
+import evaluation
 import imagedata
 import multicrop
 import outputdir
@@ -117,7 +118,8 @@ def get_args_parser():
     parser.add_argument('--data_path', default='/path/to/imagenet/train/', type=utils.path_arg,
                         help="""Training images: a folder of images at any depth (an ImageFolder keeps its order),
         a text file listing image paths (one per line, absolute or relative to the file's folder; blank lines
-        and # comments skipped), or 'synthetic' for the built-in data.""")
+        and # comments skipped), 'synthetic' for the built-in shapes, or 'fashion-mnist' for Fashion-MNIST's
+        60,000 training images (Debian's dataset-fashion-mnist, else downloaded; or a folder of its idx files).""")
     parser.add_argument('--output_dir', default=None, type=utils.path_arg, help=f"""Where logs and checkpoints go.
         Default:
         {DEFAULT_OUTPUT_DIR} (not the current folder, which may hold the repository or your data); rerunning a
@@ -144,6 +146,15 @@ def get_args_parser():
     parser.add_argument('--collapse_margin', default=0.1, type=float, help="""Collapse warning: margin as a
         fraction of log(out_dim), the entropy of a uniform output. Runs on the built-in data that collapse to
         uniform settle at about 95%% of log(out_dim), so a margin of 0.05 would sit on their noise.""")
+    parser.add_argument('--knn_every', default=0, type=int, help="""k-NN monitor: log the teacher's weighted
+        20-NN top-1 on --knn_data, at the training resolution, before the first step (the random initialisation:
+        the baseline to beat) and every this many epochs, to log.txt, TensorBoard and one line; a warning says
+        what to try when the run is not above its baseline after half of its epochs. 0 (default): off.""")
+    parser.add_argument('--knn_data', default=None, type=utils.path_arg, help="""k-NN monitor's labelled images: a folder
+        with train/ and val/ ImageFolders, 'synthetic' or 'fashion-mnist'. Default: --data_path when it is
+        'synthetic' or 'fashion-mnist'.""")
+    parser.add_argument('--knn_limit', default=1000, type=int, help="""k-NN monitor: at most this many images of
+        each split (a fixed random subset), which keeps each measurement to a few percent of an epoch.""")
     utils.add_distributed_args(parser)
     utils.add_device_args(parser)
     return parser
@@ -162,6 +173,7 @@ def train_dino(args):
     data_loader = build_data_loader(args)
     print(f"Data loaded: there are {len(data_loader.dataset)} images.")
     args.data_images = len(data_loader.dataset)  # saved with the args: a resume checks it is the same data
+    knn_monitor = evaluation.KnnMonitor(args, device, len(data_loader) * args.epochs) if args.knn_every else None
 
     # ============ building student and teacher networks, loss, optimizer and schedules ... ============
     run = build_training_run(args, device, len(data_loader))
@@ -184,6 +196,8 @@ def train_dino(args):
 
     run.stop, run.summary_writer = stop, utils.summary_writer(args.output_dir)
     start_time = time.time()
+    if knn_monitor and start_epoch == start_step == 0:
+        knn_monitor(run.teacher_without_ddp.backbone, 0, run.summary_writer)
     print("Starting DINO training !")
     for epoch in range(start_epoch, args.epochs):
         step = start_step if epoch == start_epoch else 0
@@ -196,6 +210,8 @@ def train_dino(args):
                   "run the same command to continue.")
             break
         end_epoch(run, epoch, metric_logger)
+        if knn_monitor:
+            knn_monitor(run.teacher_without_ddp.backbone, epoch + 1, run.summary_writer)
         if stop.requested(device):
             print(f"Stopped by {stop} after epoch {epoch}; run the same command to resume.")
             break
@@ -434,16 +450,10 @@ class CollapseWatch:
     Too little centring: one dimension dominates (entropy near 0 and the KL to the student near 0).
     """
 
-    ADVICE = {
-        'uniform': "the teacher's outputs are becoming uniform (too little sharpening): lower --teacher_temp "
-                   "and --warmup_teacher_temp, raise --momentum_teacher (e.g. 0.9995 for small batches), "
-                   "or use a smaller --out_dim",
-        'dominant': "one output dimension dominates the teacher (too little centring): raise --teacher_temp "
-                    "and --warmup_teacher_temp (more --warmup_teacher_temp_epochs), lower --lr, use more "
-                    "--local_crops_number or a larger batch for more diverse targets",
-    }
+    MODES = ('uniform', 'dominant')
 
     def __init__(self, args):
+        self.args = args
         self.max_entropy = math.log(args.out_dim)
         self.margin = args.collapse_margin * self.max_entropy
         self.first_epoch = max(args.warmup_epochs, args.warmup_teacher_temp_epochs)
@@ -459,13 +469,30 @@ class CollapseWatch:
         entropy, kl, top_mass = np.mean(self.recent, axis=0)  # single steps are noisy: judge the window's mean
         modes = {'uniform': entropy >= self.max_entropy - self.margin,
                  'dominant': entropy <= self.margin and kl <= self.margin}
-        for mode in self.ADVICE:
+        for mode in self.MODES:
             if modes[mode] and mode not in self.warned:
                 self.warned.add(mode)
-                print(f"Warning: collapse at epoch {epoch}: {self.ADVICE[mode]}. Over the last {len(self.recent)} "
+                print(f"Warning: collapse at epoch {epoch}: {self.advice(mode)}. Over the last {len(self.recent)} "
                       f"iterations: teacher entropy {entropy:.3f} (log(out_dim) = {self.max_entropy:.3f}), "
                       f"teacher-student KL {kl:.3f}, top dimension {100 * top_mass:.1f}% of the teacher mass. "
                       "See README, 'My loss does not decrease'; training continues.")
+
+    def advice(self, mode):
+        """What the warning of `mode` says, with the next values of the flags computed from this run's.
+
+        The temperature steps (x 0.75 against uniform outputs, x 1.25 against a dominant dimension) do not undo
+        each other: a run that follows one advice and meets the opposite collapse is sent between the two values.
+        """
+        args = self.args
+        if mode == 'uniform':
+            temp = 0.75 * args.teacher_temp
+            smaller = f" --out_dim {args.out_dim // 4}" if args.out_dim > 4096 else ""
+            return (f"the teacher's outputs are becoming uniform (too little sharpening): rerun with --teacher_temp "
+                    f"{temp:.3g} --warmup_teacher_temp {min(temp, args.warmup_teacher_temp):.3g}{smaller}")
+        temp = min(1.25 * args.teacher_temp, 0.07)  # the paper finds teachers above 0.07 unstable
+        return (f"one output dimension dominates the teacher (too little centring): rerun with --teacher_temp "
+                f"{temp:.3g} --warmup_teacher_temp {min(temp, args.warmup_teacher_temp):.3g} --lr {args.lr / 2:.3g}"
+                f" (or more --local_crops_number, a larger batch: more diverse targets)")
 
 
 class DataAugmentationDINO(object):
@@ -537,10 +564,9 @@ def images_per_step(args):
 def build_data_loader(args):
     transform = DataAugmentationDINO(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                      args.global_crops_size, args.local_crops_size, args.augment_on)
-    if imagedata.is_synthetic(args.data_path):
-        dataset = imagedata.SyntheticShapes('train', image_size=max(args.global_crops_size, 64), seed=args.seed,
-                                            transform=transform)
-        description = f"synthetic shapes: {len(dataset)} images"
+    if imagedata.is_builtin(args.data_path):
+        dataset, description = imagedata.builtin_split(args.data_path, 'train', max(args.global_crops_size, 64),
+                                                       transform, args.seed)
     else:
         dataset, description = imagedata.build_training_images(args.data_path, transform)
     print(f"Data source: {description}")
@@ -934,9 +960,7 @@ def check_same_run(args, saved, path, start_step):
 
 def same_data_path(saved, given):
     """Whether two --data_path values name the same data (the built-in data, or the same file or folder)."""
-    if imagedata.is_synthetic(saved) or imagedata.is_synthetic(given):
-        return imagedata.is_synthetic(saved) == imagedata.is_synthetic(given)
-    return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+    return imagedata.data_identity(saved) == imagedata.data_identity(given)
 
 
 def check_fresh_start(args):
@@ -973,8 +997,10 @@ def unread_flags(args):
         unread['collapse_margin'] = 'with --collapse_window 0 (no collapse warning)'
     if not args.init_weights:
         unread['init_heads'] = 'without --init_weights'
-    if imagedata.is_synthetic(args.data_path):
-        unread['strict_data'] = 'on --data_path synthetic (its images are always readable)'
+    if not args.knn_every:
+        unread.update(dict.fromkeys(['knn_data', 'knn_limit'], 'with --knn_every 0 (no k-NN monitor)'))
+    if imagedata.is_builtin(args.data_path):
+        unread['strict_data'] = f'on --data_path {args.data_path} (its images are always readable)'
     return unread
 
 
@@ -1014,6 +1040,24 @@ def check_numbers(args):
         utils.fail(f"--grad_checkpointing checkpoints the blocks of a ViT; --arch {args.arch} is not one: leave "
                    "it out, or lower --batch_size_per_device to fit the memory")
     check_crop_sizes(args)
+    check_knn_monitor(args)
+
+
+def check_knn_monitor(args):
+    """--knn_every's flags; --knn_data defaults to a built-in --data_path (its labels)."""
+    if args.knn_every < 0:
+        utils.fail("--knn_every must be 0 (off) or a number of epochs")
+    if not args.knn_every:
+        return
+    if args.knn_limit < evaluation.KnnMonitor.K:
+        utils.fail(f"--knn_limit must be at least {evaluation.KnnMonitor.K}, the monitor's number of neighbours")
+    if args.knn_data is None:
+        if not imagedata.is_builtin(args.data_path):
+            utils.fail("--knn_every needs labelled images: pass --knn_data, a folder with train/ and val/ ImageFolders "
+                       "(one sub-folder per class), or 'fashion-mnist' or 'synthetic'")
+        args.knn_data = args.data_path
+    elif not imagedata.is_builtin(args.knn_data):
+        utils.check_input_folder(args.knn_data, '--knn_data')
 
 
 def check_crop_sizes(args):

@@ -253,6 +253,40 @@ def add_model_args(parser, arch, patch_size, weights=True):
     return parser
 
 
+def add_random_weights_args(parser):
+    """--random_weights and --seed: evaluate a random initialisation, the baseline a trained backbone must beat."""
+    parser.add_argument('--random_weights', default=False, type=bool_flag, nargs='?', const=True,
+                        help="""Evaluate a randomly initialised backbone of --arch/--patch_size drawn with --seed
+        instead of loading weights: the baseline a trained backbone must beat. It equals the teacher of
+        main_dino.py before its first step with the same --seed.""")
+    parser.add_argument('--seed', default=0, type=int, help='Seed of the --random_weights initialisation.')
+
+
+def build_evaluated_backbone(args):
+    """The frozen backbone an evaluation measures, with its feature dimension: --arch/--patch_size with
+    --pretrained_weights, or with --random_weights the random initialisation of --seed."""
+    fix_random_seeds(args.seed if args.random_weights else 0)
+    model, embed_dim = build_backbone(args.arch, args.patch_size)
+    if args.random_weights:
+        print(f"Random weights: {args.arch} initialised with --seed {args.seed} (the random baseline)")
+    else:
+        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, args.arch, args.patch_size)
+    return model, embed_dim
+
+
+def check_random_weights(args):
+    if args.random_weights and args.pretrained_weights:
+        fail("--random_weights evaluates a random initialisation: leave out --pretrained_weights, or --random_weights "
+             "to evaluate those weights")
+
+
+def random_weights_unread(args):
+    """The flags that --random_weights (or its absence) leaves unread: {name: why}."""
+    if args.random_weights:
+        return {'checkpoint_key': 'with --random_weights (no weights are loaded)'}
+    return {'seed': 'without --random_weights (it seeds the random initialisation)'}
+
+
 def add_device_args(parser):
     """Device and mixed-precision flags shared by every script."""
     parser.add_argument('--device', default='auto', choices=['auto', 'hpu', 'cuda', 'cpu'],

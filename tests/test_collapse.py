@@ -99,7 +99,7 @@ def test_bad_collapse_flags_are_one_clear_line(flags):
 
 def test_collapse_watch_modes_window_and_warm_ups(capsys):
     args = argparse.Namespace(collapse_window=3, collapse_margin=0.1, out_dim=1024, warmup_epochs=1,
-                              warmup_teacher_temp_epochs=0)
+                              warmup_teacher_temp_epochs=0, teacher_temp=0.04, warmup_teacher_temp=0.04, lr=0.0005)
     watch = main_dino.CollapseWatch(args)
     near_uniform, healthy = 0.97 * math.log(1024), 5.0  # the warning needs a mean of 0.9 * log(1024) = 6.24
     for epoch, entropy in [(0, near_uniform)] * 5 + [(1, near_uniform)] * 2 + [(1, healthy)] + [(2, near_uniform)] * 2:

@@ -79,7 +79,7 @@ def check_against_brute_force(train, train_labels, test, test_labels, ks, T, num
         neighbours, rankings = brute_force_knn(train, train_labels, test, k, T, num_classes)
         sims, indices = evaluation.nearest_neighbours(train, test, k)
         assert indices.tolist() == neighbours
-        ranked = eval_knn.rank_classes(sims, train_labels[indices], T, num_classes)
+        ranked = evaluation.rank_classes(sims, train_labels[indices], T, num_classes)
         assert ranked[:, :5].tolist() == [r[:5] for r in rankings]
         expected = accuracies_of(rankings, test_labels, k)
         assert results[k] == pytest.approx(expected, abs=1e-9)
@@ -116,7 +116,7 @@ def test_knn_ties_go_to_lower_index_then_lower_class():
     query = torch.tensor([[1., 0.]])
     sims, indices = evaluation.nearest_neighbours(train, query, 2)
     assert indices.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
-    assert eval_knn.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
+    assert evaluation.rank_classes(sims, train_labels[indices], 0.07, 3).tolist() == [[1, 2, 0]]
     assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([1]), 2, 0.07, 3) == (100., 100.)
     assert eval_knn.knn_classifier(train, train_labels, query, torch.tensor([2]), 2, 0.07, 3) == (0., 100.)
     # k = 1: the tie at the k-th place goes to index 0, label 2
@@ -363,7 +363,7 @@ def test_bad_input_gives_one_clear_line(tmp_path, random_vit_tiny, small_image_f
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: --data_path {tmp_path / 'only_val'} has no train/ folder; it must hold train/ and val/ "
-        "ImageFolders (one sub-folder of images per class), or be 'synthetic'"]
+        "ImageFolders (one sub-folder of images per class), or be 'synthetic' or 'fashion-mnist'"]
 
     knn = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder, *CPU]
     assert '--nb_knn 20' in inprocess_error(eval_knn, *knn, '--nb_knn', '10', '20')

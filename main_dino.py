@@ -42,7 +42,7 @@ def get_args_parser():
         teacher update, raised to 1 with a cosine schedule. Use e.g. 0.9995 with small batches.""")
     parser.add_argument('--use_bn_in_head', default=False, type=utils.bool_flag,
                         help="Use batch normalisation in the projection head.")
-    parser.add_argument('--init_weights', default='', type=str, help="""Start this new run's student and teacher
+    parser.add_argument('--init_weights', default='', type=utils.path_arg, help="""Start this new run's student and teacher
         from these weights instead of random ones: a backbone file (DINO's released *_pretrain.pth, or
         tools/export_backbone.py's backbone.safetensors or .pth; the DINO heads start fresh), or a full DINO
         checkpoint (a released *_pretrain_full_checkpoint.pth, or a checkpoint.pth of main_dino.py: student and

@@ -113,12 +113,12 @@ def check_token_count(model, image_shape, args, device):
     return True
 
 
-@contextlib.contextmanager
 def memory_available(device):
     """Bytes the forward pass may use: the CPU's physical memory, a GPU's free memory; None elsewhere."""
     return utils.run_device().free_memory()
 
 
+@contextlib.contextmanager
 def block_progress(blocks, show):
     """With `show`, a progress bar that each of `blocks` advances as its forward pass ends."""
     if not show:

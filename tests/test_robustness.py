@@ -343,5 +343,5 @@ def test_malicious_files_are_refused_by_the_evaluation_scripts(tmp_path):
     write_malicious(linear_dir / 'checkpoint.pth.tar', marker, 'legacy')
     import eval_linear
     with pytest.raises(SystemExit, match='refusing to load'):
-        eval_linear.load_linear_head(torch.nn.Linear(1, 1), argparse.Namespace(output_dir=str(linear_dir)))
+        eval_linear.load_linear_head(torch.nn.Linear(1, 1), argparse.Namespace(output_dir=str(linear_dir)), {})
     assert not marker.exists()

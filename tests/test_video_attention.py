@@ -9,6 +9,7 @@ from PIL import Image
 
 import eval_video_segmentation as evs
 import evaluation
+import outputdir
 import utils
 from conftest import run_script
 
@@ -218,6 +219,7 @@ def test_a_run_that_stops_leaves_the_earlier_results_and_its_own_finished_videos
     (out / 'first').mkdir(parents=True)
     (out / 'first' / '00000.png').write_bytes(b'earlier mask')
     (out / 'metrics.json').write_text('{"earlier": true}')
+    outputdir.record_written(out, ['first', 'metrics.json'])  # an earlier run's results
     read_frame = evs.read_frame
 
     def fails_on_broken(path):  # a frame whose header reads but whose pixels do not decode
@@ -237,7 +239,7 @@ def test_a_run_that_stops_leaves_the_earlier_results_and_its_own_finished_videos
     (tmp_path / 'davis/ImageSets/2017/val.txt').write_text('first\n')  # a run that completes replaces them
     evs.main([*ARCH, '--pretrained_weights', str(weights), '--data_path', str(tmp_path / 'davis'),
               '--output_dir', str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ['first', 'metrics.json']
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != '.') == ['first', 'metrics.json']
     assert sorted(p.name for p in (out / 'first').iterdir()) == ['00000.png', '00001.png', '00002.png']
     assert list(json.loads((out / 'metrics.json').read_text())['videos']) == ['first']
 
@@ -297,7 +299,7 @@ def test_visualize_attention_on_a_sample_photograph(tmp_path, weights, model):
                       '--image_size', '72', '100', '--threshold', '0.6', '--output_dir', out)
     assert "scikit-image's sample photograph" in proc.stdout
     names = ['img.png'] + [f'attn-head{h}.png' for h in range(3)] + [f'mask_th0.6_head{h}.png' for h in range(3)]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in out.iterdir() if p.name[0] != '.') == sorted(names)
     for name in names:
         with Image.open(out / name) as img:
             assert img.size == (96, 64)  # 72x100 cropped to whole 16-pixel patches

@@ -914,6 +914,7 @@ def check_args(args):
     if args.output_dir is None:
         args.output_dir = utils.path_arg(DEFAULT_OUTPUT_DIR)
     check_numbers(args)
+    utils.check_arch(args.arch)
     utils.check_output_dir(args.output_dir)  # --data_path is checked when the data is listed, before any output
     check_resumed_optimizer(args)
     if args.init_weights and not resumes(args):

@@ -922,21 +922,26 @@ def torchvision_archs():
                   if name.islower() and not name.startswith('__') and callable(torchvision_models.__dict__[name]))
 
 
+def check_arch(arch):
+    """Stop unless build_backbone can build `arch` (checked at start-up, before any data is listed)."""
+    if arch.replace('deit', 'vit') not in ('vit_tiny', 'vit_small', 'vit_base') and arch not in torchvision_archs():
+        fail(f"unknown --arch {arch}; choose one of {', '.join(VIT_ARCHS)} or a torchvision network such as resnet50")
+
+
 def build_backbone(arch, patch_size=16, **vit_kwargs):
     """A ViT of this repository or a torchvision network, with its feature dimension."""
-    arch = arch.replace('deit', 'vit')
-    if arch in ('vit_tiny', 'vit_small', 'vit_base'):
-        model = vits.__dict__[arch](patch_size=patch_size, **vit_kwargs)
+    check_arch(arch)
+    vit = arch.replace('deit', 'vit')
+    if vit in ('vit_tiny', 'vit_small', 'vit_base'):
+        model = vits.__dict__[vit](patch_size=patch_size, **vit_kwargs)
         return model, model.embed_dim
     from torchvision import models as torchvision_models
-    if arch in torchvision_archs():
-        model = torchvision_models.__dict__[arch]()
-        if not hasattr(model, 'fc'):
-            fail(f"--arch {arch}: only torchvision networks with a final 'fc' layer (ResNets, ...) are supported")
-        embed_dim = model.fc.weight.shape[1]
-        model.fc = nn.Identity()
-        return model, embed_dim
-    fail(f"unknown --arch {arch}; choose one of {', '.join(VIT_ARCHS)} or a torchvision network such as resnet50")
+    model = torchvision_models.__dict__[arch]()
+    if not hasattr(model, 'fc'):
+        fail(f"--arch {arch}: only torchvision networks with a final 'fc' layer (ResNets, ...) are supported")
+    embed_dim = model.fc.weight.shape[1]
+    model.fc = nn.Identity()
+    return model, embed_dim
 
 
 class MultiCropWrapper(nn.Module):

@@ -4,18 +4,20 @@ Parameter names and shapes follow the released DINO checkpoints exactly, so
 those files load into these modules without any key conversion.
 """
 import math
-from functools import cache, partial
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
-@cache
-@torch.compiler.assume_constant_result  # a fact of the machine: compiled graphs take it as a constant
+# a fact of the machine, read once: compiled graphs see a constant (torch.compiler's decorators for this
+# would load TorchDynamo at every start-up, seconds of each script's launch)
+_CPU_BF16_MATMUL = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _cpu_has_bf16_matmul():
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return _CPU_BF16_MATMUL
 
 
 def lower_precision(op, *tensors, **kwargs):
@@ -270,6 +272,8 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         x = self.prepare_tokens(x)
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+        if checkpointed:  # imported here: torch.utils.checkpoint loads TorchDynamo, seconds at every start-up
+            from torch.utils.checkpoint import checkpoint
         for blk in self.blocks:
             x = checkpoint(blk, x, use_reentrant=False, preserve_rng_state=True) if checkpointed else blk(x)
         x = self.norm(x)

@@ -146,6 +146,6 @@ def small_image_folder(tmp_path_factory):
 def tiny_dino_checkpoint(tmp_path_factory):
     """A vit_tiny/16 DINO checkpoint trained briefly on synthetic data (shared by the evaluation tests)."""
     out = tmp_path_factory.mktemp('tiny_dino')
-    run_script('main_dino.py', *TINY_TRAIN_ARGS, '--epochs', '4', '--data_limit', '320',
+    run_script('main_dino.py', *TINY_TRAIN_ARGS, '--epochs', '1', '--data_limit', '64',
                '--output_dir', out, timeout=600)
     return out / 'checkpoint.pth'

@@ -377,6 +377,10 @@ def test_load_pretrained_weights_wrong_arch_is_clear(tmp_path):
 
 # ----------------------------------------------------------------------------- training runs
 
+# the tiny run at 32/16-pixel crops: what these tests check does not depend on the crops' size
+SMALL_CROPS = [*TINY_TRAIN_ARGS, '--global_crops_size', '32', '--local_crops_size', '16']
+
+
 def read_log(out_dir):
     return [json.loads(line) for line in (out_dir / 'log.txt').read_text().splitlines()]
 
@@ -387,7 +391,7 @@ def test_training_writes_logs_checkpoints_and_events_and_resumes(tmp_path):
     Whether the network learns is not judged here: a falling loss would not show it (the loss of a
     collapsing run falls too).
     """
-    args = [*TINY_TRAIN_ARGS, '--data_limit', '64', '--output_dir', tmp_path]
+    args = [*SMALL_CROPS, '--data_limit', '32', '--output_dir', tmp_path]
     run_script('main_dino.py', *args, '--epochs', '2')
     log = read_log(tmp_path)
     assert [entry['epoch'] for entry in log] == [0, 1]
@@ -415,7 +419,7 @@ def test_training_writes_logs_checkpoints_and_events_and_resumes(tmp_path):
 def test_two_process_torchrun_matches_one_process_gradients(tmp_path):
     """DDP over 2 gloo processes with half batches gives the full-batch DINO loss center and a working run."""
     out = tmp_path / 'run'
-    proc = run_torchrun('main_dino.py', 2, *TINY_TRAIN_ARGS, '--data_limit', '64', '--batch_size_per_device', '8',
+    proc = run_torchrun('main_dino.py', 2, *SMALL_CROPS, '--data_limit', '32', '--batch_size_per_device', '8',
                         '--epochs', '1', '--output_dir', out)
     assert 'world_size: 2' in proc.stdout
     assert [entry['epoch'] for entry in read_log(out)] == [0]
@@ -454,9 +458,9 @@ def test_bad_input_is_one_clear_line(tmp_path, case):
 
 
 def test_checkpoint_from_another_arch_is_refused_and_kept(tmp_path):
-    run_script('main_dino.py', *TINY_TRAIN_ARGS, '--data_limit', '16', '--epochs', '1', '--output_dir', tmp_path)
+    run_script('main_dino.py', *SMALL_CROPS, '--data_limit', '16', '--epochs', '1', '--output_dir', tmp_path)
     before = (tmp_path / 'checkpoint.pth').read_bytes()
-    proc = run_script('main_dino.py', *TINY_TRAIN_ARGS, '--data_limit', '16', '--epochs', '2', '--arch', 'vit_small',
+    proc = run_script('main_dino.py', *SMALL_CROPS, '--data_limit', '16', '--epochs', '2', '--arch', 'vit_small',
                       '--output_dir', tmp_path, check=False)
     assert_one_clear_line(proc, 'does not fit')
     assert (tmp_path / 'checkpoint.pth').read_bytes() == before

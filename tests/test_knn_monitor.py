@@ -29,23 +29,38 @@ def monitor_log(folder):
     return [(e['knn_epochs_trained'], e['knn_top1']) for e in entries if 'knn_top1' in e]
 
 
-def test_monitor_logs_the_random_baseline_then_each_epoch_and_the_baseline_is_eval_knns_random_backbone(tmp_path):
-    """All 2,000 train and 500 val synthetic images: the baseline must be what eval_knn.py --random_weights gives
-    for the same seed, at the same size (32-pixel crops), on the same images."""
+@pytest.fixture(scope='module')
+def labelled_folder(tmp_path_factory):
+    """train/ (40) and val/ (20) ImageFolders of the synthetic shapes' 10 classes, 32 pixels."""
+    root = tmp_path_factory.mktemp('labelled')
+    for split, count in (('train', 40), ('val', 20)):
+        shapes = imagedata.SyntheticShapes(split, image_size=32)
+        for i in range(count):
+            image, label = shapes[i]
+            folder = root / split / f'class{label}'
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f'{i:04d}.png')
+    return root
+
+
+def test_monitor_logs_the_random_baseline_then_each_epoch_and_the_baseline_is_eval_knns_random_backbone(
+        tmp_path, labelled_folder):
+    """The baseline must be what eval_knn.py --random_weights gives for the same seed, at the same size
+    (32-pixel crops), on the same images."""
     out = tmp_path / 'run'
-    proc = run_script('main_dino.py', *MONITOR_ARGS, '--batch_size_per_device', '16', '--epochs', '2',
-                      '--seed', '3', '--knn_limit', '2000', '--output_dir', out, timeout=300)
+    proc = run_script('main_dino.py', *MONITOR_ARGS, '--batch_size_per_device', '16', '--epochs', '1',
+                      '--seed', '3', '--knn_data', labelled_folder, '--output_dir', out, timeout=300)
     log = monitor_log(out)
-    assert [epochs for epochs, _ in log] == [0, 1, 2]
+    assert [epochs for epochs, _ in log] == [0, 1]
     lines = [line for line in proc.stdout.splitlines() if line.startswith('k-NN monitor: 20-NN top-1')]
-    assert len(lines) == 3 and 'at the random initialisation (the baseline)' in lines[0]
-    assert f'after 2/2 epochs (random initialisation {log[0][1]:.1f}%' in lines[2] and '% of an epoch' in lines[2]
+    assert len(lines) == 2 and 'at the random initialisation (the baseline)' in lines[0]
+    assert f'after 1/1 epochs (random initialisation {log[0][1]:.1f}%' in lines[1] and '% of an epoch' in lines[1]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out)).Reload()
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars('knn/20nn_top1')] == log
 
     knn = run_script('eval_knn.py', '--random_weights', '--seed', '3', '--arch', 'vit_tiny', '--patch_size', '16',
-                     '--data_path', 'synthetic', '--crop_size', '32', '--nb_knn', '20', '--device', 'cpu',
+                     '--data_path', labelled_folder, '--crop_size', '32', '--nb_knn', '20', '--device', 'cpu',
                      '--num_workers', '0')
     assert float(KNN_LINE.search(knn.stdout).group(1)) == pytest.approx(log[0][1], abs=1e-9)
 

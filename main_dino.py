@@ -149,7 +149,7 @@ def get_args_parser():
     parser.add_argument('--knn_every', default=0, type=int, help="""k-NN monitor: log the teacher's weighted
         20-NN top-1 on --knn_data, at the training resolution, before the first step (the random initialisation:
         the baseline to beat) and every this many epochs, to log.txt, TensorBoard and one line; a warning says
-        what to try when the run is not above its baseline after half of its epochs. 0 (default): off.""")
+        what to try when the run is not above its baseline after three quarters of its epochs. 0 (default): off.""")
     parser.add_argument('--knn_data', default=None, type=utils.path_arg, help="""k-NN monitor's labelled images: a folder
         with train/ and val/ ImageFolders, 'synthetic' or 'fashion-mnist'. Default: --data_path when it is
         'synthetic' or 'fashion-mnist'.""")

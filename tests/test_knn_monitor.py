@@ -196,3 +196,19 @@ def test_not_learning_advice_names_values_computed_from_the_run():
     assert '--warmup_epochs 1' in advice and '--out_dim 4096' in advice and '--epochs 20' in advice
     args = argparse.Namespace(momentum_teacher=0.9, warmup_epochs=1, epochs=10, out_dim=1024)
     assert evaluation.not_learning_advice(args, steps=310) == 'more iterations (--epochs 20, or more images)'
+
+
+def test_not_learning_warning_waits_for_three_quarters_of_the_run_and_spares_a_horizon_near_a_tenth(capsys):
+    """The README's recipe (6 epochs of 156 iterations, momentum 0.99) is below its baseline until epoch 4 of 6, then
+    above: no warning; a run still below after 5 of 6 epochs is warned once, without a momentum it already has."""
+    args = argparse.Namespace(momentum_teacher=0.99, warmup_epochs=1, epochs=6, out_dim=1024)
+    monitor = argparse.Namespace(args=args, baseline=53.7, warned=False, steps=936,
+                                 WARN_AFTER=evaluation.KnnMonitor.WARN_AFTER)
+    for epochs, top1 in [(1, 52.2), (2, 51.5), (3, 52.9), (4, 54.0)]:
+        evaluation.KnnMonitor.warn_if_not_learning(monitor, top1, epochs)
+    assert capsys.readouterr().out == ''
+    for epochs, top1 in [(4, 53.0), (5, 53.1), (6, 53.2)]:
+        evaluation.KnnMonitor.warn_if_not_learning(monitor, top1, epochs)
+    [warning] = capsys.readouterr().out.splitlines()
+    assert warning.startswith('Warning: after 5 of 6 epochs') and warning.endswith(
+        "Try more iterations (--epochs 12, or more images). See README, 'My loss does not decrease'.")

@@ -146,13 +146,31 @@ def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
     return F.normalize(total, dim=-1)
 
 
+def extract_readable_features(model, dataset, args, device, what, batch_size=None, **kwargs):
+    """(features, indices) of the images of `dataset` that can be read, in dataset order, on every process
+    (extract_features's `kwargs`). An unreadable image is left out, with a warning naming it and one line with the
+    count (`what`: which images, e.g. 'train/'), as training skips them."""
+    skipped = imagedata.SkippedImages(fate=imagedata.SkippedImages.EVALUATION)
+    dataset = imagedata.SkippingUnreadable(imagedata.ReturnIndexDataset(dataset))
+    features = extract_features(model, feature_loader(dataset, args, batch_size), device, skipped=skipped, **kwargs)
+    skipped.merge(len(dataset), device)
+    readable = skipped.readable(len(dataset))
+    count = skipped.end_epoch()
+    if count:
+        utils.warn(f"{count} unreadable image(s) of {what} skipped, left out of the evaluation: its figures are those "
+                   f"of the other {len(readable)}")
+    return features[readable.to(features.device)], readable
+
+
 @torch.no_grad()
 def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
-                     forward=None, summary_writer=None, this_process_only=False):
+                     forward=None, summary_writer=None, this_process_only=False, skipped=None):
     """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
 
     The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
     DistributedSampler: samples it repeats to even out processes are written once.
+    A loader of imagedata.SkippingUnreadable items also yields the skipped indices and notes, which
+    `skipped` (imagedata.SkippedImages) records; the rows of those images are left zero.
     `forward(model, images)` overrides the plain `model(images)` call. With a
     summary_writer, the throughput is also written as TensorBoard scalars.
     `this_process_only`: the loader reads the whole dataset in this process, which neither
@@ -165,7 +183,9 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
     epoch = 0 if summary_writer is not None else None
     batches = data_loader if this_process_only else metric_logger.log_every(data_loader, 10, 'Extracting features',
                                                                             epoch)
-    for samples, index in batches:
+    for samples, index, *unreadable in batches:
+        if unreadable:
+            skipped.note(*unreadable)
         samples = samples.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         with utils.autocast_context(device.type, autocast):
@@ -419,9 +439,11 @@ class KnnMonitor:
         self.labels = [torch.tensor(dataset_labels(ds)) for ds in self.splits]
         pixels = sum(len(ds) for ds in self.splits) * 3 * args.global_crops_size ** 2
         self.cached = pixels * 4 <= self.CACHE_BYTES
+        # unreadable images are left out, each named once
+        self.skipped = [imagedata.SkippedImages(fate="left out of the k-NN monitor") for _ in self.splits]
         if self.cached:  # small images: decoded and transformed once, not at every measurement
-            self.splits = [torch.utils.data.TensorDataset(torch.stack([img for img, _ in ds]), labels)
-                           for ds, labels in zip(self.splits, self.labels)]
+            self.splits, self.labels = zip(*(self._decoded(ds, skipped) for ds, skipped in zip(self.splits,
+                                                                                                 self.skipped)))
         self.baseline = logged_baseline(args.output_dir)
         self.warned = False
         self.clock = None  # (time, epochs trained) at the end of the last measurement
@@ -447,16 +469,33 @@ class KnnMonitor:
     def measure(self, backbone):
         was_training = backbone.training
         backbone.eval()
-        train, val = (F.normalize(extract_features(backbone, self._loader(ds), self.device, this_process_only=True),
-                                  dim=1) for ds in self.splits)
+        (train, train_labels), (val, val_labels) = (self._features(backbone, *split) for split in
+                                                    zip(self.splits, self.labels, self.skipped))
         backbone.train(was_training)
         similarities, indices = nearest_neighbours(train, val, self.K)
-        ranked = rank_classes(similarities, self.labels[0][indices], self.T, self.num_classes)
-        return 100. * (ranked[:, 0] == self.labels[1]).double().mean().item()
+        ranked = rank_classes(similarities, train_labels[indices], self.T, self.num_classes)
+        return 100. * (ranked[:, 0] == val_labels).double().mean().item()
 
-    def _loader(self, dataset):
-        return torch.utils.data.DataLoader(imagedata.ReturnIndexDataset(dataset), batch_size=128,
-                                           num_workers=0 if self.cached else min(self.args.num_workers, 2))
+    def _features(self, backbone, dataset, labels, skipped):
+        """L2-normalised features and labels of the readable images of `dataset`."""
+        loader = torch.utils.data.DataLoader(imagedata.SkippingUnreadable(imagedata.ReturnIndexDataset(dataset)),
+                                             batch_size=128,
+                                             num_workers=0 if self.cached else min(self.args.num_workers, 2))
+        features = extract_features(backbone, loader, self.device, this_process_only=True, skipped=skipped)
+        readable = skipped.readable(len(dataset))
+        skipped.end_epoch()
+        return F.normalize(features[readable.to(features.device)], dim=1), labels[readable]
+
+    @staticmethod
+    def _decoded(dataset, skipped):
+        """A TensorDataset of the readable images of `dataset`, decoded and transformed, and their labels."""
+        dataset = imagedata.SkippingUnreadable(dataset)
+        items = [dataset[index] for index in range(len(dataset))]
+        skipped.note(torch.tensor([item[2] for item in items]), [item[3] for item in items])
+        readable = [item for item in items if item[2] < 0]
+        labels = torch.tensor([item[1] for item in readable])
+        skipped.end_epoch()
+        return torch.utils.data.TensorDataset(torch.stack([item[0] for item in readable]), labels), labels
 
     def log(self, top1, epochs_trained, seconds, summary_writer):
         args = self.args

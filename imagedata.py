@@ -499,19 +499,46 @@ class ReproducibleSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        note = ''
         with _random_states_kept():
-            for offset in range(len(self.dataset)):
-                _seed_random_states(self.seed, epoch, index)
-                try:
-                    image = self.dataset[(index + offset) % len(self.dataset)][0]
-                    return image, (index if note else -1), note
-                except utils.DataError as exc:
-                    if self.strict:
-                        raise
-                    note = note or str(exc)
-        raise utils.DataError(f"none of the {len(self.dataset)} images of the dataset can be read (the first: {note}); "
-                              "check --data_path")
+            item, note = readable_item(self.dataset, index, self.strict,
+                                       before_each=lambda: _seed_random_states(self.seed, epoch, index))
+        return item[0], (index if note else -1), note
+
+
+class SkippingUnreadable(torch.utils.data.Dataset):
+    """Items (image, label, skipped_index, note) of a dataset of (image, label) pairs, for the evaluations: an
+    unreadable image's item is the next readable one's, with its own index as skipped_index and the reason in note
+    (-1 and '' otherwise), so that batches keep their size and a consumer leaves such items out (SkippedImages
+    counts them)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.dataset):  # iteration ends here (readable_item would wrap around)
+            raise IndexError(index)
+        (image, label), note = readable_item(self.dataset, index)
+        return image, label, (index if note else -1), note
+
+
+def readable_item(dataset, index, strict=False, before_each=None):
+    """(dataset[index], '') or, where that image cannot be read, (the item of the next readable image, the reason);
+    `before_each()` is called before each try; strict=True raises the DataError instead."""
+    note = ''
+    for offset in range(len(dataset)):
+        if before_each is not None:
+            before_each()
+        try:
+            return dataset[(index + offset) % len(dataset)], note
+        except utils.DataError as exc:
+            if strict:
+                raise
+            note = note or str(exc)
+    raise utils.DataError(f"none of the {len(dataset)} images of the dataset can be read (the first: {note}); "
+                          "check --data_path")
 
 
 @contextlib.contextmanager
@@ -535,10 +562,15 @@ def _seed_random_states(*keys):
 
 
 class SkippedImages:
-    """Unreadable training images: one warning per file, and a count per epoch over workers and processes."""
+    """Unreadable images met (of training, or of an evaluation): one warning per file saying what became of it
+    (`fate`), and a count per epoch over workers and processes."""
 
-    def __init__(self, state=None):
+    TRAINING = "another image of the dataset takes its place; --strict_data stops instead"
+    EVALUATION = "left out of the evaluation"
+
+    def __init__(self, state=None, fate=TRAINING):
         state = state or {}
+        self.fate = fate
         self.warned = set(state.get('warned', ()))
         self.this_epoch = set(state.get('this_epoch', ()))
 
@@ -550,8 +582,7 @@ class SkippedImages:
             self.this_epoch.add(index)
             if index not in self.warned:
                 self.warned.add(index)
-                utils.print_on_every_process(f"warning: {note}; skipped (another image of the dataset takes its place; "
-                                             "--strict_data stops instead)", flush=True)
+                utils.print_on_every_process(f"warning: {note}; skipped ({self.fate})", flush=True)
 
     def merge(self, dataset_size, device):
         """Share what every process met (a collective when distributed)."""
@@ -562,6 +593,12 @@ class SkippedImages:
         mask = utils.all_reduce(mask)
         self.this_epoch = set(mask.nonzero().flatten().tolist())
         self.warned |= self.this_epoch
+
+    def readable(self, dataset_size):
+        """Indices of the dataset's images not met unreadable this epoch (call merge first)."""
+        keep = torch.ones(dataset_size, dtype=torch.bool)
+        keep[sorted(self.this_epoch)] = False
+        return keep.nonzero().flatten()
 
     def end_epoch(self):
         """Number of distinct unreadable images met this epoch (call merge first); starts a new count."""

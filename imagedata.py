@@ -265,25 +265,42 @@ def pil_loader(path):
         raise utils.DataError(f"cannot read image {path}: {exc}") from None
 
 
-def build_image_folder(root, transform=None):
+def build_image_folder(root, transform=None, flag='--data_path'):
     """torchvision ImageFolder (hidden folders left out) with a clear error when the folder is missing, holds no
-    images or a class folder that cannot be read."""
+    images or a class folder that cannot be read (`flag`: the option that named it)."""
     if not os.path.isdir(root):
-        utils.fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
+        utils.fail(f"{flag} {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
                    "or 'synthetic'")
     with os.scandir(root) as entries:
         folders = sorted((entry for entry in entries if entry.is_dir()), key=lambda entry: entry.name)
-    unreadable = [entry.name for entry in folders if not os.access(entry.path, os.R_OK | os.X_OK)]
-    if unreadable:
-        utils.fail(f"--data_path {root}: the class folder {unreadable[0]} cannot be read (permission denied); "
-                   "make it readable, or move it out")
+    for entry in folders:  # torchvision's scan would take an unreadable one for a folder without images
+        reason = _cannot_list(entry.path)
+        if reason:
+            utils.fail(f"{flag} {root}: the class folder {entry.name} cannot be read ({reason}); make it "
+                       "readable, or move it out")
     hidden = [entry.name for entry in folders if entry.name.startswith('.')]
     if hidden:
         utils.warn(f"{root}: {len(hidden)} hidden folder(s) left out, not taken as classes ({', '.join(hidden[:3])})")
+    left_out = LeftOutFormats(TORCHVISION_IMAGE_EXTENSIONS)  # torchvision's ImageFolder's, as the original's
     try:
-        return _visible_image_folder()(root, transform=transform, loader=pil_loader)
+        return _visible_image_folder()(root, transform=transform, loader=pil_loader, is_valid_file=left_out.used_file)
     except (FileNotFoundError, RuntimeError) as exc:
-        utils.fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+        utils.fail(f"{flag} {root}: {str(exc).splitlines()[0].strip()} (image files: "
+                   f"{', '.join(TORCHVISION_IMAGE_EXTENSIONS)}); expected one sub-folder of images per class")
+    finally:
+        left_out.warn(root)
+
+
+def _cannot_list(folder):
+    """Why the files of `folder` cannot be listed, or None."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return 'permission denied'
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def _visible_image_folder():
@@ -322,6 +339,40 @@ def _extension(name):
     return name[name.rfind('.'):].lower()
 
 
+# photo formats a dataset may hold that a Pillow without their plugin cannot read (HEIF, AVIF, JPEG XL, camera raw,
+# vector and HDR formats): their files are counted when left out, the others (.txt, .json, ...) are not
+IMAGE_LIKE_EXTENSIONS = ('.heic', '.heif', '.hif', '.avif', '.jxl', '.jp2', '.j2k', '.jpf', '.jpx', '.webp', '.gif',
+                         '.dng', '.cr2', '.cr3', '.crw', '.nef', '.nrw', '.arw', '.srf', '.sr2', '.orf', '.rw2', '.raf',
+                         '.pef', '.srw', '.raw', '.3fr', '.erf', '.kdc', '.mrw', '.x3f', '.svg', '.psd', '.exr',
+                         '.hdr', '.jfif', '.tga', '.ico')
+
+
+class LeftOutFormats:
+    """Counts the image-like files (IMAGE_LIKE_EXTENSIONS, or formats Pillow reads) a folder scan leaves out because
+    their extension is not among `used`; `warn` says how many, of which formats, and what to do."""
+
+    def __init__(self, used):
+        self.used = tuple(used)
+        self.image_like = tuple(set(IMAGE_LIKE_EXTENSIONS).union(image_extensions()) - set(self.used))
+        self.counts = {}
+
+    def used_file(self, name):
+        """Whether the scan uses the file `name`; counts it when it is an image left out."""
+        if name.lower().endswith(self.used):
+            return True
+        if name.lower().endswith(self.image_like):
+            extension = _extension(name)
+            self.counts[extension] = self.counts.get(extension, 0) + 1
+        return False
+
+    def warn(self, root):
+        if self.counts:
+            kinds = ', '.join(f"{ext} ({count})" for ext, count in sorted(self.counts.items()))
+            utils.warn(f"{root}: {sum(self.counts.values())} image file(s) left out, of formats not read here: {kinds}; "
+                       "convert them to JPEG or PNG to use them (e.g. with Pillow and its pillow-heif plugin, or "
+                       f"ImageMagick: magick mogrify -format jpg *{max(self.counts, key=self.counts.get)})")
+
+
 def scan_image_tree(root):
     """Image files under `root` at any depth, as {folder relative to root: [file names]}.
 
@@ -329,7 +380,7 @@ def scan_image_tree(root):
     again (through a link loop, or a second link to it) is listed once, under its own path where it
     has one inside root. Unreadable folders are reported, not silently left out.
     """
-    extensions = image_extensions()
+    left_out = LeftOutFormats(image_extensions())
     found, seen, pending, linked, hidden = {}, set(), [('', root)], [], []
     while pending or linked:  # depth first, sub-folders by name, so that the result never varies
         if not pending:  # folders reached through links come after all the others
@@ -348,7 +399,7 @@ def scan_image_tree(root):
                     elif entry.is_dir():
                         (links if entry.is_symlink() else subfolders).append(
                             (os.path.join(relative, entry.name), entry.path))
-                    elif entry.name.lower().endswith(extensions):
+                    elif left_out.used_file(entry.name):
                         names.append(entry.name)
         except OSError as exc:
             print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
@@ -359,6 +410,7 @@ def scan_image_tree(root):
         linked.extend(sorted(links))
     if hidden:  # tools' folders (.ipynb_checkpoints, .git, .thumbnails) hold copies or no images of the data
         utils.warn(f"{len(hidden)} hidden folder(s) under {root} left out ({', '.join(sorted(hidden)[:3])})")
+    left_out.warn(root)
     return found
 
 
@@ -455,6 +507,34 @@ def _listed_images(list_path):
         utils.fail(f"--data_path {list_path} lists no image paths; write one path per line (relative to the list's "
                    "folder or absolute)")
     return paths, f"list file {list_path}: {len(paths)} images listed"
+
+
+def typical_short_side(dataset, sample=32):
+    """The median short side in pixels of up to `sample` images spread over `dataset` (read from the files' headers,
+    not decoded), or None where not known."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, SyntheticShapes):
+        return dataset.image_size
+    if isinstance(dataset, FashionMNIST):
+        return 28
+    if not isinstance(dataset, ImageFiles) or not dataset.paths:
+        return None
+    sides = []
+    for path in dataset.paths[::max(1, len(dataset.paths) // sample)][:sample]:
+        with contextlib.suppress(Exception), Image.open(path) as img:  # an unreadable file is met, and said, later
+            sides.append(min(img.size))
+    return int(np.median(sides)) if sides else None
+
+
+def warn_if_smaller_than_crops(dataset, crop_size):
+    """A warning when the images are typically less than half as large as the global crops: every view would be an
+    upsampled blur."""
+    side = typical_short_side(dataset)
+    if side is not None and side < crop_size / 2:
+        utils.warn(f"the images' short side is typically {side} pixels, under half the {crop_size}-pixel global crops "
+                   f"(--global_crops_size): every view is an upsampled blur of a few pixels; pass a --global_crops_size "
+                   f"near {side} (and a smaller --local_crops_size), or use larger images")
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

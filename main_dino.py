@@ -571,6 +571,7 @@ def build_data_loader(args):
         dataset, description = imagedata.build_training_images(args.data_path, transform)
     print(f"Data source: {description}")
     dataset = imagedata.limit_dataset(dataset, args.data_limit)
+    imagedata.warn_if_smaller_than_crops(dataset, args.global_crops_size)
     global_batch = images_per_step(args) * utils.get_world_size()
     if len(dataset) < global_batch:
         utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
@@ -941,12 +942,13 @@ def check_same_run(args, saved, path, start_step):
     if saved.get('data_images', args.data_images) != args.data_images:
         utils.fail(f"{path} was trained on {saved['data_images']} images of {args.data_path}, which now holds "
                    f"{args.data_images}: the epochs and schedules would not continue; {again}")
-    world = utils.get_world_size()
-    batch, saved_world = saved.get('batch_size_per_device', args.batch_size_per_device), saved.get('world_size', 1)
-    if batch * saved_world != args.batch_size_per_device * world:
-        utils.fail(f"{path} was trained with a global batch of {batch * saved_world} ({batch} per device x "
-                   f"{saved_world} process(es)), not {args.batch_size_per_device * world}: the images of the epoch "
-                   f"and the lr would not continue; {again}")
+    world, saved_world = utils.get_world_size(), saved.get('world_size', 1)
+    batch, accum = saved.get('batch_size_per_device', args.batch_size_per_device), saved.get('accum_steps', 1)
+    if batch * accum * saved_world != images_per_step(args) * world:
+        steps = f" x {accum} --accum_steps" if accum > 1 else ''
+        utils.fail(f"{path} was trained with a global batch of {batch * accum * saved_world} ({batch} per device"
+                   f"{steps} x {saved_world} process(es)), not {images_per_step(args) * world}: the images of the "
+                   f"epoch and the lr would not continue; {again}")
     if saved.get('epochs', args.epochs) != args.epochs:
         utils.fail(f"{path} was trained with --epochs {saved['epochs']}, not {args.epochs}: the lr, weight decay and "
                    f"teacher momentum schedules are laid out over --epochs and would jump. Resume with --epochs "

@@ -85,16 +85,19 @@ def center_crop_transform(crop_size=224, resize=None):
     ])
 
 
-def build_eval_split(data_path, split, transform=None):
+def build_eval_split(data_path, split, transform=None, flag='--data_path'):
     """The `split` ('train' or 'val') ImageFolder under data_path, or that split of a built-in source (the
-    synthetic shapes; Fashion-MNIST, whose 'val' is its 10,000 held-out images)."""
+    synthetic shapes; Fashion-MNIST, whose 'val' is its 10,000 held-out images). `flag`: the option that named it."""
     if imagedata.is_builtin(data_path):
         return imagedata.builtin_split(data_path, split, SYNTHETIC_EVAL_SIZE, transform)[0]
     root = os.path.join(data_path, split)
+    parent = os.path.dirname(os.path.normpath(data_path))
+    if not os.path.isdir(root) and os.path.isdir(os.path.join(parent, split)):
+        utils.fail(f"{flag} {data_path} has no {split}/ folder, its parent has: pass {flag} {parent}")
     if not os.path.isdir(root):
-        utils.fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
+        utils.fail(f"{flag} {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
                    "(one sub-folder of images per class), or be 'synthetic' or 'fashion-mnist'")
-    return imagedata.build_image_folder(root, transform)
+    return imagedata.build_image_folder(root, transform, flag)
 
 
 def dataset_classes(dataset):
@@ -112,15 +115,15 @@ def dataset_labels(dataset):
     return list(dataset.targets)
 
 
-def check_matching_classes(dataset_train, dataset_val, data_path):
+def check_matching_classes(dataset_train, dataset_val, data_path, flag='--data_path'):
     """Labels are folder indices, so train/ and val/ must hold the same class folders."""
     train_classes, val_classes = dataset_classes(dataset_train), dataset_classes(dataset_val)
     if len(train_classes) < 2:
-        utils.fail(f"--data_path {data_path}: train/ holds a single class ({', '.join(train_classes)}): every "
+        utils.fail(f"{flag} {data_path}: train/ holds a single class ({', '.join(train_classes)}): every "
                    "prediction would be right, 100% whatever the features; an evaluation needs two classes or more")
     if train_classes != val_classes:
         odd = sorted(set(train_classes) ^ set(val_classes))[:3]
-        utils.fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "
+        utils.fail(f"{flag} {data_path}: train/ and val/ do not hold the same class folders "
                    f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
 
 
@@ -432,8 +435,8 @@ class KnnMonitor:
     def __init__(self, args, device, steps):
         self.args, self.device, self.steps = args, device, steps  # steps: the run's number of iterations
         transform = center_crop_transform(args.global_crops_size, eval_resize(args.knn_data, args.global_crops_size))
-        self.splits = [build_eval_split(args.knn_data, split, transform) for split in ('train', 'val')]
-        check_matching_classes(*self.splits, args.knn_data)
+        self.splits = [build_eval_split(args.knn_data, split, transform, '--knn_data') for split in ('train', 'val')]
+        check_matching_classes(*self.splits, args.knn_data, '--knn_data')
         self.num_classes = len(dataset_classes(self.splits[0]))
         self.splits = [imagedata.limit_dataset(ds, min(args.knn_limit, len(ds))) for ds in self.splits]
         self.labels = [torch.tensor(dataset_labels(ds)) for ds in self.splits]

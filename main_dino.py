@@ -901,9 +901,12 @@ def build_optimizer(args, student):
 
 
 def build_schedules(args, iters_per_epoch):
-    lr_schedule = utils.cosine_scheduler(
-        args.lr * (images_per_step(args) * utils.get_world_size()) / 256.,  # linear scaling rule
-        args.min_lr, args.epochs, iters_per_epoch, warmup_epochs=args.warmup_epochs)
+    peak_lr = args.lr * (images_per_step(args) * utils.get_world_size()) / 256.  # linear scaling rule
+    if args.min_lr > peak_lr:
+        utils.warn(f"--min_lr {args.min_lr:g} is above the peak learning rate {peak_lr:g} (--lr {args.lr:g} x the "
+                   f"global batch / 256): the lr rises during training instead of decaying; lower --min_lr")
+    lr_schedule = utils.cosine_scheduler(peak_lr, args.min_lr, args.epochs, iters_per_epoch,
+                                         warmup_epochs=args.warmup_epochs)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     # the teacher momentum rises to 1 during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
@@ -1069,6 +1072,10 @@ def check_crop_sizes(args):
         crops.append(('--local_crops_size', args.local_crops_size))
     for flag, size in crops:
         utils.check_crop_size(size, args, flag)
+    if args.local_crops_number and args.local_crops_size > args.global_crops_size:
+        utils.warn(f"--local_crops_size {args.local_crops_size} is larger than --global_crops_size "
+                   f"{args.global_crops_size}: DINO's local views are the small ones (96 and 224 pixels in the paper); "
+                   "were the two swapped?")
 
 
 def end_epoch(run, epoch, metric_logger):

@@ -381,3 +381,41 @@ def test_an_unset_environment_variable_in_a_path_is_one_line_not_a_folder_named_
     assert stop.value.code == ("error: $NOT_SET_DATA/run: the environment variable NOT_SET_DATA is not set; set it, "
                                "or write the path out")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 33's second probe of a new user's mistakes (the table is in the closing note)
+# ---------------------------------------------------------------------------------------------
+
+def test_swapped_crop_sizes_and_a_min_lr_above_the_peak_get_a_warning(capsys):
+    def warnings(*argv):
+        args = main_dino.get_args_parser().parse_args(['--arch', 'vit_tiny', '--batch_size_per_device', '8', *argv])
+        main_dino.check_crop_sizes(args)
+        main_dino.build_schedules(args, iters_per_epoch=5)
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning')]
+    assert warnings() == []  # the defaults: 224 / 96, --min_lr 1e-6 under 0.0005 x 8 / 256
+    assert warnings('--global_crops_size', '32', '--local_crops_size', '64') == [
+        "warning: --local_crops_size 64 is larger than --global_crops_size 32: DINO's local views are the small ones "
+        "(96 and 224 pixels in the paper); were the two swapped?"]
+    assert warnings('--global_crops_size', '32', '--local_crops_size', '64', '--local_crops_number', '0') == []
+    assert warnings('--lr', '0.0001', '--min_lr', '0.01') == [
+        "warning: --min_lr 0.01 is above the peak learning rate 3.125e-06 (--lr 0.0001 x the global batch / 256): "
+        "the lr rises during training instead of decaying; lower --min_lr"]
+
+
+def test_the_knn_monitors_data_is_named_by_its_own_flag(tmp_path):
+    args = argparse.Namespace(global_crops_size=32, knn_data=str(tmp_path), knn_limit=100, knn_every=1, epochs=1,
+                              output_dir=str(tmp_path), num_workers=0)
+    with pytest.raises(SystemExit, match=f'^error: --knn_data {tmp_path} has no train/ folder'):
+        evaluation.KnnMonitor(args, torch.device('cpu'), steps=10)
+    image_tree(tmp_path, 'train/cat/0.png', 'val/cat/1.png')
+    with pytest.raises(SystemExit, match=f'^error: --knn_data {tmp_path}: train/ holds a single class'):
+        evaluation.KnnMonitor(args, torch.device('cpu'), steps=10)
+
+
+def test_an_evaluation_on_the_train_folder_itself_names_its_parent(tmp_path):
+    root = image_tree(tmp_path, 'train/cat/0.png', 'train/dog/1.png', 'val/cat/2.png', 'val/dog/3.png')
+    with pytest.raises(SystemExit) as stop:
+        evaluation.build_eval_split(str(root / 'train'), 'train')
+    assert stop.value.code == f"error: --data_path {root / 'train'} has no train/ folder, its parent has: pass " \
+                              f"--data_path {root}"

@@ -92,7 +92,8 @@ def eval_linear(args):
     check_num_labels(dataset_train, args)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=utils.get_world_size(),
                                                   rank=utils.get_rank(), shuffle=True)
-    train_loader = torch.utils.data.DataLoader(imagedata.SkippingUnreadable(dataset_train), sampler=sampler, batch_size=args.batch_size_per_device,
+    train_loader = torch.utils.data.DataLoader(imagedata.SkippingUnreadable(dataset_train), sampler=sampler,
+                                               batch_size=args.batch_size_per_device,
                                                num_workers=args.num_workers, pin_memory=utils.run_device().pin_memory)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 

@@ -368,7 +368,8 @@ class LeftOutFormats:
     def warn(self, root):
         if self.counts:
             kinds = ', '.join(f"{ext} ({count})" for ext, count in sorted(self.counts.items()))
-            utils.warn(f"{root}: {sum(self.counts.values())} image file(s) left out, of formats not read here: {kinds}; "
+            utils.warn(f"{root}: {sum(self.counts.values())} image file(s) left out, of formats not read here: "
+                       f"{kinds}; "
                        "convert them to JPEG or PNG to use them (e.g. with Pillow and its pillow-heif plugin, or "
                        f"ImageMagick: magick mogrify -format jpg *{max(self.counts, key=self.counts.get)})")
 
@@ -533,7 +534,7 @@ def warn_if_smaller_than_crops(dataset, crop_size):
     side = typical_short_side(dataset)
     if side is not None and side < crop_size / 2:
         utils.warn(f"the images' short side is typically {side} pixels, under half the {crop_size}-pixel global crops "
-                   f"(--global_crops_size): every view is an upsampled blur of a few pixels; pass a --global_crops_size "
+                   "(--global_crops_size): every view is an upsampled blur of a few pixels; pass a --global_crops_size "
                    f"near {side} (and a smaller --local_crops_size), or use larger images")
 
 

@@ -292,7 +292,8 @@ def test_images_of_formats_not_read_are_counted_with_what_to_do(tmp_path, capsys
         "JPEG or PNG to use them (e.g. with Pillow and its pillow-heif plugin, or ImageMagick: magick mogrify -format "
         "jpg *.heic)"]
     assert len(imagedata.build_image_folder(str(root))) == 2  # torchvision's ImageFolder's extensions only
-    assert '4 image file(s) left out, of formats not read here: .gif (1), .heic (2), .jxl (1)' in capsys.readouterr().err
+    assert '4 image file(s) left out, of formats not read here: .gif (1), .heic (2), .jxl (1)' in \
+        capsys.readouterr().err
     image_tree(tmp_path / 'plain', 'cat/0.png', 'dog/1.jpg')
     imagedata.build_training_images(str(tmp_path / 'plain'))
     imagedata.build_image_folder(str(tmp_path / 'plain'))

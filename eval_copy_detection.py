@@ -64,12 +64,12 @@ def eval_copy_detection(args):
     database = queries[:copydays.num_originals]  # the database is the first query block, the originals
     if distractors is not None:
         print(f"Using {len(distractors)} distractors...")
-        database = torch.cat([database, extract(model, distractors, device, args)])
+        database = torch.cat([database, extract(model, distractors, device, args, '--distractors_path')])
     print(f"Database (originals and distractors) shape: {tuple(database.shape)}")
     if whitening_set is not None:
         print(f"Extracting features on {len(whitening_set)} images from {args.whitening_path} "
               "for learning the whitening operator.")
-        whitening_features = extract(model, whitening_set, device, args)
+        whitening_features = extract(model, whitening_set, device, args, '--whitening_path')
 
     # ============ whitening and search (main process) ... ============
     if utils.is_main_process():
@@ -88,15 +88,19 @@ def cls_gem_features(model, images):
     return torch.cat((tokens[:, 0], gem), dim=1)
 
 
-def extract(model, paths, device, args):
+def extract(model, paths, device, args, optional=None):
+    """Features of the images at `paths`. Copydays' own are all needed (the ground truth counts them); the
+    unreadable images of an `optional` set (the flag naming it) are left out with a count."""
     transform = transforms.Compose([
         transforms.Resize((args.imsize, args.imsize), interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),
         transforms.Normalize(utils.IMAGENET_MEAN, utils.IMAGENET_STD),
     ])
     dataset = ImageListDataset(paths, transform)
-    return evaluation.extract_features(model, evaluation.feature_loader(dataset, args), device, autocast=args.autocast,
-                                       store_on_device=args.store_on_device, forward=cls_gem_features)
+    options = dict(autocast=args.autocast, store_on_device=args.store_on_device, forward=cls_gem_features)
+    if optional:
+        return evaluation.extract_readable_features(model, dataset, args, device, optional, **options)[0]
+    return evaluation.extract_features(model, evaluation.feature_loader(dataset, args), device, **options)
 
 
 def warn_if_whitening_set_small(num_images, feature_dim, centred=False):

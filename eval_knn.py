@@ -79,8 +79,6 @@ def extract_feature_pipeline(args, device):
     dataset_val = first_batches(evaluation.build_eval_split(args.data_path, 'val', transform), args)
     evaluation.check_matching_classes(dataset_train, dataset_val, args.data_path)
     check_nb_knn(args.nb_knn, len(dataset_train))
-    loader_train, loader_val = (evaluation.feature_loader(imagedata.ReturnIndexDataset(ds), args)
-                                for ds in (dataset_train, dataset_val))
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
     # ============ building network ... ============
@@ -89,18 +87,21 @@ def extract_feature_pipeline(args, device):
     print(f"Model {args.arch} {args.patch_size}x{args.patch_size} built.")
 
     # ============ extract features ... ============
-    features = []
-    for name, loader in (('train', loader_train), ('test', loader_val)):
+    features, labels = [], []
+    for name, dataset, split in (('train', dataset_train, 'train/'), ('test', dataset_val, 'val/')):
         print(f"Extracting features for {name} set...")
         writer = tensorboard_writer(args, f'{name}_features')
-        feats = evaluation.extract_features(model, loader, device, autocast=args.autocast,
-                                            store_on_device=args.store_on_device, summary_writer=writer)
+        feats, readable = evaluation.extract_readable_features(model, dataset, args, device, split,
+                                                               autocast=args.autocast,
+                                                               store_on_device=args.store_on_device,
+                                                               summary_writer=writer)
         if writer is not None:
             writer.close()
         features.append(F.normalize(feats, dim=1, p=2))
+        labels.append(torch.tensor(evaluation.dataset_labels(dataset), dtype=torch.long)[readable])
     train_features, test_features = features
-    train_labels = torch.tensor(evaluation.dataset_labels(dataset_train), dtype=torch.long)
-    test_labels = torch.tensor(evaluation.dataset_labels(dataset_val), dtype=torch.long)
+    train_labels, test_labels = labels
+    check_nb_knn(args.nb_knn, len(train_labels))
     if args.dump_features and utils.is_main_process():
         dump_features(args.dump_features, train_features, test_features, train_labels, test_labels)
     return train_features, test_features, train_labels, test_labels

@@ -68,13 +68,16 @@ def eval_linear(args):
     dataset_val = evaluation.build_eval_split(args.data_path, 'val', val_transform)
     dataset_val = imagedata.limit_dataset(dataset_val, args.data_limit)
     check_num_labels(dataset_val, args)
-    val_loader = make_val_loader(dataset_val, args)
+    val_loader = make_val_loader(imagedata.SkippingUnreadable(dataset_val), args)
+    # unreadable images are left out, each named once (skipped_count says how many at every pass)
+    unreadable_train, unreadable_val = (imagedata.SkippedImages(fate=imagedata.SkippedImages.EVALUATION)
+                                        for _ in range(2))
 
     inputs = head_inputs(args)
     if args.evaluate:
         load_linear_head(linear_classifier, args, inputs)
-        test_stats = validate_network(val_loader, model, linear_classifier, args)
-        print(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
+        test_stats = validate_network(val_loader, model, linear_classifier, args, unreadable_val)
+        print(f"Accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%")
         return
 
     train_transform = transforms.Compose([
@@ -89,7 +92,8 @@ def eval_linear(args):
     check_num_labels(dataset_train, args)
     sampler = torch.utils.data.DistributedSampler(dataset_train, num_replicas=utils.get_world_size(),
                                                   rank=utils.get_rank(), shuffle=True)
-    train_loader = torch.utils.data.DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size_per_device,
+    train_loader = torch.utils.data.DataLoader(imagedata.SkippingUnreadable(dataset_train), sampler=sampler,
+                                               batch_size=args.batch_size_per_device,
                                                num_workers=args.num_workers, pin_memory=utils.run_device().pin_memory)
     print(f"Data loaded with {len(dataset_train)} train and {len(dataset_val)} val imgs.")
 
@@ -118,16 +122,17 @@ def eval_linear(args):
     summary_writer = utils.summary_writer(args.output_dir) if start_epoch < args.epochs else None
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train(model, linear_classifier, optimizer, train_loader, epoch, args, summary_writer)
+        train_stats = train(model, linear_classifier, optimizer, train_loader, epoch, args, summary_writer,
+                            unreadable_train)
         scheduler.step()
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch}
         if epoch % args.val_freq == 0 or epoch == args.epochs - 1:
-            test_stats = validate_network(val_loader, model, linear_classifier, args)
-            print(f"Accuracy at epoch {epoch} of the network on the {len(dataset_val)} test images: "
+            test_stats = validate_network(val_loader, model, linear_classifier, args, unreadable_val)
+            print(f"Accuracy at epoch {epoch} of the network on the {test_stats['images']} test images: "
                   f"{test_stats['acc1']:.1f}%")
             best_acc = max(best_acc, test_stats['acc1'])
             print(f'Max accuracy so far: {best_acc:.2f}%')
-            log_stats.update({f'test_{k}': v for k, v in test_stats.items()})
+            log_stats.update({f'test_{k}': v for k, v in test_stats.items() if k != 'images'})
         if utils.is_main_process():
             write_logs(log_stats, epoch, args.output_dir, summary_writer)
         save_dict = {
@@ -145,18 +150,19 @@ def eval_linear(args):
           f"Top-1 test accuracy: {best_acc:.1f}")
 
 
-def train(model, linear_classifier, optimizer, loader, epoch, args, summary_writer):
+def train(model, linear_classifier, optimizer, loader, epoch, args, summary_writer, skipped):
     linear_classifier.train()
     device = utils.device_for(args)
     metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size(), summary_writer)
     metric_logger.add_meter('lr', utils.SmoothedValue(window_size=1, fmt='{value:.6f}'))
-    for inp, target in metric_logger.log_every(loader, 20, f'Epoch: [{epoch}]', epoch):
+    for inp, target, skipped_index, notes in metric_logger.log_every(loader, 20, f'Epoch: [{epoch}]', epoch):
+        skipped.note(skipped_index, notes)
         inp = inp.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with torch.no_grad(), utils.autocast_context(device.type, args.autocast):
             features = frozen_features(model, inp, args.n_last_blocks, args.avgpool_patchtokens)
         output = linear_classifier(features.float())
-        loss = F.cross_entropy(output, target)
+        loss = readable_loss(output, target, skipped_index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         utils.mark_step()
@@ -166,31 +172,63 @@ def train(model, linear_classifier, optimizer, loader, epoch, args, summary_writ
         metric_logger.update(lr=optimizer.param_groups[0]['lr'])
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
+    count = skipped_count(skipped, len(loader.dataset), device)
+    if count:
+        utils.warn(f"epoch {epoch}: {count} unreadable training image(s) skipped, left out of the loss")
     return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
 
 
+def readable_loss(output, target, skipped_index):
+    """The cross-entropy averaged over the batch's readable images (the others, see imagedata.SkippingUnreadable,
+    weigh nothing; a batch of none gives 0 and no gradient)."""
+    readable = skipped_index < 0
+    if readable.all():
+        return F.cross_entropy(output, target)
+    weights = readable.to(output.device, output.dtype)
+    return (F.cross_entropy(output, target, reduction='none') * weights).sum() / max(1, int(readable.sum()))
+
+
+def skipped_count(skipped, dataset_size, device):
+    """Distinct unreadable images all processes met (a collective when distributed)."""
+    skipped.merge(dataset_size, device)
+    return skipped.end_epoch()
+
+
 @torch.no_grad()
-def validate_network(val_loader, model, linear_classifier, args):
-    """Loss, top-1 and top-5 accuracy (%) over the whole validation set (all processes)."""
+def validate_network(val_loader, model, linear_classifier, args, skipped):
+    """Loss, top-1 and top-5 accuracy (%) over the validation set's readable images (all processes), and their
+    number ('images'); `skipped` (imagedata.SkippedImages) records the others."""
     linear_classifier.eval()
     device = utils.device_for(args)
     topk = (1, 5) if args.num_labels >= 5 else (1,)
     metric_logger = utils.MetricLogger("  ", args.batch_size_per_device * utils.get_world_size())
     for name in ['loss'] + [f'acc{k}' for k in topk]:  # same meters on every process, even one without images
         metric_logger.add_meter(name, utils.SmoothedValue())
-    for inp, target in metric_logger.log_every(val_loader, 20, 'Test:'):
+    for inp, target, skipped_index, notes in metric_logger.log_every(val_loader, 20, 'Test:'):
+        skipped.note(skipped_index, notes)
         inp = inp.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with utils.autocast_context(device.type, args.autocast):
             features = frozen_features(model, inp, args.n_last_blocks, args.avgpool_patchtokens)
         output = linear_classifier(features.float())
+        readable = skipped_index < 0
+        if not readable.all():  # the unreadable images' rows (another image's) are left out
+            readable = readable.to(device)
+            output, target = output[readable], target[readable]
+            if not len(target):
+                continue
         metric_logger.update(loss=F.cross_entropy(output, target).item())
         for k, acc in zip(topk, utils.accuracy(output, target, topk)):
-            metric_logger.meters[f'acc{k}'].update(acc.item(), n=inp.shape[0])
+            metric_logger.meters[f'acc{k}'].update(acc.item(), n=len(target))
     metric_logger.synchronize_between_processes()
+    count = skipped_count(skipped, len(val_loader.dataset), device)
+    images = len(val_loader.dataset) - count
+    if count:
+        utils.warn(f"{count} unreadable val image(s) skipped, left out of the evaluation: its figures are those of "
+                   f"the other {images}")
     top5 = f" Acc@5 {metric_logger.acc5.global_avg:.3f}" if 5 in topk else ''
     print(f"* Acc@1 {metric_logger.acc1.global_avg:.3f}{top5} loss {metric_logger.loss.global_avg:.3f}")
-    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    return {'images': images, **{k: meter.global_avg for k, meter in metric_logger.meters.items()}}
 
 
 class LinearClassifier(nn.Module):

@@ -85,16 +85,19 @@ def center_crop_transform(crop_size=224, resize=None):
     ])
 
 
-def build_eval_split(data_path, split, transform=None):
+def build_eval_split(data_path, split, transform=None, flag='--data_path'):
     """The `split` ('train' or 'val') ImageFolder under data_path, or that split of a built-in source (the
-    synthetic shapes; Fashion-MNIST, whose 'val' is its 10,000 held-out images)."""
+    synthetic shapes; Fashion-MNIST, whose 'val' is its 10,000 held-out images). `flag`: the option that named it."""
     if imagedata.is_builtin(data_path):
         return imagedata.builtin_split(data_path, split, SYNTHETIC_EVAL_SIZE, transform)[0]
     root = os.path.join(data_path, split)
+    parent = os.path.dirname(os.path.normpath(data_path))
+    if not os.path.isdir(root) and os.path.isdir(os.path.join(parent, split)):
+        utils.fail(f"{flag} {data_path} has no {split}/ folder, its parent has: pass {flag} {parent}")
     if not os.path.isdir(root):
-        utils.fail(f"--data_path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
+        utils.fail(f"{flag} {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolders "
                    "(one sub-folder of images per class), or be 'synthetic' or 'fashion-mnist'")
-    return imagedata.build_image_folder(root, transform)
+    return imagedata.build_image_folder(root, transform, flag)
 
 
 def dataset_classes(dataset):
@@ -112,15 +115,15 @@ def dataset_labels(dataset):
     return list(dataset.targets)
 
 
-def check_matching_classes(dataset_train, dataset_val, data_path):
+def check_matching_classes(dataset_train, dataset_val, data_path, flag='--data_path'):
     """Labels are folder indices, so train/ and val/ must hold the same class folders."""
     train_classes, val_classes = dataset_classes(dataset_train), dataset_classes(dataset_val)
     if len(train_classes) < 2:
-        utils.fail(f"--data_path {data_path}: train/ holds a single class ({', '.join(train_classes)}): every "
+        utils.fail(f"{flag} {data_path}: train/ holds a single class ({', '.join(train_classes)}): every "
                    "prediction would be right, 100% whatever the features; an evaluation needs two classes or more")
     if train_classes != val_classes:
         odd = sorted(set(train_classes) ^ set(val_classes))[:3]
-        utils.fail(f"--data_path {data_path}: train/ and val/ do not hold the same class folders "
+        utils.fail(f"{flag} {data_path}: train/ and val/ do not hold the same class folders "
                    f"({len(train_classes)} vs {len(val_classes)}, e.g. {', '.join(odd)}); make them match")
 
 
@@ -146,13 +149,31 @@ def multi_scale(samples, model, scales=(1, 1 / 2 ** 0.5, 1 / 2)):
     return F.normalize(total, dim=-1)
 
 
+def extract_readable_features(model, dataset, args, device, what, batch_size=None, **kwargs):
+    """(features, indices) of the images of `dataset` that can be read, in dataset order, on every process
+    (extract_features's `kwargs`). An unreadable image is left out, with a warning naming it and one line with the
+    count (`what`: which images, e.g. 'train/'), as training skips them."""
+    skipped = imagedata.SkippedImages(fate=imagedata.SkippedImages.EVALUATION)
+    dataset = imagedata.SkippingUnreadable(imagedata.ReturnIndexDataset(dataset))
+    features = extract_features(model, feature_loader(dataset, args, batch_size), device, skipped=skipped, **kwargs)
+    skipped.merge(len(dataset), device)
+    readable = skipped.readable(len(dataset))
+    count = skipped.end_epoch()
+    if count:
+        utils.warn(f"{count} unreadable image(s) of {what} skipped, left out of the evaluation: its figures are those "
+                   f"of the other {len(readable)}")
+    return features[readable.to(features.device)], readable
+
+
 @torch.no_grad()
 def extract_features(model, data_loader, device, multiscale=False, autocast=False, store_on_device=False,
-                     forward=None, summary_writer=None, this_process_only=False):
+                     forward=None, summary_writer=None, this_process_only=False, skipped=None):
     """Features of every sample of `data_loader.dataset`, in dataset order, on every process.
 
     The loader must yield (images, indices) (see ReturnIndexDataset) and may use a
     DistributedSampler: samples it repeats to even out processes are written once.
+    A loader of imagedata.SkippingUnreadable items also yields the skipped indices and notes, which
+    `skipped` (imagedata.SkippedImages) records; the rows of those images are left zero.
     `forward(model, images)` overrides the plain `model(images)` call. With a
     summary_writer, the throughput is also written as TensorBoard scalars.
     `this_process_only`: the loader reads the whole dataset in this process, which neither
@@ -165,7 +186,9 @@ def extract_features(model, data_loader, device, multiscale=False, autocast=Fals
     epoch = 0 if summary_writer is not None else None
     batches = data_loader if this_process_only else metric_logger.log_every(data_loader, 10, 'Extracting features',
                                                                             epoch)
-    for samples, index in batches:
+    for samples, index, *unreadable in batches:
+        if unreadable:
+            skipped.note(*unreadable)
         samples = samples.to(device, non_blocking=True)
         index = index.to(device, non_blocking=True)
         with utils.autocast_context(device.type, autocast):
@@ -412,16 +435,18 @@ class KnnMonitor:
     def __init__(self, args, device, steps):
         self.args, self.device, self.steps = args, device, steps  # steps: the run's number of iterations
         transform = center_crop_transform(args.global_crops_size, eval_resize(args.knn_data, args.global_crops_size))
-        self.splits = [build_eval_split(args.knn_data, split, transform) for split in ('train', 'val')]
-        check_matching_classes(*self.splits, args.knn_data)
+        self.splits = [build_eval_split(args.knn_data, split, transform, '--knn_data') for split in ('train', 'val')]
+        check_matching_classes(*self.splits, args.knn_data, '--knn_data')
         self.num_classes = len(dataset_classes(self.splits[0]))
         self.splits = [imagedata.limit_dataset(ds, min(args.knn_limit, len(ds))) for ds in self.splits]
         self.labels = [torch.tensor(dataset_labels(ds)) for ds in self.splits]
         pixels = sum(len(ds) for ds in self.splits) * 3 * args.global_crops_size ** 2
         self.cached = pixels * 4 <= self.CACHE_BYTES
+        # unreadable images are left out, each named once
+        self.skipped = [imagedata.SkippedImages(fate="left out of the k-NN monitor") for _ in self.splits]
         if self.cached:  # small images: decoded and transformed once, not at every measurement
-            self.splits = [torch.utils.data.TensorDataset(torch.stack([img for img, _ in ds]), labels)
-                           for ds, labels in zip(self.splits, self.labels)]
+            self.splits, self.labels = zip(*(self._decoded(ds, skipped) for ds, skipped in zip(self.splits,
+                                                                                                 self.skipped)))
         self.baseline = logged_baseline(args.output_dir)
         self.warned = False
         self.clock = None  # (time, epochs trained) at the end of the last measurement
@@ -447,16 +472,33 @@ class KnnMonitor:
     def measure(self, backbone):
         was_training = backbone.training
         backbone.eval()
-        train, val = (F.normalize(extract_features(backbone, self._loader(ds), self.device, this_process_only=True),
-                                  dim=1) for ds in self.splits)
+        (train, train_labels), (val, val_labels) = (self._features(backbone, *split) for split in
+                                                    zip(self.splits, self.labels, self.skipped))
         backbone.train(was_training)
         similarities, indices = nearest_neighbours(train, val, self.K)
-        ranked = rank_classes(similarities, self.labels[0][indices], self.T, self.num_classes)
-        return 100. * (ranked[:, 0] == self.labels[1]).double().mean().item()
+        ranked = rank_classes(similarities, train_labels[indices], self.T, self.num_classes)
+        return 100. * (ranked[:, 0] == val_labels).double().mean().item()
 
-    def _loader(self, dataset):
-        return torch.utils.data.DataLoader(imagedata.ReturnIndexDataset(dataset), batch_size=128,
-                                           num_workers=0 if self.cached else min(self.args.num_workers, 2))
+    def _features(self, backbone, dataset, labels, skipped):
+        """L2-normalised features and labels of the readable images of `dataset`."""
+        loader = torch.utils.data.DataLoader(imagedata.SkippingUnreadable(imagedata.ReturnIndexDataset(dataset)),
+                                             batch_size=128,
+                                             num_workers=0 if self.cached else min(self.args.num_workers, 2))
+        features = extract_features(backbone, loader, self.device, this_process_only=True, skipped=skipped)
+        readable = skipped.readable(len(dataset))
+        skipped.end_epoch()
+        return F.normalize(features[readable.to(features.device)], dim=1), labels[readable]
+
+    @staticmethod
+    def _decoded(dataset, skipped):
+        """A TensorDataset of the readable images of `dataset`, decoded and transformed, and their labels."""
+        dataset = imagedata.SkippingUnreadable(dataset)
+        items = [dataset[index] for index in range(len(dataset))]
+        skipped.note(torch.tensor([item[2] for item in items]), [item[3] for item in items])
+        readable = [item for item in items if item[2] < 0]
+        labels = torch.tensor([item[1] for item in readable])
+        skipped.end_epoch()
+        return torch.utils.data.TensorDataset(torch.stack([item[0] for item in readable]), labels), labels
 
     def log(self, top1, epochs_trained, seconds, summary_writer):
         args = self.args

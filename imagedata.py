@@ -265,25 +265,42 @@ def pil_loader(path):
         raise utils.DataError(f"cannot read image {path}: {exc}") from None
 
 
-def build_image_folder(root, transform=None):
+def build_image_folder(root, transform=None, flag='--data_path'):
     """torchvision ImageFolder (hidden folders left out) with a clear error when the folder is missing, holds no
-    images or a class folder that cannot be read."""
+    images or a class folder that cannot be read (`flag`: the option that named it)."""
     if not os.path.isdir(root):
-        utils.fail(f"--data_path {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
+        utils.fail(f"{flag} {root} is not a folder; pass an ImageFolder (one sub-folder of images per class) "
                    "or 'synthetic'")
     with os.scandir(root) as entries:
         folders = sorted((entry for entry in entries if entry.is_dir()), key=lambda entry: entry.name)
-    unreadable = [entry.name for entry in folders if not os.access(entry.path, os.R_OK | os.X_OK)]
-    if unreadable:
-        utils.fail(f"--data_path {root}: the class folder {unreadable[0]} cannot be read (permission denied); "
-                   "make it readable, or move it out")
+    for entry in folders:  # torchvision's scan would take an unreadable one for a folder without images
+        reason = _cannot_list(entry.path)
+        if reason:
+            utils.fail(f"{flag} {root}: the class folder {entry.name} cannot be read ({reason}); make it "
+                       "readable, or move it out")
     hidden = [entry.name for entry in folders if entry.name.startswith('.')]
     if hidden:
         utils.warn(f"{root}: {len(hidden)} hidden folder(s) left out, not taken as classes ({', '.join(hidden[:3])})")
+    left_out = LeftOutFormats(TORCHVISION_IMAGE_EXTENSIONS)  # torchvision's ImageFolder's, as the original's
     try:
-        return _visible_image_folder()(root, transform=transform, loader=pil_loader)
+        return _visible_image_folder()(root, transform=transform, loader=pil_loader, is_valid_file=left_out.used_file)
     except (FileNotFoundError, RuntimeError) as exc:
-        utils.fail(f"--data_path {root}: {str(exc).splitlines()[0]}; expected one sub-folder of images per class")
+        utils.fail(f"{flag} {root}: {str(exc).splitlines()[0].strip()} (image files: "
+                   f"{', '.join(TORCHVISION_IMAGE_EXTENSIONS)}); expected one sub-folder of images per class")
+    finally:
+        left_out.warn(root)
+
+
+def _cannot_list(folder):
+    """Why the files of `folder` cannot be listed, or None."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return 'permission denied'
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return (exc.strerror or str(exc)).lower()
+    return None
 
 
 def _visible_image_folder():
@@ -322,6 +339,41 @@ def _extension(name):
     return name[name.rfind('.'):].lower()
 
 
+# photo formats a dataset may hold that a Pillow without their plugin cannot read (HEIF, AVIF, JPEG XL, camera raw,
+# vector and HDR formats): their files are counted when left out, the others (.txt, .json, ...) are not
+IMAGE_LIKE_EXTENSIONS = ('.heic', '.heif', '.hif', '.avif', '.jxl', '.jp2', '.j2k', '.jpf', '.jpx', '.webp', '.gif',
+                         '.dng', '.cr2', '.cr3', '.crw', '.nef', '.nrw', '.arw', '.srf', '.sr2', '.orf', '.rw2', '.raf',
+                         '.pef', '.srw', '.raw', '.3fr', '.erf', '.kdc', '.mrw', '.x3f', '.svg', '.psd', '.exr',
+                         '.hdr', '.jfif', '.tga', '.ico')
+
+
+class LeftOutFormats:
+    """Counts the image-like files (IMAGE_LIKE_EXTENSIONS, or formats Pillow reads) a folder scan leaves out because
+    their extension is not among `used`; `warn` says how many, of which formats, and what to do."""
+
+    def __init__(self, used):
+        self.used = tuple(used)
+        self.image_like = tuple(set(IMAGE_LIKE_EXTENSIONS).union(image_extensions()) - set(self.used))
+        self.counts = {}
+
+    def used_file(self, name):
+        """Whether the scan uses the file `name`; counts it when it is an image left out."""
+        if name.lower().endswith(self.used):
+            return True
+        if name.lower().endswith(self.image_like):
+            extension = _extension(name)
+            self.counts[extension] = self.counts.get(extension, 0) + 1
+        return False
+
+    def warn(self, root):
+        if self.counts:
+            kinds = ', '.join(f"{ext} ({count})" for ext, count in sorted(self.counts.items()))
+            utils.warn(f"{root}: {sum(self.counts.values())} image file(s) left out, of formats not read here: "
+                       f"{kinds}; "
+                       "convert them to JPEG or PNG to use them (e.g. with Pillow and its pillow-heif plugin, or "
+                       f"ImageMagick: magick mogrify -format jpg *{max(self.counts, key=self.counts.get)})")
+
+
 def scan_image_tree(root):
     """Image files under `root` at any depth, as {folder relative to root: [file names]}.
 
@@ -329,7 +381,7 @@ def scan_image_tree(root):
     again (through a link loop, or a second link to it) is listed once, under its own path where it
     has one inside root. Unreadable folders are reported, not silently left out.
     """
-    extensions = image_extensions()
+    left_out = LeftOutFormats(image_extensions())
     found, seen, pending, linked, hidden = {}, set(), [('', root)], [], []
     while pending or linked:  # depth first, sub-folders by name, so that the result never varies
         if not pending:  # folders reached through links come after all the others
@@ -348,7 +400,7 @@ def scan_image_tree(root):
                     elif entry.is_dir():
                         (links if entry.is_symlink() else subfolders).append(
                             (os.path.join(relative, entry.name), entry.path))
-                    elif entry.name.lower().endswith(extensions):
+                    elif left_out.used_file(entry.name):
                         names.append(entry.name)
         except OSError as exc:
             print(f"warning: cannot list folder {folder} ({exc.strerror}); its images are left out", flush=True)
@@ -359,6 +411,7 @@ def scan_image_tree(root):
         linked.extend(sorted(links))
     if hidden:  # tools' folders (.ipynb_checkpoints, .git, .thumbnails) hold copies or no images of the data
         utils.warn(f"{len(hidden)} hidden folder(s) under {root} left out ({', '.join(sorted(hidden)[:3])})")
+    left_out.warn(root)
     return found
 
 
@@ -457,6 +510,34 @@ def _listed_images(list_path):
     return paths, f"list file {list_path}: {len(paths)} images listed"
 
 
+def typical_short_side(dataset, sample=32):
+    """The median short side in pixels of up to `sample` images spread over `dataset` (read from the files' headers,
+    not decoded), or None where not known."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, SyntheticShapes):
+        return dataset.image_size
+    if isinstance(dataset, FashionMNIST):
+        return 28
+    if not isinstance(dataset, ImageFiles) or not dataset.paths:
+        return None
+    sides = []
+    for path in dataset.paths[::max(1, len(dataset.paths) // sample)][:sample]:
+        with contextlib.suppress(Exception), Image.open(path) as img:  # an unreadable file is met, and said, later
+            sides.append(min(img.size))
+    return int(np.median(sides)) if sides else None
+
+
+def warn_if_smaller_than_crops(dataset, crop_size):
+    """A warning when the images are typically less than half as large as the global crops: every view would be an
+    upsampled blur."""
+    side = typical_short_side(dataset)
+    if side is not None and side < crop_size / 2:
+        utils.warn(f"the images' short side is typically {side} pixels, under half the {crop_size}-pixel global crops "
+                   "(--global_crops_size): every view is an upsampled blur of a few pixels; pass a --global_crops_size "
+                   f"near {side} (and a smaller --local_crops_size), or use larger images")
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler that yields (epoch, index) pairs and can start an epoch part-way through.
 
@@ -499,19 +580,46 @@ class ReproducibleSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        note = ''
         with _random_states_kept():
-            for offset in range(len(self.dataset)):
-                _seed_random_states(self.seed, epoch, index)
-                try:
-                    image = self.dataset[(index + offset) % len(self.dataset)][0]
-                    return image, (index if note else -1), note
-                except utils.DataError as exc:
-                    if self.strict:
-                        raise
-                    note = note or str(exc)
-        raise utils.DataError(f"none of the {len(self.dataset)} images of the dataset can be read (the first: {note}); "
-                              "check --data_path")
+            item, note = readable_item(self.dataset, index, self.strict,
+                                       before_each=lambda: _seed_random_states(self.seed, epoch, index))
+        return item[0], (index if note else -1), note
+
+
+class SkippingUnreadable(torch.utils.data.Dataset):
+    """Items (image, label, skipped_index, note) of a dataset of (image, label) pairs, for the evaluations: an
+    unreadable image's item is the next readable one's, with its own index as skipped_index and the reason in note
+    (-1 and '' otherwise), so that batches keep their size and a consumer leaves such items out (SkippedImages
+    counts them)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self.dataset):  # iteration ends here (readable_item would wrap around)
+            raise IndexError(index)
+        (image, label), note = readable_item(self.dataset, index)
+        return image, label, (index if note else -1), note
+
+
+def readable_item(dataset, index, strict=False, before_each=None):
+    """(dataset[index], '') or, where that image cannot be read, (the item of the next readable image, the reason);
+    `before_each()` is called before each try; strict=True raises the DataError instead."""
+    note = ''
+    for offset in range(len(dataset)):
+        if before_each is not None:
+            before_each()
+        try:
+            return dataset[(index + offset) % len(dataset)], note
+        except utils.DataError as exc:
+            if strict:
+                raise
+            note = note or str(exc)
+    raise utils.DataError(f"none of the {len(dataset)} images of the dataset can be read (the first: {note}); "
+                          "check --data_path")
 
 
 @contextlib.contextmanager
@@ -535,10 +643,15 @@ def _seed_random_states(*keys):
 
 
 class SkippedImages:
-    """Unreadable training images: one warning per file, and a count per epoch over workers and processes."""
+    """Unreadable images met (of training, or of an evaluation): one warning per file saying what became of it
+    (`fate`), and a count per epoch over workers and processes."""
 
-    def __init__(self, state=None):
+    TRAINING = "another image of the dataset takes its place; --strict_data stops instead"
+    EVALUATION = "left out of the evaluation"
+
+    def __init__(self, state=None, fate=TRAINING):
         state = state or {}
+        self.fate = fate
         self.warned = set(state.get('warned', ()))
         self.this_epoch = set(state.get('this_epoch', ()))
 
@@ -550,8 +663,7 @@ class SkippedImages:
             self.this_epoch.add(index)
             if index not in self.warned:
                 self.warned.add(index)
-                utils.print_on_every_process(f"warning: {note}; skipped (another image of the dataset takes its place; "
-                                             "--strict_data stops instead)", flush=True)
+                utils.print_on_every_process(f"warning: {note}; skipped ({self.fate})", flush=True)
 
     def merge(self, dataset_size, device):
         """Share what every process met (a collective when distributed)."""
@@ -562,6 +674,12 @@ class SkippedImages:
         mask = utils.all_reduce(mask)
         self.this_epoch = set(mask.nonzero().flatten().tolist())
         self.warned |= self.this_epoch
+
+    def readable(self, dataset_size):
+        """Indices of the dataset's images not met unreadable this epoch (call merge first)."""
+        keep = torch.ones(dataset_size, dtype=torch.bool)
+        keep[sorted(self.this_epoch)] = False
+        return keep.nonzero().flatten()
 
     def end_epoch(self):
         """Number of distinct unreadable images met this epoch (call merge first); starts a new count."""

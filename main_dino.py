@@ -571,6 +571,7 @@ def build_data_loader(args):
         dataset, description = imagedata.build_training_images(args.data_path, transform)
     print(f"Data source: {description}")
     dataset = imagedata.limit_dataset(dataset, args.data_limit)
+    imagedata.warn_if_smaller_than_crops(dataset, args.global_crops_size)
     global_batch = images_per_step(args) * utils.get_world_size()
     if len(dataset) < global_batch:
         utils.fail(f"{len(dataset)} training images are fewer than one global batch ({global_batch}); "
@@ -900,9 +901,12 @@ def build_optimizer(args, student):
 
 
 def build_schedules(args, iters_per_epoch):
-    lr_schedule = utils.cosine_scheduler(
-        args.lr * (images_per_step(args) * utils.get_world_size()) / 256.,  # linear scaling rule
-        args.min_lr, args.epochs, iters_per_epoch, warmup_epochs=args.warmup_epochs)
+    peak_lr = args.lr * (images_per_step(args) * utils.get_world_size()) / 256.  # linear scaling rule
+    if args.min_lr > peak_lr:
+        utils.warn(f"--min_lr {args.min_lr:g} is above the peak learning rate {peak_lr:g} (--lr {args.lr:g} x the "
+                   f"global batch / 256): the lr rises during training instead of decaying; lower --min_lr")
+    lr_schedule = utils.cosine_scheduler(peak_lr, args.min_lr, args.epochs, iters_per_epoch,
+                                         warmup_epochs=args.warmup_epochs)
     wd_schedule = utils.cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
     # the teacher momentum rises to 1 during training with a cosine schedule
     momentum_schedule = utils.cosine_scheduler(args.momentum_teacher, 1, args.epochs, iters_per_epoch)
@@ -942,12 +946,13 @@ def check_same_run(args, saved, path, start_step):
     if saved.get('data_images', args.data_images) != args.data_images:
         utils.fail(f"{path} was trained on {saved['data_images']} images of {args.data_path}, which now holds "
                    f"{args.data_images}: the epochs and schedules would not continue; {again}")
-    world = utils.get_world_size()
-    batch, saved_world = saved.get('batch_size_per_device', args.batch_size_per_device), saved.get('world_size', 1)
-    if batch * saved_world != args.batch_size_per_device * world:
-        utils.fail(f"{path} was trained with a global batch of {batch * saved_world} ({batch} per device x "
-                   f"{saved_world} process(es)), not {args.batch_size_per_device * world}: the images of the epoch "
-                   f"and the lr would not continue; {again}")
+    world, saved_world = utils.get_world_size(), saved.get('world_size', 1)
+    batch, accum = saved.get('batch_size_per_device', args.batch_size_per_device), saved.get('accum_steps', 1)
+    if batch * accum * saved_world != images_per_step(args) * world:
+        steps = f" x {accum} --accum_steps" if accum > 1 else ''
+        utils.fail(f"{path} was trained with a global batch of {batch * accum * saved_world} ({batch} per device"
+                   f"{steps} x {saved_world} process(es)), not {images_per_step(args) * world}: the images of the "
+                   f"epoch and the lr would not continue; {again}")
     if saved.get('epochs', args.epochs) != args.epochs:
         utils.fail(f"{path} was trained with --epochs {saved['epochs']}, not {args.epochs}: the lr, weight decay and "
                    f"teacher momentum schedules are laid out over --epochs and would jump. Resume with --epochs "
@@ -1068,6 +1073,10 @@ def check_crop_sizes(args):
         crops.append(('--local_crops_size', args.local_crops_size))
     for flag, size in crops:
         utils.check_crop_size(size, args, flag)
+    if args.local_crops_number and args.local_crops_size > args.global_crops_size:
+        utils.warn(f"--local_crops_size {args.local_crops_size} is larger than --global_crops_size "
+                   f"{args.global_crops_size}: DINO's local views are the small ones (96 and 224 pixels in the paper); "
+                   "were the two swapped?")
 
 
 def end_epoch(run, epoch, metric_logger):

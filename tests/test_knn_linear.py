@@ -136,27 +136,53 @@ def random_vit_tiny(tmp_path_factory):
     return path
 
 
+BROKEN = ('train/class0/004.png', 'val/class1/003.png')
+
+
+@pytest.fixture
+def broken_and_pruned(tmp_path, small_image_folder):
+    """The small folder with two files made unreadable ('broken'), and without them ('pruned')."""
+    import shutil
+    for name in ('broken', 'pruned'):
+        shutil.copytree(small_image_folder, tmp_path / name)
+    for relative in BROKEN:
+        (tmp_path / 'broken' / relative).write_bytes(b'not an image')
+        (tmp_path / 'pruned' / relative).unlink()
+    return tmp_path / 'broken', tmp_path / 'pruned'
+
+
 def test_two_process_extraction_matches_one_process_and_dataset_order(tmp_path, capsys, random_vit_tiny,
-                                                                     small_image_folder):
-    common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--data_path', small_image_folder,
-              '--batch_size_per_device', '4', '--nb_knn', '3', *CPU]
-    one = run_inprocess(capsys, eval_knn, *common, '--dump_features', tmp_path / 'one')
-    two = run_torchrun('eval_knn.py', 2, *common, '--dump_features', tmp_path / 'two')
+                                                                     broken_and_pruned):
+    """Two processes extract what one does, unreadable images left out as when the folder lacks them."""
+    broken, pruned = broken_and_pruned
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--batch_size_per_device', '3',
+              '--nb_knn', '3', *CPU]
+    expected = knn_results(run_inprocess(capsys, eval_knn, *common, '--data_path', pruned,
+                                         '--dump_features', tmp_path / 'pruned'))
+    eval_knn.main([str(a) for a in (*common, '--data_path', broken, '--dump_features', tmp_path / 'one')])
+    one = capsys.readouterr()
+    two = run_torchrun('eval_knn.py', 2, *common, '--data_path', broken, '--dump_features', tmp_path / 'two')
     # the k-NN search is shared out between the processes too, with the same result
-    assert knn_results(two.stdout) == knn_results(one) and set(knn_results(one)) == {3}
     load = utils.load_checkpoint_or_exit
-    for name in ('trainfeat.pth', 'testfeat.pth'):
-        one, two = load(tmp_path / 'one' / name), load(tmp_path / 'two' / name)
-        assert one.shape == two.shape and one.shape[0] in (11, 7)
-        torch.testing.assert_close(two, one, atol=1e-5, rtol=1e-4)
-    for name in ('trainlabels.pth', 'testlabels.pth'):
-        assert torch.equal(load(tmp_path / 'one' / name), load(tmp_path / 'two' / name))
+    for name, stdout in (('one', one.out), ('two', two.stdout)):
+        assert knn_results(stdout) == expected and set(expected) == {3}
+        for feature_file in eval_knn.FEATURE_FILES:  # the rows and labels of the folder without the files
+            torch.testing.assert_close(load(tmp_path / name / feature_file), load(tmp_path / 'pruned' / feature_file),
+                                       atol=1e-5, rtol=1e-4)
+    assert [len(load(tmp_path / 'two' / name)) for name in ('trainlabels.pth', 'testlabels.pth')] == [10, 6]
+    for output in (one.out + one.err, two.stdout + two.stderr):
+        lines = output.splitlines()
+        for relative in BROKEN:  # each file named once, then the count
+            assert sum(line.startswith(f"warning: cannot read image {broken / relative}") for line in lines) == 1
+        for split, others in (('train', 10), ('val', 6)):
+            assert lines.count(f"warning: 1 unreadable image(s) of {split}/ skipped, left out of the evaluation: its "
+                               f"figures are those of the other {others}") == 1
 
     # independently: the model applied image by image, in ImageFolder order, then L2-normalised
     from torchvision import datasets
     model = vits.vit_tiny(patch_size=16).eval()
     model.load_state_dict(torch.load(random_vit_tiny))
-    folder = datasets.ImageFolder(small_image_folder / 'val', transform=evaluation.center_crop_transform(224))
+    folder = datasets.ImageFolder(pruned / 'val', transform=evaluation.center_crop_transform(224))
     with torch.no_grad():
         expected = F.normalize(torch.cat([model(img[None]) for img, _ in folder]), dim=1)
     torch.testing.assert_close(load(tmp_path / 'two' / 'testfeat.pth'), expected, atol=1e-5, rtol=1e-4)
@@ -350,6 +376,57 @@ def test_linear_trains_and_validates_at_the_crop_size(tmp_path, capsys, monkeypa
     assert (resize.size, resize.interpolation, crop.size) == (40, transforms.InterpolationMode.BICUBIC, (32, 32))
     random_crop, flip = built['train']
     assert random_crop.size == (32, 32) and random_crop.scale == (0.08, 1.0) and flip.p == 0.5
+
+
+# ----------------------------------------------------------------------------------------
+# Unreadable images: left out of the evaluations, as training skips them
+# ----------------------------------------------------------------------------------------
+
+def test_linear_eval_leaves_unreadable_images_out(tmp_path, capsys, random_vit_tiny, broken_and_pruned):
+    broken, pruned = broken_and_pruned
+    common = ['--arch', 'vit_tiny', '--pretrained_weights', random_vit_tiny, '--crop_size', '32', '--num_labels', '2',
+              '--batch_size_per_device', '4', '--epochs', '1', '--output_dir', tmp_path / 'head', *CPU]
+    trained = run_inprocess(capsys, eval_linear, *common, '--data_path', pruned)
+    accuracy = re.compile(r'^\* Acc@1 [\d.]+ loss [\d.]+$', re.M)
+    expected = accuracy.search(trained).group(0)  # the saved head's, on the 6 readable val images
+    out = run_inprocess(capsys, eval_linear, *common, '--data_path', broken, '--evaluate')
+    assert accuracy.search(out).group(0) == expected and 'on the 6 test images' in out
+    # training on it: the unreadable image weighs nothing in its batch's loss (readable_loss), and is counted
+    eval_linear.main([str(a) for a in (*common, '--data_path', broken, '--output_dir', tmp_path / 'head2')])
+    trained = capsys.readouterr()
+    assert 'warning: epoch 0: 1 unreadable training image(s) skipped, left out of the loss' in trained.err
+    assert 'Accuracy at epoch 0 of the network on the 6 test images' in trained.out
+
+
+@pytest.mark.parametrize('cached', [True, False])
+def test_training_knn_monitor_leaves_unreadable_images_out(tmp_path, capsys, monkeypatch, broken_and_pruned, cached):
+    if not cached:
+        monkeypatch.setattr(evaluation.KnnMonitor, 'CACHE_BYTES', 0)
+    torch.manual_seed(0)
+    backbone = vits.vit_tiny(patch_size=16)
+    top1 = {}
+    for folder in broken_and_pruned:
+        args = argparse.Namespace(global_crops_size=32, knn_data=str(folder), knn_limit=100, knn_every=1, epochs=1,
+                                  output_dir=str(tmp_path), num_workers=0)
+        monitor = evaluation.KnnMonitor(args, torch.device('cpu'), steps=10)
+        assert monitor.cached == cached
+        top1[folder.name] = [monitor.measure(backbone) for _ in range(2)]
+    assert top1['broken'] == top1['pruned'] and len(set(top1['broken'])) == 1
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning')]
+    assert len(warnings) == 2 and all('left out of the k-NN monitor' in line for line in warnings)
+
+
+def test_readable_loss_is_the_cross_entropy_of_the_readable_rows():
+    torch.manual_seed(0)
+    output, target = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    skipped = torch.tensor([-1, 1, -1, 3, -1])
+    readable = [0, 2, 4]
+    assert torch.allclose(eval_linear.readable_loss(output, target, skipped),
+                          F.cross_entropy(output[readable], target[readable]))
+    assert torch.equal(eval_linear.readable_loss(output, target, torch.full((5,), -1)), F.cross_entropy(output, target))
+    nothing = eval_linear.readable_loss(output.requires_grad_(), target, torch.arange(5))
+    nothing.backward()
+    assert nothing.item() == 0 and not output.grad.any()
 
 
 # ----------------------------------------------------------------------------------------

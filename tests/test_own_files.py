@@ -4,6 +4,7 @@ Every damage case compares the folder's files (their hashes) before and after: a
 """
 import argparse
 import json
+import os
 import re
 import shutil
 
@@ -135,12 +136,20 @@ def test_training_without_output_dir_writes_outside_the_current_folder(tmp_path,
 
 def test_a_resume_with_another_number_of_processes_and_the_same_global_batch_is_allowed(monkeypatch, capsys):
     args = argparse.Namespace(data_path='synthetic', data_limit=16, data_images=16, batch_size_per_device=8,
-                              epochs=2)
+                              epochs=2, accum_steps=1)
     saved = dict(vars(args), batch_size_per_device=4, world_size=2)
     main_dino.check_same_run(args, saved, 'checkpoint.pth', start_step=1)
     assert 'written by 2 process(es), this run has 1' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='global batch of 16'):
         main_dino.check_same_run(args, dict(saved, batch_size_per_device=8), 'checkpoint.pth', start_step=1)
+    # 2 processes x 2 micro-batches of 2 is the same global batch; --accum_steps counts either way
+    main_dino.check_same_run(args, dict(saved, batch_size_per_device=2, accum_steps=2), 'checkpoint.pth', 1)
+    with pytest.raises(SystemExit, match=r'global batch of 8 \(4 per device x 2 process\(es\)\), not 16'):
+        main_dino.check_same_run(argparse.Namespace(**dict(vars(args), accum_steps=2)), saved, 'checkpoint.pth', 1)
+    with pytest.raises(SystemExit, match=r'global batch of 4 \(2 per device x 2 --accum_steps x 1 process\(es\)\), '
+                                         r'not 8'):
+        main_dino.check_same_run(args, dict(saved, batch_size_per_device=2, accum_steps=2, world_size=1),
+                                 'checkpoint.pth', 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +281,74 @@ def test_hidden_folders_are_neither_training_images_nor_classes(tmp_path, capsys
     assert 'not taken as classes (.ipynb_checkpoints)' in capsys.readouterr().err
 
 
+def test_images_of_formats_not_read_are_counted_with_what_to_do(tmp_path, capsys):
+    root = image_tree(tmp_path, 'cat/0.png', 'dog/1.png')
+    for name in ('cat/2.HEIC', 'cat/3.heic', 'dog/4.jxl', 'dog/5.gif', 'dog/notes.txt', 'dog/labels.json'):
+        (root / name).write_bytes(b'x')
+    images, _ = imagedata.build_training_images(str(root))  # reads what Pillow reads (.gif)
+    assert len(images) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {root}: 3 image file(s) left out, of formats not read here: .heic (2), .jxl (1); convert them to "
+        "JPEG or PNG to use them (e.g. with Pillow and its pillow-heif plugin, or ImageMagick: magick mogrify -format "
+        "jpg *.heic)"]
+    assert len(imagedata.build_image_folder(str(root))) == 2  # torchvision's ImageFolder's extensions only
+    assert '4 image file(s) left out, of formats not read here: .gif (1), .heic (2), .jxl (1)' in \
+        capsys.readouterr().err
+    image_tree(tmp_path / 'plain', 'cat/0.png', 'dog/1.jpg')
+    imagedata.build_training_images(str(tmp_path / 'plain'))
+    imagedata.build_image_folder(str(tmp_path / 'plain'))
+    assert capsys.readouterr().err == ''
+
+
+def test_an_unreadable_class_folder_is_named_with_the_cause(tmp_path, monkeypatch):
+    root = image_tree(tmp_path, 'cat/0.png', 'dog/1.png')
+    scandir = os.scandir
+
+    def denied(path):  # what a folder without read permission gives a user who is not root
+        if os.fspath(path).endswith('dog'):
+            raise PermissionError(13, 'Permission denied', os.fspath(path))
+        return scandir(path)
+    monkeypatch.setattr(os, 'scandir', denied)
+    with pytest.raises(SystemExit) as stop:
+        imagedata.build_image_folder(str(root))
+    assert stop.value.code == (f"error: --data_path {root}: the class folder dog cannot be read (permission denied); "
+                               "make it readable, or move it out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder without read permission")
+def test_a_class_folder_without_read_permission_is_named(tmp_path):
+    root = image_tree(tmp_path, 'cat/0.png', 'dog/1.png')
+    (root / 'dog').chmod(0)
+    try:
+        with pytest.raises(SystemExit, match='the class folder dog cannot be read [(]permission denied[)]'):
+            imagedata.build_image_folder(str(root))
+    finally:
+        (root / 'dog').chmod(0o755)
+
+
+def test_images_much_smaller_than_the_global_crops_get_one_warning(tmp_path, capsys):
+    def warnings(data_path, crop_size):
+        args = argparse.ArgumentParser(parents=[main_dino.get_args_parser()]).parse_args(
+            [str(a) for a in [*ARGS, '--data_path', data_path, '--global_crops_size', crop_size, '--output_dir',
+                              tmp_path / 'out', '--batch_size_per_device', '2', '--data_limit', '20']])
+        capsys.readouterr()
+        main_dino.build_data_loader(args)
+        return [line for line in capsys.readouterr().err.splitlines() if 'short side' in line]
+    root = image_tree(tmp_path / 'small', *(f'c/{i}.png' for i in range(40)))  # 40 x 30 pixels
+    assert warnings(root, 64) == [
+        "warning: the images' short side is typically 30 pixels, under half the 64-pixel global crops "
+        "(--global_crops_size): every view is an upsampled blur of a few pixels; pass a --global_crops_size near 30 "
+        "(and a smaller --local_crops_size), or use larger images"]
+    assert warnings(root, 48) == []  # 30 >= 24
+    assert warnings('synthetic', 224) == [] and warnings('synthetic', 32) == []
+    fashion = imagedata.FashionMNIST.__new__(imagedata.FashionMNIST)  # 28-pixel images (no files read)
+    assert imagedata.typical_short_side(torch.utils.data.Subset(fashion, [0])) == 28
+    imagedata.warn_if_smaller_than_crops(fashion, 32)  # the README's recipe: 28 >= 16
+    assert capsys.readouterr().err == ''
+    imagedata.warn_if_smaller_than_crops(fashion, 224)
+    assert 'typically 28 pixels, under half the 224-pixel global crops' in capsys.readouterr().err
+
+
 def test_an_evaluation_of_a_single_class_is_refused(tmp_path):
     root = image_tree(tmp_path, 'train/cat/0.png', 'val/cat/1.png')
     train, val = (evaluation.build_eval_split(str(root), split) for split in ('train', 'val'))
@@ -305,3 +382,41 @@ def test_an_unset_environment_variable_in_a_path_is_one_line_not_a_folder_named_
     assert stop.value.code == ("error: $NOT_SET_DATA/run: the environment variable NOT_SET_DATA is not set; set it, "
                                "or write the path out")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 33's second probe of a new user's mistakes (the table is in the closing note)
+# ---------------------------------------------------------------------------------------------
+
+def test_swapped_crop_sizes_and_a_min_lr_above_the_peak_get_a_warning(capsys):
+    def warnings(*argv):
+        args = main_dino.get_args_parser().parse_args(['--arch', 'vit_tiny', '--batch_size_per_device', '8', *argv])
+        main_dino.check_crop_sizes(args)
+        main_dino.build_schedules(args, iters_per_epoch=5)
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith('warning')]
+    assert warnings() == []  # the defaults: 224 / 96, --min_lr 1e-6 under 0.0005 x 8 / 256
+    assert warnings('--global_crops_size', '32', '--local_crops_size', '64') == [
+        "warning: --local_crops_size 64 is larger than --global_crops_size 32: DINO's local views are the small ones "
+        "(96 and 224 pixels in the paper); were the two swapped?"]
+    assert warnings('--global_crops_size', '32', '--local_crops_size', '64', '--local_crops_number', '0') == []
+    assert warnings('--lr', '0.0001', '--min_lr', '0.01') == [
+        "warning: --min_lr 0.01 is above the peak learning rate 3.125e-06 (--lr 0.0001 x the global batch / 256): "
+        "the lr rises during training instead of decaying; lower --min_lr"]
+
+
+def test_the_knn_monitors_data_is_named_by_its_own_flag(tmp_path):
+    args = argparse.Namespace(global_crops_size=32, knn_data=str(tmp_path), knn_limit=100, knn_every=1, epochs=1,
+                              output_dir=str(tmp_path), num_workers=0)
+    with pytest.raises(SystemExit, match=f'^error: --knn_data {tmp_path} has no train/ folder'):
+        evaluation.KnnMonitor(args, torch.device('cpu'), steps=10)
+    image_tree(tmp_path, 'train/cat/0.png', 'val/cat/1.png')
+    with pytest.raises(SystemExit, match=f'^error: --knn_data {tmp_path}: train/ holds a single class'):
+        evaluation.KnnMonitor(args, torch.device('cpu'), steps=10)
+
+
+def test_an_evaluation_on_the_train_folder_itself_names_its_parent(tmp_path):
+    root = image_tree(tmp_path, 'train/cat/0.png', 'train/dog/1.png', 'val/cat/2.png', 'val/dog/3.png')
+    with pytest.raises(SystemExit) as stop:
+        evaluation.build_eval_split(str(root / 'train'), 'train')
+    assert stop.value.code == f"error: --data_path {root / 'train'} has no train/ folder, its parent has: pass " \
+                              f"--data_path {root}"

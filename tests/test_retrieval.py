@@ -400,6 +400,25 @@ def test_copy_detection_end_to_end_one_and_two_processes(copydays, random_vit_we
     assert 'Whitening keeps the 47 of 384 dimensions' in single.out
 
 
+def test_copy_detection_leaves_unreadable_distractors_out_and_needs_every_copydays_image(copydays, random_vit_weights,
+                                                                                          tmp_path, capsys):
+    root, data = copydays
+    _, model = random_vit_weights
+    args = parse_args(eval_copy_detection, '--data_path', data, '--arch', 'vit_tiny', '--patch_size', 16,
+                      '--imsize', 32, '--num_workers', 0, '--device', 'cpu')
+    readable = sorted(str(p) for p in (root / 'distractors').iterdir())[:3]
+    (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    broken = str(tmp_path / 'broken.jpg')
+    paths = readable[:1] + [broken] + readable[1:]
+    device = torch.device('cpu')
+    features = eval_copy_detection.extract(model, paths, device, args, '--distractors_path')
+    expected = eval_copy_detection.extract(model, readable, device, args, '--distractors_path')
+    assert features.shape == (3, 384) and torch.allclose(features, expected, atol=1e-5)
+    assert "1 unreadable image(s) of --distractors_path skipped, left out of the evaluation" in capsys.readouterr().err
+    with pytest.raises(utils.DataError, match='broken.jpg'):  # a query or an original: the ground truth needs it
+        eval_copy_detection.extract(model, paths, device, args)
+
+
 def test_copydays_ground_truth_and_features(copydays, random_vit_weights):
     _, data = copydays
     _, model = random_vit_weights

@@ -58,6 +58,8 @@ PATHS = {
     '/data/pytorch/revisitop': 'revisitop',
     '/data/pytorch/davis-2017': 'davis-2017',
     'photo.jpg': 'photo.jpg',
+    'boot.png': 'photo.jpg',
+    'fashion-mnist': 'imagenet',  # the built-in source, offline here: the same layout of labelled train/ and val/
     'PATH_TO_SOURCE_IMAGE': 'photo.jpg',
     'video.mp4': 'video.mp4',
     'PATH_TO_SOURCE_VIDEO': 'video.mp4',
@@ -187,9 +189,9 @@ def weights_stand_in(script, args, argv, root):
 @pytest.fixture(scope='module')
 def fixtures(tmp_path_factory):
     """Data in the READMEs' layouts, stand-ins for the released weights, and the working folder in which
-    the evaluation lines run: ./dino_vit_small/checkpoint.pth and ./output_quickstart/checkpoint.pth (training
-    checkpoints, with their args),
-    dino_deitsmall16_pretrain.pth, ./features and ./linear_vit_small written by earlier README lines."""
+    the evaluation lines run: the checkpoint.pth of ./dino_vit_small, ./output_quickstart and ./output_fashion
+    (training checkpoints, with their args), dino_deitsmall16_pretrain.pth, ./features and ./linear_vit_small
+    written by earlier README lines."""
     from PIL import Image
     from test_retrieval import write_copydays, write_revisitop
     from test_video_attention import write_davis_video, write_test_video
@@ -227,6 +229,11 @@ def fixtures(tmp_path_factory):
     torch.save({'teacher': backbone, 'student': backbone, 'epoch': 3,
                 'args': Namespace(arch='vit_tiny', patch_size=16, global_crops_size=64)},
                work / 'output_quickstart' / 'checkpoint.pth')
+    (work / 'output_fashion').mkdir()  # what the next step's training writes
+    fashion = {f'backbone.{k}': v for k, v in vits.vit_tiny(patch_size=8).state_dict().items()}
+    torch.save({'teacher': fashion, 'student': fashion, 'epoch': 7,
+                'args': Namespace(arch='vit_tiny', patch_size=8, global_crops_size=32)},
+               work / 'output_fashion' / 'checkpoint.pth')
     (work / 'features').mkdir()
     for name, tensor in zip(('trainfeat.pth', 'testfeat.pth', 'trainlabels.pth', 'testlabels.pth'),
                             (torch.nn.functional.normalize(torch.randn(200, 8), dim=1),
